@@ -1,0 +1,86 @@
+"""est_app: an EST (RFC 7030 / RFC 8951) certificate server on Flask.
+
+:func:`create_app` is the application factory: it reads the YAML
+configuration, loads the CA, opens the store and registers the EST
+blueprint, the error catalogue, rate limiting and the ``est`` CLI group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from flask import Flask, g
+
+from . import cli, errors, est
+from .auth import VerifiedCredentials
+from .ca import load_authority
+from .config import ConfigError, Settings, load_config
+from .profiles import build_profiles
+from .ratelimit import init_rate_limit
+from .state import AppState
+from .store import Store
+
+CONFIG_ENV = "EST_CONFIG"
+
+
+def instance_path() -> Path:
+    """Flask's instance folder for this package (where `est init` puts things by default)."""
+    return Path(Flask(__name__).instance_path)
+
+
+def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
+    """Build the app from a settings object, a YAML path, ``$EST_CONFIG`` or ``instance/config.yaml``."""
+    app = Flask(__name__, instance_relative_config=True)
+    settings = config if isinstance(config, Settings) else load_config(_config_path(config, app))
+    _configure_logging(settings.log_level)
+
+    database_url = settings.database.url
+    if database_url is None:
+        os.makedirs(app.instance_path, exist_ok=True)
+        database_url = f"sqlite:///{Path(app.instance_path) / 'est.db'}"
+    store = Store(database_url)
+    store.create_schema()
+
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["est_app"] = AppState(
+        settings=settings,
+        authority=load_authority(settings.ca),
+        store=store,
+        profiles=build_profiles(settings),
+        credentials=VerifiedCredentials(),
+    )
+    errors.register(app)
+    init_rate_limit(app, settings.rate_limit)
+
+    @app.before_request
+    def _request_id() -> None:
+        g.request_id = uuid.uuid4().hex[:16]
+
+    app.register_blueprint(est.bp)
+    app.cli.add_command(cli.est)
+    return app
+
+
+def _config_path(config: str | os.PathLike | None, app: Flask) -> Path:
+    if config is not None:
+        return Path(config)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    default = Path(app.instance_path) / "config.yaml"
+    if not default.is_file():
+        raise ConfigError(f"no configuration: set {CONFIG_ENV}, pass --config, or run `est-admin init` to create {default}")
+    return default
+
+
+def _configure_logging(level: str) -> None:
+    """stdlib logging to stderr (journald under systemd); gunicorn's own handlers are left alone."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    logging.getLogger("est_app").setLevel(level)

@@ -1,0 +1,153 @@
+"""The certificate authority: its key, certificate and chain, and issuing.
+
+:func:`load_authority` reads the CA from the files the configuration names
+and refuses to start on anything inconsistent (a key that does not match, a
+certificate that is not a CA, a chain that does not reach a self-signed root).
+:class:`CertificateAuthority` knows nothing of HTTP or storage.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import NameOID
+
+from ..config import CASettings, ConfigError
+from .profile import CertificateProfile
+
+# Backdating absorbs clock skew on devices whose clocks drift.
+BACKDATE = timedelta(minutes=5)
+SUBJECT_ATTRIBUTES = frozenset(
+    {
+        NameOID.COMMON_NAME,
+        NameOID.SERIAL_NUMBER,
+        NameOID.ORGANIZATION_NAME,
+        NameOID.ORGANIZATIONAL_UNIT_NAME,
+        NameOID.COUNTRY_NAME,
+        NameOID.STATE_OR_PROVINCE_NAME,
+        NameOID.LOCALITY_NAME,
+    }
+)
+DIGESTS = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+
+
+class CertificateAuthority:
+    """An issuing CA: ``chain`` runs from its own certificate to the self-signed root."""
+
+    def __init__(self, private_key, chain: tuple[x509.Certificate, ...], digest: str = "sha256") -> None:
+        self.private_key = private_key
+        self.chain = chain
+        self.certificate = chain[0]
+        signs_without_digest = isinstance(private_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
+        self._digest = None if signs_without_digest else DIGESTS[digest]()
+        try:
+            ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        except x509.ExtensionNotFound:
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.certificate.public_key())
+        self.cacerts = pkcs7.serialize_certificates(list(chain), serialization.Encoding.DER)
+
+    def issue(self, csr: x509.CertificateSigningRequest, profile: CertificateProfile, now: datetime | None = None) -> x509.Certificate:
+        """Sign an end-entity certificate for an already-verified CSR."""
+        now = now or datetime.now(timezone.utc)
+        not_before = now - BACKDATE
+        not_after = min(now + timedelta(days=profile.validity_days), self.certificate.not_valid_after_utc)
+        if not_after <= now:
+            raise RuntimeError("the CA certificate has expired; renew it before issuing")
+        public_key = csr.public_key()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_filtered_subject(csr.subject))
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(profile.key_usage(public_key), critical=True)
+            .add_extension(profile.extended_key_usage_extension(), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(self._aki, critical=False)
+        )
+        if profile.copy_subject_alt_name:
+            try:
+                san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                builder = builder.add_extension(san, critical=False)
+            except x509.ExtensionNotFound:
+                pass
+        return builder.sign(self.private_key, self._digest)
+
+    def certs_only(self, certificate: x509.Certificate, profile: CertificateProfile) -> bytes:
+        """The certs-only PKCS#7 an enrollment answers with."""
+        certs = [certificate, *self.chain] if profile.include_chain else [certificate]
+        return pkcs7.serialize_certificates(certs, serialization.Encoding.DER)
+
+
+def _filtered_subject(subject: x509.Name) -> x509.Name:
+    rdns = []
+    for rdn in subject.rdns:
+        kept = [a for a in rdn if a.oid in SUBJECT_ATTRIBUTES]
+        if kept:
+            rdns.append(x509.RelativeDistinguishedName(kept))
+    return x509.Name(rdns)
+
+
+def load_authority(settings: CASettings) -> CertificateAuthority:
+    """Load and cross-check the CA named by the ``ca`` settings."""
+    certificate = _load_certificates(settings.cert_file, "ca.cert_file")[0]
+    key = _load_private_key(settings)
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise ConfigError(f"ca.key_file {settings.key_file} does not belong to ca.cert_file {settings.cert_file}")
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise ConfigError(f"ca.cert_file {settings.cert_file} is not a CA certificate (basicConstraints CA:TRUE missing)")
+    pool = _load_certificates(settings.chain_file, "ca.chain_file") if settings.chain_file else []
+    return CertificateAuthority(key, _chain_to_root(certificate, pool), settings.digest)
+
+
+def _chain_to_root(certificate: x509.Certificate, pool: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    chain = [certificate]
+    while chain[-1].issuer != chain[-1].subject:
+        issuer = next((c for c in pool if c.subject == chain[-1].issuer and c not in chain), None)
+        if issuer is None:
+            raise ConfigError(
+                f"ca.chain_file must hold every certificate up to a self-signed root; missing the issuer {chain[-1].issuer.rfc4514_string()}"
+            )
+        chain.append(issuer)
+    return tuple(chain)
+
+
+def _load_certificates(path: Path, key: str) -> list[x509.Certificate]:
+    data = path.read_bytes()
+    try:
+        return x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise ConfigError(f"{key} {path}: not a PEM or DER certificate ({exc})") from None
+
+
+def _load_private_key(settings: CASettings):
+    passphrase = None
+    if settings.key_passphrase_env:
+        value = os.environ.get(settings.key_passphrase_env)
+        if value is None:
+            raise ConfigError(f"ca.key_passphrase_env: environment variable {settings.key_passphrase_env} is not set")
+        passphrase = value.encode()
+    elif settings.key_passphrase_file:
+        passphrase = settings.key_passphrase_file.read_bytes().rstrip(b"\r\n")
+    try:
+        return serialization.load_pem_private_key(settings.key_file.read_bytes(), passphrase)
+    except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
+        raise ConfigError(f"ca.key_file {settings.key_file}: {exc}") from None
+    except ValueError:
+        raise ConfigError(f"ca.key_file {settings.key_file}: not a PEM private key, or the passphrase is wrong") from None

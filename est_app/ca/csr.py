@@ -1,0 +1,68 @@
+"""Certificate signing requests: parse, prove, and hold to a label's policy."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from ..errors import BadRequest
+
+ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+MIN_RSA_BITS = 2048
+
+
+@dataclass(frozen=True)
+class CSRPolicy:
+    """What a label accepts in a CSR, beyond a valid signature and a strong key."""
+
+    subject_cn_pattern: Optional[re.Pattern[str]] = None
+
+
+def load_csr(der: bytes) -> x509.CertificateSigningRequest:
+    """Parse a DER CSR and check its signature and key strength."""
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except ValueError:
+        raise BadRequest("body is not a PKCS#10 certificate signing request") from None
+    try:
+        key = csr.public_key()
+    except (ValueError, x509.UnsupportedGeneralNameType, TypeError):
+        raise BadRequest("CSR public key is of an unsupported type; use RSA >= 2048, EC P-256/384/521 or Ed25519") from None
+    _check_key(key)
+    try:
+        csr.extensions  # parsed now so a malformed extension request is a 400, not a fault later
+    except ValueError as exc:
+        raise BadRequest(f"CSR extension request is malformed: {exc}") from None
+    try:
+        valid = csr.is_signature_valid
+    except Exception:  # unsupported signature algorithms raise assorted errors
+        valid = False
+    if not valid:
+        raise BadRequest("CSR signature does not verify: the request was altered or signed with another key")
+    return csr
+
+
+def _check_key(key: object) -> None:
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise BadRequest(f"RSA key of {key.key_size} bits is too weak: at least {MIN_RSA_BITS} required")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ALLOWED_CURVES):
+            raise BadRequest(f"EC curve {key.curve.name} is not allowed: use P-256, P-384 or P-521")
+    elif not isinstance(key, ed25519.Ed25519PublicKey):
+        raise BadRequest("CSR public key is of an unsupported type; use RSA >= 2048, EC P-256/384/521 or Ed25519")
+
+
+def check_policy(csr: x509.CertificateSigningRequest, policy: CSRPolicy) -> None:
+    """Refuse a CSR whose subject the label does not accept."""
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1 or not str(cns[0].value).strip():
+        raise BadRequest("CSR subject must carry exactly one non-empty commonName (the device id)")
+    cn = str(cns[0].value)
+    if policy.subject_cn_pattern is not None and not policy.subject_cn_pattern.fullmatch(cn):
+        raise BadRequest(f"CSR commonName {cn!r} does not match this label's pattern {policy.subject_cn_pattern.pattern!r}")

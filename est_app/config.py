@@ -1,0 +1,251 @@
+"""Configuration: one YAML file turned into validated, typed settings.
+
+Every section is a frozen dataclass; :func:`load_config` walks the YAML
+against their type hints, so an unknown key, a wrong type, a bad choice or a
+missing file stops start-up with a message naming the key (``ca.key_file``)
+and, for files, the path. Relative paths are taken from the YAML file's
+folder. Secrets never live here: only the name of an environment variable or
+file that holds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+EST_OPERATIONS = frozenset(
+    {"cacerts", "simpleenroll", "simplereenroll", "serverkeygen", "csrattrs", "fullcmc", "bootstrap"}
+)
+EXTENDED_KEY_USAGES = ("clientAuth", "serverAuth")
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key or path."""
+
+
+ResponseFormat = Literal["base64", "der"]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    bind: str = "127.0.0.1:8445"
+    workers: int = 2
+    threads: int = 4
+    keepalive: int = 30
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "workers", "threads")
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    cert_file: Optional[Path] = None
+    key_file: Optional[Path] = None
+    client_ca_file: Optional[Path] = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+
+
+@dataclass(frozen=True)
+class CASettings:
+    cert_file: Path
+    key_file: Path
+    chain_file: Optional[Path] = None
+    key_passphrase_env: Optional[str] = None
+    key_passphrase_file: Optional[Path] = None
+    cert_validity_days: int = 365
+    digest: Literal["sha256", "sha384", "sha512"] = "sha256"
+    extended_key_usage: tuple[str, ...] = ("clientAuth",)
+
+    def __post_init__(self) -> None:
+        _positive(self, "cert_validity_days")
+        _check_eku(self.extended_key_usage)
+        if self.key_passphrase_env and self.key_passphrase_file:
+            raise ValueError("key_passphrase_env and key_passphrase_file: set one, not both")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    enabled: bool = False
+    limit: str = "20 per second"
+    storage_uri: str = "memory://"
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """Overrides for one enrollment label; ``None`` inherits the deployment's value."""
+
+    response_format: Optional[ResponseFormat] = None
+    base64_line_length: Optional[int] = None
+    cert_validity_days: Optional[int] = None
+    extended_key_usage: Optional[tuple[str, ...]] = None
+    include_chain: Optional[bool] = None
+    subject_cn_pattern: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_line_length(self.base64_line_length)
+        if self.cert_validity_days is not None:
+            _positive(self, "cert_validity_days")
+        if self.extended_key_usage is not None:
+            _check_eku(self.extended_key_usage)
+        if self.subject_cn_pattern is not None:
+            try:
+                re.compile(self.subject_cn_pattern)
+            except re.error as exc:
+                raise ValueError(f"subject_cn_pattern is not a regular expression: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    ca: CASettings
+    response_format: ResponseFormat = "base64"
+    base64_line_length: int = 64
+    include_chain: bool = False
+    server: ServerSettings = field(default_factory=ServerSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    max_body_bytes: int = 65536
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    labels: dict[str, LabelSettings] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_line_length(self.base64_line_length)
+        _positive(self, "max_body_bytes")
+        for name in self.labels:
+            if not LABEL_PATTERN.fullmatch(name):
+                raise ValueError(f"label {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+            if name in EST_OPERATIONS:
+                raise ValueError(f"label {name!r} is an EST operation name; choose another")
+
+
+def load_config(path: str | Path) -> Settings:
+    """Read and validate the YAML file at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data if data is not None else {}, base_dir=path.resolve().parent, source=str(path))
+
+
+def parse_config(data: object, *, base_dir: Path, source: str = "configuration") -> Settings:
+    """Validate already-parsed YAML data; relative paths are resolved against ``base_dir``."""
+    try:
+        settings = _build(Settings, data, "", base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    _check_files_exist(settings, source)
+    return settings
+
+
+def _build(tp: object, value: object, key: str, base_dir: Path) -> object:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = key or "top level"
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of settings")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(map(str, value)) - names)
+        if unknown:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{_join(key, unknown[0])}: unknown key (known keys here: {known})")
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _build(hints[f.name], value[f.name], _join(key, f.name), base_dir)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{_join(key, f.name)}: required key is missing")
+        try:
+            return tp(**kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _build(inner, value, key, base_dir)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_build(args[0], v, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return {str(k): _build(args[1], {} if v is None else v, _join(key, str(k)), base_dir) for k, v in value.items()}
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a file path")
+        return (base_dir / value).resolve()
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return value
+    raise TypeError(f"no rule for {tp!r}")  # a programming error, not a user one
+
+
+def _check_files_exist(settings: Settings, source: str) -> None:
+    for section in ("ca", "tls"):
+        obj = getattr(settings, section)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Path) and not value.is_file():
+                raise ConfigError(f"{source}: {section}.{f.name}: no such file: {value}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise ValueError(f"{name} must be at least 1")
+
+
+def _check_line_length(value: Optional[int]) -> None:
+    if value is not None and (value < 0 or (0 < value < 4) or value % 4):
+        raise ValueError("base64_line_length must be 0 (one line) or a positive multiple of 4")
+
+
+def _check_eku(values: tuple[str, ...]) -> None:
+    if not values:
+        raise ValueError("extended_key_usage may not be empty")
+    for v in values:
+        if v not in EXTENDED_KEY_USAGES:
+            raise ValueError(f"extended_key_usage: {v!r} is not one of {', '.join(EXTENDED_KEY_USAGES)}")

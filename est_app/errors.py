@@ -1,0 +1,85 @@
+"""The catalogue of errors a client can act on, each carrying its HTTP status.
+
+Any layer may raise these (the CA service raises :class:`BadRequest` for a bad
+CSR without knowing it will become HTTP); :func:`register` turns them, and
+werkzeug's own HTTP exceptions, into one-line ``text/plain`` answers. Anything
+else is a real fault: logged with the request id, answered with a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from flask import Flask, Response, g
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ESTError(Exception):
+    """Base of the catalogue: a status, one actionable line, optional headers."""
+
+    status = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ESTError):
+    """Malformed input or a request the policy refuses."""
+
+    status = 400
+
+
+class Unauthorized(ESTError):
+    status = 401
+
+
+class Forbidden(ESTError):
+    status = 403
+
+
+class NotFound(ESTError):
+    status = 404
+
+
+class Conflict(ESTError):
+    status = 409
+
+
+class UnsupportedMediaType(ESTError):
+    status = 415
+
+
+class NotImplementedByServer(ESTError):
+    status = 501
+
+
+def text_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The one shape every error takes: ``text/plain``, one line."""
+    resp = Response(message.rstrip("\n") + "\n", status=status, content_type="text/plain; charset=utf-8")
+    resp.headers.update(headers or {})
+    return resp
+
+
+def register(app: Flask) -> None:
+    """Install the handlers that render the catalogue and every other failure."""
+
+    @app.errorhandler(ESTError)
+    def _est_error(exc: ESTError) -> Response:
+        log.info("refused %s %s: %s", g.get("request_id", "-"), exc.status, exc.message)
+        return text_response(exc.status, exc.message, exc.headers)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return text_response(exc.code or 500, f"{exc.name}: {exc.description}", headers)
+
+    @app.errorhandler(Exception)
+    def _fault(exc: Exception) -> Response:
+        request_id = g.get("request_id") or uuid.uuid4().hex[:16]
+        log.exception("internal error, request id %s", request_id)
+        return text_response(500, f"Internal server error (request id {request_id}); the operator's log has details")

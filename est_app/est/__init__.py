@@ -1,0 +1,34 @@
+"""The EST blueprint: ``/.well-known/est/[<label>/]<op>``, one child blueprint per operation.
+
+Here, once for every operation: the label is resolved to its enrollment
+profile (404 for an unknown one), and after the view the profile's response
+encoding renders the body.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g
+
+from ..errors import NotFound
+from ..state import state
+from . import cacerts, fullcmc, simpleenroll
+
+bp = Blueprint("est", __name__, url_prefix="/.well-known/est")
+for child in (cacerts, simpleenroll, fullcmc):
+    bp.register_blueprint(child.bp)
+
+
+@bp.url_value_preprocessor
+def _resolve_label(endpoint, values) -> None:
+    label = (values or {}).pop("label", None)
+    profile = state().profiles.get(label)
+    if profile is None:
+        raise NotFound(f"unknown EST label {label!r}; this server knows: {', '.join(sorted(filter(None, state().profiles))) or 'none'}")
+    g.profile = profile
+
+
+@bp.after_request
+def _encode(response: Response) -> Response:
+    profile = g.get("profile") or state().profiles[None]
+    profile.encoding.apply(response)
+    return response

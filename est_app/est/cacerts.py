@@ -1,0 +1,14 @@
+"""``GET cacerts``: the CA chain, self-signed root included, as certs-only PKCS#7. No auth."""
+
+from flask import Blueprint
+
+from ..encoding import PKCS7_MIME, ESTResponse
+from ..state import state
+
+bp = Blueprint("cacerts", __name__)
+
+
+@bp.get("/cacerts")
+@bp.get("/<label>/cacerts")
+def cacerts() -> ESTResponse:
+    return ESTResponse([(PKCS7_MIME, state().authority.cacerts)])

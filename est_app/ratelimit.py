@@ -1,0 +1,39 @@
+"""Per-client-address rate limiting through Flask-Limiter.
+
+Counts live in ``rate_limit.storage_uri``: ``memory://`` counts per worker;
+point it at Redis or Memcached for one count across workers and hosts. Note
+that an RA gateway enrolls all its devices from one address: size the limit
+for the gateway's batch, not for a single device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from flask import Flask, Response
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import TooManyRequests
+
+from .config import RateLimitSettings
+from .errors import text_response
+
+
+def init_rate_limit(app: Flask, settings: RateLimitSettings) -> None:
+    limiter = Limiter(
+        get_remote_address,
+        app=app,
+        default_limits=[settings.limit],
+        storage_uri=settings.storage_uri,
+        headers_enabled=False,  # its Retry-After would ride on every 200; only a 429 gets one
+        enabled=settings.enabled,
+    )
+
+    @app.errorhandler(TooManyRequests)
+    def _too_many(exc: TooManyRequests) -> Response:
+        current = limiter.current_limit
+        retry = max(1, math.ceil(current.reset_at - time.time())) if current else 1
+        return text_response(
+            429, f"too many requests from this address (limit {exc.description}); retry in {retry} s", {"Retry-After": str(retry)}
+        )

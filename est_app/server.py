@@ -1,0 +1,83 @@
+"""Serving under gunicorn: the options derived from the YAML, and ``est-server``.
+
+``deploy/gunicorn.conf.py`` and the ``est-server --config FILE`` entry point
+both take their gunicorn settings from :func:`gunicorn_options`, so bind,
+workers and TLS are configured in one place, the YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import ssl
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+
+from .ca import load_authority
+from .config import ConfigError, Settings, load_config
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def gunicorn_options(settings: Settings) -> dict:
+    """gunicorn settings for ``settings``: threaded workers (keep-alive), TLS from the YAML."""
+    server, tls = settings.server, settings.tls
+    options = {
+        "bind": [server.bind],
+        "workers": server.workers,
+        "worker_class": "gthread",
+        "threads": server.threads,
+        "keepalive": server.keepalive,
+        "accesslog": "-" if server.access_log else None,
+        "errorlog": "-",
+        "loglevel": settings.log_level.lower(),
+        # gunicorn's runtime control socket is not needed, and would collide between instances.
+        "control_socket_disable": True,
+    }
+    if tls.cert_file:
+        minimum = TLS_VERSIONS[tls.min_version]
+
+        def ssl_context(conf, default_ssl_context_factory):
+            context = default_ssl_context_factory()
+            context.minimum_version = minimum
+            return context
+
+        options.update(certfile=str(tls.cert_file), keyfile=str(tls.key_file), ssl_context=ssl_context)
+        if tls.client_ca_file:
+            # Requested, not required: Basic-auth clients have no certificate.
+            options.update(ca_certs=str(tls.client_ca_file), cert_reqs=ssl.CERT_OPTIONAL)
+    return options
+
+
+class ESTServer(BaseApplication):
+    """gunicorn running ``create_app(config)`` with the options from the same file."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.settings = load_config(config_path)
+        load_authority(self.settings.ca)  # fail here, once, rather than in every worker
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in gunicorn_options(self.settings).items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from . import create_app
+
+        return create_app(self.config_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``est-server --config FILE``."""
+    parser = argparse.ArgumentParser(prog="est-server", description="Serve EST over HTTPS with gunicorn.")
+    parser.add_argument("--config", default=os.environ.get("EST_CONFIG"), help="YAML configuration (default: $EST_CONFIG)")
+    args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("--config FILE (or $EST_CONFIG) is required")
+    try:
+        server = ESTServer(Path(args.config).resolve())
+    except ConfigError as exc:
+        parser.exit(2, f"est-server: {exc}\n")
+    server.run()

@@ -1,0 +1,30 @@
+"""What one app instance holds for its requests: settings, CA, store, profiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from flask import current_app
+
+from .ca import CertificateAuthority
+from .config import Settings
+from .profiles import EnrollmentProfile
+from .store import Store
+
+if TYPE_CHECKING:
+    from .auth import VerifiedCredentials
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    authority: CertificateAuthority
+    store: Store
+    profiles: dict[Optional[str], EnrollmentProfile]
+    credentials: "VerifiedCredentials"
+
+
+def state() -> AppState:
+    """The running app's state (inside a request or app context)."""
+    return current_app.extensions["est_app"]

@@ -1,0 +1,81 @@
+"""Shared fixtures: a real development PKI made by `est init`, apps built from real YAML files."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from est_app import create_app
+from est_app.cli import est
+
+USER = "gateway"
+PASSWORD = "correct horse battery staple"
+
+
+def run_cli(*args: str, input: str | None = None, config: Path | None = None):
+    """Run an `est` CLI command for real (as `est-admin`) and return click's result."""
+    argv = (["--config", str(config)] if config else []) + list(args)
+    return CliRunner().invoke(est, argv, input=input, catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory) -> Path:
+    """A directory initialised by `est init`: CA, TLS certificate, database, config.yaml."""
+    directory = tmp_path_factory.mktemp("pki")
+    result = run_cli("init", "--dir", str(directory))
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+@pytest.fixture
+def make_config(pki_dir, tmp_path):
+    """Write a config.yaml: `est init`'s, with ``overrides`` merged in, on a fresh database."""
+
+    def write(**overrides) -> Path:
+        data = yaml.safe_load((pki_dir / "config.yaml").read_text())
+        data["database"] = {"url": f"sqlite:///{tmp_path / 'est.db'}"}
+        data["rate_limit"] = {"enabled": False}
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def make_app(make_config):
+    """An app from `make_config(**overrides)`, with the test user added through the CLI."""
+
+    def build(**overrides):
+        path = make_config(**overrides)
+        result = run_cli("user", "add", USER, input=PASSWORD + "\n", config=path)
+        assert result.exit_code == 0, result.output
+        app = create_app(path)
+        app.config["TESTING"] = True
+        return app
+
+    return build
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def basic_auth(user: str = USER, password: str = PASSWORD) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
