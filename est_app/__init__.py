@@ -51,7 +51,7 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
         authority=load_authority(settings.ca),
         store=store,
         profiles=build_profiles(settings),
-        credentials=VerifiedCredentials(),
+        credentials=VerifiedCredentials(ttl_seconds=settings.auth_cache_seconds),
     )
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)

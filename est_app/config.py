@@ -123,12 +123,16 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     max_body_bytes: int = 65536
+    # How long a successful password check is remembered (0: re-check every request).
+    auth_cache_seconds: int = 300
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     labels: dict[str, LabelSettings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_line_length(self.base64_line_length)
         _positive(self, "max_body_bytes")
+        if self.auth_cache_seconds < 0:
+            raise ValueError("auth_cache_seconds may not be negative")
         for name in self.labels:
             if not LABEL_PATTERN.fullmatch(name):
                 raise ValueError(f"label {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
