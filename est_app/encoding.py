@@ -31,11 +31,11 @@ _WHITESPACE = re.compile(rb"\s+")
 
 def decode_body(data: bytes, what: str = "request") -> bytes:
     """Return the DER inside a request body sent as DER, PEM or base64."""
+    if data[:1] == b"\x30":
+        return data  # DER: never strip, its last bytes may well look like whitespace
     data = data.strip()
     if not data:
         raise BadRequest(f"empty body: expected a {what} as DER, PEM or base64")
-    if data[0] == 0x30:
-        return data
     if data.startswith(b"-----BEGIN"):
         match = _PEM.search(data)
         if match is None:

@@ -12,7 +12,7 @@ import logging
 import uuid
 
 from flask import Flask, Response, g
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ def register(app: Flask) -> None:
     def _est_error(exc: ESTError) -> Response:
         log.info("refused %s %s: %s", g.get("request_id", "-"), exc.status, exc.message)
         return text_response(exc.status, exc.message, exc.headers)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> Response:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return text_response(413, f"request body larger than {limit} bytes; an EST request is a few KiB")
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
