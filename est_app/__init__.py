@@ -13,10 +13,11 @@ import sys
 import uuid
 from pathlib import Path
 
+from cryptography import x509
 from flask import Flask, g
 
 from . import cli, errors, est
-from .auth import VerifiedCredentials
+from .auth import ClientCertificateVerifier, VerifiedCredentials
 from .ca import load_authority
 from .config import ConfigError, Settings, load_config
 from .profiles import build_profiles
@@ -45,13 +46,18 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
     store = Store(database_url)
     store.create_schema()
 
+    authority = load_authority(settings.ca)
+    anchors = list(authority.chain)
+    if settings.tls.client_ca_file:
+        anchors += x509.load_pem_x509_certificates(settings.tls.client_ca_file.read_bytes())
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["est_app"] = AppState(
         settings=settings,
-        authority=load_authority(settings.ca),
+        authority=authority,
         store=store,
         profiles=build_profiles(settings),
         credentials=VerifiedCredentials(ttl_seconds=settings.auth_cache_seconds),
+        verifier=ClientCertificateVerifier(anchors, store),
     )
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)

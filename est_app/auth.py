@@ -1,4 +1,11 @@
-"""Who is asking: HTTP Basic users from the store.
+"""Who is asking: HTTP Basic users, client certificates (RAs and devices), and
+proof-of-possession linking to the TLS session (RFC 7030 3.5).
+
+Client certificates are read from gunicorn's own TLS socket, from the WSGI
+environ key ``SSL_CLIENT_CERT`` (PEM), or from a reverse proxy's header
+(URL-escaped PEM) only when the immediate peer is a trusted proxy. Whatever
+the source, the app verifies the certificate itself: issued by a trust
+anchor, valid now, EKU clientAuth, not revoked.
 
 Passwords are stored as werkzeug (scrypt) hashes, which cost tens of
 milliseconds by design. So that this cost does not bound enrollment
@@ -11,23 +18,59 @@ read on every request.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import ipaddress
 import secrets
+import ssl
 import threading
 import time
-from typing import Optional
+import urllib.parse
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import wraps
+from typing import Callable, Optional
 
-from flask import current_app, request
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID
+from flask import current_app, g, request
 from flask_httpauth import HTTPBasicAuth
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from .errors import text_response
+from .errors import BadRequest, Forbidden, Unauthorized
+from .profiles import EnrollmentProfile
 from .state import state
 from .store import User
 
 REALM = "EST"
+BASIC_CHALLENGE = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
 basic = HTTPBasicAuth(realm=REALM)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An authenticated requester: ``user`` (Basic), ``ra`` (registered certificate) or ``device`` (its own certificate)."""
+
+    kind: str
+    name: str
+    certificate: Optional[x509.Certificate] = None
+
+    @property
+    def requester(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+def fingerprint(certificate: x509.Certificate) -> str:
+    return hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
+
+
+def describe(certificate: x509.Certificate) -> str:
+    return f"{certificate.subject.rfc4514_string() or '(empty subject)'} (SHA-256 {fingerprint(certificate)[:16]}...)"
+
+
+# --- passwords ---------------------------------------------------------------
 
 
 class VerifiedCredentials:
@@ -83,13 +126,175 @@ def _verify(name: str, password: str) -> Optional[User]:
     return user if app_state.credentials.check(user, password) else None
 
 
-@basic.error_handler
-def _refused(status: int):
-    if status == 401 and request.authorization is None:
-        message = "authentication required: send HTTP Basic credentials of an EST user"
-    elif status == 401:
-        message = "credentials not accepted: unknown user or wrong password"
-    else:
-        message = "authenticated, but not allowed to use this operation"
-    current_app.logger.info("auth refused (%s) for %s", status, request.remote_addr)
-    return text_response(status, message)
+# --- client certificates -----------------------------------------------------
+
+
+class ClientCertificateVerifier:
+    """Checks a client certificate against the trust anchors, the clock, its EKU and the store."""
+
+    def __init__(self, anchors: list[x509.Certificate], store) -> None:
+        self.anchors = anchors
+        self.store = store
+
+    def issuer_of(self, certificate: x509.Certificate) -> Optional[x509.Certificate]:
+        for anchor in self.anchors:
+            if anchor.subject == certificate.issuer:
+                try:
+                    certificate.verify_directly_issued_by(anchor)
+                    return anchor
+                except (ValueError, TypeError, x509.InvalidSignature):
+                    continue
+        return None
+
+    def verify(self, certificate: x509.Certificate, challenge: dict[str, str]) -> x509.Certificate:
+        """Return the issuing anchor, or raise 401 saying what is wrong."""
+        who = describe(certificate)
+        issuer = self.issuer_of(certificate)
+        if issuer is None:
+            raise Unauthorized(f"client certificate {who} is not issued by a CA this server trusts", challenge)
+        now = datetime.now(timezone.utc)
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise Unauthorized(f"client certificate {who} is expired or not yet valid", challenge)
+        try:
+            usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            usages = []
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+            raise Unauthorized(f"client certificate {who} lacks the clientAuth extended key usage", challenge)
+        record = self.store.get_certificate(format(certificate.serial_number, "x"))
+        if record is not None and record.der == certificate.public_bytes(Encoding.DER) and record.status == "revoked":
+            raise Unauthorized(f"client certificate {who} is revoked", challenge)
+        return issuer
+
+
+def client_certificate() -> Optional[x509.Certificate]:
+    """The peer's certificate for this request, from the first source that has one."""
+    if "est_client_cert" not in g:
+        g.est_client_cert = _from_tls_socket() or _from_environ() or _from_proxy_header()
+    return g.est_client_cert
+
+
+def _load(data: bytes, source: str) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(data) if data[:1] == b"\x30" else x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise BadRequest(f"client certificate from {source} is not a valid X.509 certificate") from None
+
+
+def _tls_socket() -> Optional[ssl.SSLSocket]:
+    sock = request.environ.get("gunicorn.socket")
+    return sock if isinstance(sock, ssl.SSLSocket) else None
+
+
+def _from_tls_socket() -> Optional[x509.Certificate]:
+    sock = _tls_socket()
+    der = sock.getpeercert(binary_form=True) if sock is not None else None
+    return _load(der, "the TLS session") if der else None
+
+
+def _from_environ() -> Optional[x509.Certificate]:
+    pem = request.environ.get("SSL_CLIENT_CERT")
+    return _load(pem.encode(), "SSL_CLIENT_CERT") if pem else None
+
+
+def _from_proxy_header() -> Optional[x509.Certificate]:
+    settings = state().settings
+    value = request.headers.get(settings.client_cert_header)
+    if not value:
+        return None
+    peer = request.remote_addr or ""
+    try:
+        trusted = any(ipaddress.ip_address(peer) in ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies)
+    except ValueError:
+        trusted = False
+    if not trusted:
+        current_app.logger.warning("ignored %s header from untrusted address %s", settings.client_cert_header, peer)
+        return None
+    return _load(urllib.parse.unquote(value).encode(), f"the {settings.client_cert_header} header")
+
+
+# --- who may use a label -----------------------------------------------------
+
+
+def _challenge(profile: EnrollmentProfile) -> dict[str, str]:
+    return BASIC_CHALLENGE if "basic" in profile.auth else {}
+
+
+def enrolling_identity(profile: EnrollmentProfile) -> Identity:
+    """The user or RA behind an enrollment on ``profile``'s label; 401 or 403 otherwise."""
+    challenge = _challenge(profile)
+    certificate = client_certificate()
+    ra = None
+    if certificate is not None and "cert" in profile.auth:
+        state().verifier.verify(certificate, challenge)
+        ra = state().store.get_ra(fingerprint(certificate))
+        if ra is not None:
+            if profile.name not in ra.label_set:
+                raise Forbidden(f"RA {describe(certificate)} is not registered for label {profile.name!r}")
+            return Identity("ra", ra.fingerprint, certificate)
+    user = basic.current_user()
+    if user is not None:
+        if "basic" not in profile.auth:
+            raise Forbidden(f"label {profile.name!r} does not accept passwords; present a registered RA certificate")
+        return Identity("user", user.name)
+    if request.authorization is not None:
+        raise Unauthorized("credentials not accepted: unknown user or wrong password", challenge)
+    if certificate is not None and "cert" in profile.auth:
+        raise Forbidden(f"client certificate {describe(certificate)} is not registered as an RA (est-admin ra add)")
+    methods = " or ".join({"basic": "HTTP Basic credentials", "cert": "a registered RA client certificate"}[m] for m in sorted(profile.auth))
+    raise Unauthorized(f"authentication required: send {methods}", challenge)
+
+
+def enroller_required(view: Callable) -> Callable:
+    """Views that issue on a label's behalf: establish ``g.identity`` per the label's ``auth``."""
+
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        g.identity = enrolling_identity(g.profile)
+        return view(*args, **kwargs)
+
+    return basic.login_required(optional=True)(wrapper)
+
+
+def device_identity() -> Identity:
+    """The device behind a re-enrollment: its own certificate, issued by this CA."""
+    certificate = client_certificate()
+    if certificate is None:
+        raise Unauthorized("re-enrollment needs the current certificate as TLS client certificate")
+    issuer = state().verifier.verify(certificate, {})
+    if issuer != state().authority.certificate:
+        raise Unauthorized(f"client certificate {describe(certificate)} was not issued by this CA")
+    return Identity("device", format(certificate.serial_number, "x"), certificate)
+
+
+# --- proof of possession (RFC 7030 3.5) --------------------------------------
+
+
+def tls_unique() -> Optional[bytes]:
+    """The tls-unique channel binding, when the TLS session is ours and TLS <= 1.2."""
+    sock = _tls_socket()
+    if sock is None or sock.version() not in ("TLSv1", "TLSv1.1", "TLSv1.2"):
+        return None
+    return sock.get_channel_binding("tls-unique")
+
+
+def check_proof_of_possession(csr: x509.CertificateSigningRequest, identity: Identity, profile: EnrollmentProfile) -> None:
+    """challengePassword must equal base64(tls-unique) when the CSR carries one or the label requires it."""
+    if identity.kind == "ra":
+        return  # the RA holds the TLS session; the device signed the CSR
+    try:
+        password = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
+    except x509.AttributeNotFound:
+        password = None
+    binding = tls_unique()
+    if binding is None:
+        if profile.require_pop:
+            raise Unauthorized("this label requires proof-of-possession linking: connect with TLS 1.2 directly to this server")
+        return
+    expected = base64.b64encode(binding)
+    if password is None:
+        if profile.require_pop:
+            raise Unauthorized("this label requires the CSR's challengePassword to be base64(tls-unique) of this TLS session")
+        return
+    if not hmac.compare_digest(password, expected):
+        raise Unauthorized("CSR challengePassword does not match this TLS session's tls-unique value")

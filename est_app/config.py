@@ -11,6 +11,7 @@ file that holds them.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import types
 import typing
@@ -24,6 +25,14 @@ EST_OPERATIONS = frozenset(
     {"cacerts", "simpleenroll", "simplereenroll", "serverkeygen", "csrattrs", "fullcmc", "bootstrap"}
 )
 EXTENDED_KEY_USAGES = ("clientAuth", "serverAuth")
+# Names accepted in csr_attributes besides dotted OIDs.
+CSR_ATTRIBUTE_NAMES = {
+    "challengePassword": "1.2.840.113549.1.9.7",
+    "serialNumber": "2.5.4.5",
+    "macAddress": "1.3.6.1.1.1.1.22",
+    "extensionRequest": "1.2.840.113549.1.9.14",
+}
+DEFAULT_LABEL = "default"  # how the unlabelled path is named in records and RA registrations
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -32,6 +41,11 @@ class ConfigError(Exception):
 
 
 ResponseFormat = Literal["base64", "der"]
+AuthMethod = Literal["basic", "cert"]
+DeviceId = Literal["cn", "serialNumber", "san"]
+DuplicatePolicy = Literal["reject", "renew"]
+KeygenKeyType = Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"]
+OID_PATTERN = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
 @dataclass(frozen=True)
@@ -98,9 +112,16 @@ class LabelSettings:
     extended_key_usage: Optional[tuple[str, ...]] = None
     include_chain: Optional[bool] = None
     subject_cn_pattern: Optional[str] = None
+    auth: Optional[tuple[AuthMethod, ...]] = None
+    device_id: Optional[DeviceId] = None
+    duplicate_policy: Optional[DuplicatePolicy] = None
+    csr_attributes: Optional[tuple[str, ...]] = None
+    require_csr_attributes: Optional[bool] = None
+    require_pop: Optional[bool] = None
+    serverkeygen_key_types: Optional[tuple[KeygenKeyType, ...]] = None
 
     def __post_init__(self) -> None:
-        _check_line_length(self.base64_line_length)
+        _check_profile(self)
         if self.cert_validity_days is not None:
             _positive(self, "cert_validity_days")
         if self.extended_key_usage is not None:
@@ -118,6 +139,19 @@ class Settings:
     response_format: ResponseFormat = "base64"
     base64_line_length: int = 64
     include_chain: bool = False
+    # Deployment defaults for what a label may override (see LabelSettings).
+    auth: tuple[AuthMethod, ...] = ("basic",)
+    device_id: DeviceId = "cn"
+    duplicate_policy: Optional[DuplicatePolicy] = None  # None: renew, but reject for bootstrap
+    csr_attributes: tuple[str, ...] = ()
+    require_csr_attributes: bool = False
+    require_pop: bool = False
+    serverkeygen_key_types: tuple[KeygenKeyType, ...] = ("ec-p256", "rsa-2048", "rsa-3072")
+    bootstrap_enabled: bool = False
+    bootstrap_validity_days: int = 30
+    # Client certificates forwarded in this header are believed only from these addresses/networks.
+    trusted_proxies: tuple[str, ...] = ()
+    client_cert_header: str = "X-SSL-Client-Cert"
     server: ServerSettings = field(default_factory=ServerSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -129,15 +163,20 @@ class Settings:
     labels: dict[str, LabelSettings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_line_length(self.base64_line_length)
-        _positive(self, "max_body_bytes")
+        _check_profile(self)
+        _positive(self, "max_body_bytes", "bootstrap_validity_days")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
         if self.auth_cache_seconds < 0:
             raise ValueError("auth_cache_seconds may not be negative")
         for name in self.labels:
             if not LABEL_PATTERN.fullmatch(name):
                 raise ValueError(f"label {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
-            if name in EST_OPERATIONS:
-                raise ValueError(f"label {name!r} is an EST operation name; choose another")
+            if name in EST_OPERATIONS or name == DEFAULT_LABEL:
+                raise ValueError(f"label {name!r} is reserved (an EST operation, or the unlabelled path); choose another")
 
 
 def load_config(path: str | Path) -> Settings:
@@ -242,9 +281,18 @@ def _positive(obj: object, *names: str) -> None:
             raise ValueError(f"{name} must be at least 1")
 
 
-def _check_line_length(value: Optional[int]) -> None:
+def _check_profile(obj: "Settings | LabelSettings") -> None:
+    """Checks shared by the deployment's profile keys and a label's overrides."""
+    value = obj.base64_line_length
     if value is not None and (value < 0 or (0 < value < 4) or value % 4):
         raise ValueError("base64_line_length must be 0 (one line) or a positive multiple of 4")
+    for name in ("auth", "serverkeygen_key_types"):
+        if getattr(obj, name) == ():
+            raise ValueError(f"{name} may not be empty")
+    for attribute in obj.csr_attributes or ():
+        if attribute not in CSR_ATTRIBUTE_NAMES and not OID_PATTERN.fullmatch(attribute):
+            known = ", ".join(CSR_ATTRIBUTE_NAMES)
+            raise ValueError(f"csr_attributes: {attribute!r} is neither a dotted OID nor one of {known}")
 
 
 def _check_eku(values: tuple[str, ...]) -> None:

@@ -17,7 +17,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
-from flask import Response
+from flask import Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import BadRequest
 
@@ -25,8 +26,26 @@ CTE = "Content-Transfer-Encoding"
 PKCS7_MIME = "application/pkcs7-mime"
 CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
 PKCS10 = "application/pkcs10"
+PKCS8 = "application/pkcs8"
+CSRATTRS = "application/csrattrs"
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
 _WHITESPACE = re.compile(rb"\s+")
+
+
+def read_body() -> bytes:
+    """The raw request body, refused with 413 over ``MAX_CONTENT_LENGTH`` however it is framed.
+
+    With a Content-Length, werkzeug refuses an oversized body before reading. A
+    chunked body has none, and werkzeug's stream would stop quietly at the
+    limit, so one byte more than the limit is read to tell "exactly" from "over".
+    """
+    if request.content_length is not None or not request.environ.get("wsgi.input_terminated"):
+        return request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    data = request.environ["wsgi.input"].read(limit + 1)
+    if len(data) > limit:
+        raise RequestEntityTooLarge()
+    return data
 
 
 def decode_body(data: bytes, what: str = "request") -> bytes:

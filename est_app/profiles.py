@@ -2,7 +2,8 @@
 
 Each label (and the unlabelled default, keyed ``None``) resolves once, at
 start-up, to the objects the request path uses: its response encoding, its
-certificate profile and its CSR policy.
+certificate profile, its CSR policy, who may use it and how devices are
+identified and de-duplicated.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from cryptography import x509
+
 from .ca import CertificateProfile, CSRPolicy
-from .config import LabelSettings, Settings
+from .config import CSR_ATTRIBUTE_NAMES, DEFAULT_LABEL, LabelSettings, Settings
 from .encoding import ResponseEncoding, response_encoding
 
 
@@ -22,11 +25,16 @@ class EnrollmentProfile:
     encoding: ResponseEncoding
     certificate: CertificateProfile
     csr_policy: CSRPolicy
+    auth: frozenset[str]
+    device_id: str
+    duplicate_policy: Optional[str]  # None: the operation's default
+    require_pop: bool
+    serverkeygen_key_types: tuple[str, ...]
 
     @property
     def name(self) -> str:
-        """The label as stored with each certificate ('' for the default profile)."""
-        return self.label or ""
+        """The label as stored and as RAs are registered for it ('default' for the unlabelled path)."""
+        return self.label or DEFAULT_LABEL
 
 
 def build_profiles(settings: Settings) -> dict[Optional[str], EnrollmentProfile]:
@@ -35,23 +43,30 @@ def build_profiles(settings: Settings) -> dict[Optional[str], EnrollmentProfile]
     return profiles
 
 
-def _pick(override, default):
-    return default if override is None else override
-
-
 def _resolve(name: Optional[str], label: LabelSettings, settings: Settings) -> EnrollmentProfile:
+    def pick(key: str, default=None):
+        value = getattr(label, key)
+        if value is not None:
+            return value
+        return getattr(settings, key) if default is None else default
+
+    attributes = tuple(x509.ObjectIdentifier(CSR_ATTRIBUTE_NAMES.get(a, a)) for a in pick("csr_attributes"))
     return EnrollmentProfile(
         label=name,
-        encoding=response_encoding(
-            _pick(label.response_format, settings.response_format),
-            _pick(label.base64_line_length, settings.base64_line_length),
-        ),
+        encoding=response_encoding(pick("response_format"), pick("base64_line_length")),
         certificate=CertificateProfile(
-            validity_days=_pick(label.cert_validity_days, settings.ca.cert_validity_days),
-            extended_key_usage=_pick(label.extended_key_usage, settings.ca.extended_key_usage),
-            include_chain=_pick(label.include_chain, settings.include_chain),
+            validity_days=pick("cert_validity_days", settings.ca.cert_validity_days),
+            extended_key_usage=pick("extended_key_usage", settings.ca.extended_key_usage),
+            include_chain=pick("include_chain"),
         ),
         csr_policy=CSRPolicy(
             subject_cn_pattern=re.compile(label.subject_cn_pattern) if label.subject_cn_pattern else None,
+            attributes=attributes,
+            require_attributes=pick("require_csr_attributes"),
         ),
+        auth=frozenset(pick("auth")),
+        device_id=pick("device_id"),
+        duplicate_policy=pick("duplicate_policy"),
+        require_pop=pick("require_pop"),
+        serverkeygen_key_types=pick("serverkeygen_key_types"),
     )

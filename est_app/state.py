@@ -13,7 +13,7 @@ from .profiles import EnrollmentProfile
 from .store import Store
 
 if TYPE_CHECKING:
-    from .auth import VerifiedCredentials
+    from .auth import ClientCertificateVerifier, VerifiedCredentials
 
 
 @dataclass
@@ -23,6 +23,7 @@ class AppState:
     store: Store
     profiles: dict[Optional[str], EnrollmentProfile]
     credentials: "VerifiedCredentials"
+    verifier: "ClientCertificateVerifier"
 
 
 def state() -> AppState:

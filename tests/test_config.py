@@ -38,7 +38,7 @@ def test_init_config_loads_with_its_values(pki_dir):
         ({"server": {"bind": "0.0.0.0:8445", "wrokers": 2}}, "server.wrokers: unknown key"),
         ({"ca": {"cert_file": "/nonexistent/ca.pem", "key_file": "/nonexistent/ca.key"}}, "ca.cert_file: no such file: /nonexistent/ca.pem"),
         ({"ca": {"key_file": "x"}}, "ca.cert_file: required key is missing"),
-        ({"labels": {"cacerts": {}}}, "label 'cacerts' is an EST operation name"),
+        ({"labels": {"cacerts": {}}}, "label 'cacerts' is reserved"),
         ({"labels": {"bad/label": {}}}, "label 'bad/label'"),
         ({"labels": {"pumps": {"extended_key_usage": ["codeSigning"]}}}, "labels.pumps: extended_key_usage: 'codeSigning'"),
         ({"labels": {"pumps": {"subject_cn_pattern": "("}}}, "not a regular expression"),

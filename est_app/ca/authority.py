@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
@@ -53,17 +54,26 @@ class CertificateAuthority:
             self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.certificate.public_key())
         self.cacerts = pkcs7.serialize_certificates(list(chain), serialization.Encoding.DER)
 
-    def issue(self, csr: x509.CertificateSigningRequest, profile: CertificateProfile, now: datetime | None = None) -> x509.Certificate:
-        """Sign an end-entity certificate for an already-verified CSR."""
+    def issue(
+        self,
+        csr: x509.CertificateSigningRequest,
+        profile: CertificateProfile,
+        public_key: CertificatePublicKeyTypes | None = None,
+        now: datetime | None = None,
+    ) -> x509.Certificate:
+        """Sign an end-entity certificate for an already-verified CSR.
+
+        ``public_key`` replaces the CSR's key when the server generated the key pair.
+        """
         now = now or datetime.now(timezone.utc)
         not_before = now - BACKDATE
         not_after = min(now + timedelta(days=profile.validity_days), self.certificate.not_valid_after_utc)
         if not_after <= now:
             raise RuntimeError("the CA certificate has expired; renew it before issuing")
-        public_key = csr.public_key()
+        public_key = public_key or csr.public_key()
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_filtered_subject(csr.subject))
+            .subject_name(issued_subject(csr.subject))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -89,7 +99,8 @@ class CertificateAuthority:
         return pkcs7.serialize_certificates(certs, serialization.Encoding.DER)
 
 
-def _filtered_subject(subject: x509.Name) -> x509.Name:
+def issued_subject(subject: x509.Name) -> x509.Name:
+    """The subject a certificate gets for a CSR's: only the attribute types the CA vouches for."""
     rdns = []
     for rdn in subject.rdns:
         kept = [a for a in rdn if a.oid in SUBJECT_ATTRIBUTES]

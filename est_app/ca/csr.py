@@ -10,8 +10,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from ..config import CSR_ATTRIBUTE_NAMES
 from ..errors import BadRequest
 
+ATTRIBUTE_NAMES = {oid: name for name, oid in CSR_ATTRIBUTE_NAMES.items()}
 ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 MIN_RSA_BITS = 2048
 
@@ -21,6 +23,9 @@ class CSRPolicy:
     """What a label accepts in a CSR, beyond a valid signature and a strong key."""
 
     subject_cn_pattern: Optional[re.Pattern[str]] = None
+    # What csrattrs tells clients to include; enforced when require_attributes is set.
+    attributes: tuple[x509.ObjectIdentifier, ...] = ()
+    require_attributes: bool = False
 
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:
@@ -66,3 +71,17 @@ def check_policy(csr: x509.CertificateSigningRequest, policy: CSRPolicy) -> None
     cn = str(cns[0].value)
     if policy.subject_cn_pattern is not None and not policy.subject_cn_pattern.fullmatch(cn):
         raise BadRequest(f"CSR commonName {cn!r} does not match this label's pattern {policy.subject_cn_pattern.pattern!r}")
+    if policy.require_attributes:
+        present = _carried_oids(csr)
+        for oid in policy.attributes:
+            if oid not in present:
+                name = ATTRIBUTE_NAMES.get(oid.dotted_string, oid.dotted_string)
+                raise BadRequest(f"CSR lacks the required attribute {name} ({oid.dotted_string}); see csrattrs")
+
+
+def _carried_oids(csr: x509.CertificateSigningRequest) -> set[x509.ObjectIdentifier]:
+    """Everything a CSR can carry that csrattrs may ask for: attributes, subject types, requested extensions."""
+    oids = {attribute.oid for attribute in csr.attributes}
+    oids.update(attribute.oid for attribute in csr.subject)
+    oids.update(extension.oid for extension in csr.extensions)
+    return oids

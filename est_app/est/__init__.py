@@ -11,10 +11,10 @@ from flask import Blueprint, Response, g
 
 from ..errors import NotFound
 from ..state import state
-from . import cacerts, fullcmc, simpleenroll
+from . import bootstrap, cacerts, csrattrs, fullcmc, serverkeygen, simpleenroll, simplereenroll
 
 bp = Blueprint("est", __name__, url_prefix="/.well-known/est")
-for child in (cacerts, simpleenroll, fullcmc):
+for child in (cacerts, simpleenroll, simplereenroll, serverkeygen, csrattrs, fullcmc, bootstrap):
     bp.register_blueprint(child.bp)
 
 

@@ -1,50 +1,125 @@
-"""The steps every issuing operation shares: read the CSR, issue, record, in that order."""
+"""The steps every issuing operation shares: read the CSR, issue, record, answer.
+
+A certificate is only ever returned after its record (and its device's) is
+committed; a duplicate device under the ``reject`` policy is a 409 and the
+freshly signed certificate is discarded unrecorded and unreturned.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from flask import request
 
-from ..ca import check_policy, load_csr
-from ..encoding import PKCS10, decode_body
-from ..errors import UnsupportedMediaType
+from ..auth import Identity
+from ..ca import CertificateProfile, check_policy, load_csr
+from ..encoding import CERTS_ONLY, PKCS10, ESTResponse, decode_body, read_body
+from ..errors import BadRequest, Conflict, Forbidden, UnsupportedMediaType
 from ..profiles import EnrollmentProfile
 from ..state import state
-from ..store import CertificateRecord, SerialTaken
+from ..store import CertificateRecord, DeviceExists, NotCurrent, SerialTaken
 
 
 def read_csr(profile: EnrollmentProfile) -> x509.CertificateSigningRequest:
     """The request's CSR, decoded, verified and held to the profile's policy."""
     if request.mimetype != PKCS10:
         raise UnsupportedMediaType(f"Content-Type must be {PKCS10}, not {request.mimetype or 'missing'}")
-    csr = load_csr(decode_body(request.get_data(cache=False), "PKCS#10 CSR"))
+    csr = load_csr(decode_body(read_body(), "PKCS#10 CSR"))
     check_policy(csr, profile.csr_policy)
     return csr
 
 
-def issue_and_record(csr: x509.CertificateSigningRequest, profile: EnrollmentProfile, requester: str) -> x509.Certificate:
-    """Issue a certificate and commit its record; only a committed certificate is returned."""
+def device_key(csr: x509.CertificateSigningRequest, how: str) -> str:
+    """The device id a label keys its registry on: the CN, the serialNumber attribute or the first SAN."""
+    if how == "cn":
+        return str(csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+    if how == "serialNumber":
+        values = csr.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+        if not values:
+            raise BadRequest("this label identifies devices by the subject serialNumber attribute, which the CSR lacks")
+        return str(values[0].value)
+    try:
+        names = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = []
+    for name in names:
+        if isinstance(name, (x509.DNSName, x509.UniformResourceIdentifier, x509.RFC822Name)):
+            return name.value
+        if isinstance(name, x509.IPAddress):
+            return str(name.value)
+    raise BadRequest("this label identifies devices by subjectAltName, and the CSR requests none (DNS, URI, email or IP)")
+
+
+def issue_for_device(
+    csr: x509.CertificateSigningRequest,
+    profile: EnrollmentProfile,
+    identity: Identity,
+    operation: str,
+    *,
+    certificate_profile: CertificateProfile | None = None,
+    default_policy: str = "renew",
+    public_key: CertificatePublicKeyTypes | None = None,
+) -> x509.Certificate:
+    """Issue for the CSR's device and record it as the device's current certificate."""
+    key = device_key(csr, profile.device_id)
+    policy = profile.duplicate_policy or default_policy
+    app_state = state()
+    while True:
+        certificate = app_state.authority.issue(csr, certificate_profile or profile.certificate, public_key)
+        try:
+            app_state.store.enroll_device(_record(certificate, profile, identity, operation), key, policy, request.remote_addr or "")
+            return certificate
+        except SerialTaken:
+            continue  # a random 159-bit serial collided: draw another
+        except DeviceExists as exc:
+            d = exc.device
+            raise Conflict(
+                f"device {d.device_key!r} (id {d.id}) is already enrolled on label {d.label!r}; "
+                f"re-enroll with its current certificate, or have an operator free the id with `est-admin device delete {d.id}`"
+            ) from None
+
+
+def issue_replacement(csr: x509.CertificateSigningRequest, profile: EnrollmentProfile, identity: Identity) -> x509.Certificate:
+    """Re-enrollment: issue, and supersede the certificate the device authenticated with."""
+    old_serial = format(identity.certificate.serial_number, "x")
     app_state = state()
     while True:
         certificate = app_state.authority.issue(csr, profile.certificate)
         try:
-            app_state.store.record_certificate(_record(certificate, profile.name, requester))
+            app_state.store.replace_certificate(
+                old_serial, _record(certificate, profile, identity, "simplereenroll"), request.remote_addr or ""
+            )
             return certificate
         except SerialTaken:
-            continue  # a random 159-bit serial collided: draw another
+            continue
+        except NotCurrent as exc:
+            state_word = exc.status or "unknown to this server"
+            raise Forbidden(f"certificate {old_serial} is {state_word}; re-enroll with the device's current certificate") from None
 
 
-def _record(certificate: x509.Certificate, label: str, requester: str) -> CertificateRecord:
+def certs_only_response(certificate: x509.Certificate, profile: EnrollmentProfile) -> ESTResponse:
+    return ESTResponse([(CERTS_ONLY, state().authority.certs_only(certificate, profile.certificate))])
+
+
+def _record(certificate: x509.Certificate, profile: EnrollmentProfile, identity: Identity, operation: str) -> CertificateRecord:
     cn = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return CertificateRecord(
         serial=format(certificate.serial_number, "x"),
         common_name=str(cn[0].value) if cn else "",
         subject=certificate.subject.rfc4514_string(),
-        label=label,
-        requester=requester,
+        label=profile.name,
+        requester=identity.requester,
+        operation=operation,
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
         der=certificate.public_bytes(Encoding.DER),
     )
+
+
+def bootstrap_profile(profile: EnrollmentProfile, validity_days: int) -> CertificateProfile:
+    """Bootstrap certificates: short-lived, clientAuth only, whatever the label says."""
+    return replace(profile.certificate, validity_days=validity_days, extended_key_usage=("clientAuth",), include_chain=False)

@@ -1,19 +1,19 @@
-"""``POST simpleenroll``: an authenticated user sends a CSR and gets its certificate."""
+"""``POST simpleenroll``: a user or RA sends a CSR and gets the device's certificate."""
 
 from flask import Blueprint, g
 
-from ..auth import basic
-from ..encoding import CERTS_ONLY, ESTResponse
-from ..state import state
-from .issuance import issue_and_record, read_csr
+from ..auth import check_proof_of_possession, enroller_required
+from ..encoding import ESTResponse
+from .issuance import certs_only_response, issue_for_device, read_csr
 
 bp = Blueprint("simpleenroll", __name__)
 
 
 @bp.post("/simpleenroll")
 @bp.post("/<label>/simpleenroll")
-@basic.login_required
+@enroller_required
 def simpleenroll() -> ESTResponse:
     csr = read_csr(g.profile)
-    certificate = issue_and_record(csr, g.profile, requester=basic.current_user().name)
-    return ESTResponse([(CERTS_ONLY, state().authority.certs_only(certificate, g.profile.certificate))])
+    check_proof_of_possession(csr, g.identity, g.profile)
+    certificate = issue_for_device(csr, g.profile, g.identity, "simpleenroll")
+    return certs_only_response(certificate, g.profile)

@@ -1,21 +1,22 @@
-"""Persistence through SQLAlchemy Core: users and issued certificates.
+"""Persistence through SQLAlchemy Core: users, RA clients, devices, certificates.
 
 SQLite (the default) runs in WAL mode with full synchronous commits, a busy
 timeout, and ``BEGIN IMMEDIATE`` for writes, so several gunicorn workers can
-share one file safely. Any other SQLAlchemy URL (PostgreSQL) works as is.
-The store knows bytes and fields, not X.509.
+share one file safely. Any other SQLAlchemy URL (PostgreSQL) works as is;
+there the unique constraints settle races and the write is retried. The
+store knows bytes and fields, not X.509.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Literal, Optional
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from .schema import certificates, metadata, users
+from .schema import certificates, devices, metadata, ra_clients, users
 
 
 class UserExists(Exception):
@@ -24,6 +25,22 @@ class UserExists(Exception):
 
 class SerialTaken(Exception):
     """A serial number collided with one already stored (vanishingly rare; draw again)."""
+
+
+class DeviceExists(Exception):
+    """The label's duplicate policy is ``reject`` and the device is enrolled already."""
+
+    def __init__(self, device: "Device") -> None:
+        super().__init__(device.device_key)
+        self.device = device
+
+
+class NotCurrent(Exception):
+    """The certificate to be replaced is unknown, revoked or already superseded."""
+
+    def __init__(self, status: Optional[str]) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -35,25 +52,54 @@ class User:
 
 
 @dataclass(frozen=True)
+class RAClient:
+    id: int
+    fingerprint: str
+    subject: str
+    labels: str
+    created_at: datetime
+
+    @property
+    def label_set(self) -> frozenset[str]:
+        return frozenset(self.labels.split(" ")) if self.labels != "" else frozenset()
+
+
+@dataclass(frozen=True)
+class Device:
+    id: int
+    label: str
+    device_key: str
+    first_enrolled: datetime
+    last_enrolled: datetime
+    current_serial: str
+    requester: str
+    client_address: str
+
+
+@dataclass(frozen=True)
 class CertificateRecord:
     serial: str
     common_name: str
     subject: str
     label: str
     requester: str
+    operation: str
     not_before: datetime
     not_after: datetime
     der: bytes
     status: str = "valid"
+    device_id: Optional[int] = None
     issued_at: Optional[datetime] = None
+    revoked_at: Optional[datetime] = None
+    revocation_reason: Optional[str] = None
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def _naive_utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+def _naive_utc(value: Optional[datetime]) -> Optional[datetime]:
+    return value.astimezone(timezone.utc).replace(tzinfo=None) if value and value.tzinfo else value
 
 
 class Store:
@@ -62,7 +108,13 @@ class Store:
         self._writer = self.engine.execution_options(est_write=True)
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine)
+        with self._writer.begin() as conn:  # serialised, so workers starting together do not race
+            metadata.create_all(conn)
+
+    def _one(self, query, cls):
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return cls(**row._mapping) if row else None
 
     # users
 
@@ -74,9 +126,7 @@ class Store:
             raise UserExists(name) from None
 
     def get_user(self, name: str) -> Optional[User]:
-        with self.engine.connect() as conn:
-            row = conn.execute(users.select().where(users.c.name == name)).first()
-        return User(**row._mapping) if row else None
+        return self._one(users.select().where(users.c.name == name), User)
 
     def list_users(self) -> list[User]:
         with self.engine.connect() as conn:
@@ -86,34 +136,140 @@ class Store:
         with self._writer.begin() as conn:
             return conn.execute(users.delete().where(users.c.name == name)).rowcount > 0
 
-    # certificates
+    # RA clients
+
+    def add_ra(self, fingerprint: str, subject: str, labels: list[str]) -> RAClient:
+        with self._writer.begin() as conn:
+            row = conn.execute(ra_clients.select().where(ra_clients.c.fingerprint == fingerprint)).first()
+            values = {"subject": subject, "labels": " ".join(sorted(set(labels)))}
+            if row:
+                conn.execute(ra_clients.update().where(ra_clients.c.id == row.id).values(**values))
+            else:
+                conn.execute(ra_clients.insert().values(fingerprint=fingerprint, created_at=utcnow(), **values))
+        return self.get_ra(fingerprint)
+
+    def get_ra(self, fingerprint: str) -> Optional[RAClient]:
+        return self._one(ra_clients.select().where(ra_clients.c.fingerprint == fingerprint), RAClient)
+
+    def list_ras(self) -> list[RAClient]:
+        with self.engine.connect() as conn:
+            return [RAClient(**row._mapping) for row in conn.execute(ra_clients.select().order_by(ra_clients.c.id))]
+
+    def remove_ra(self, ident: str) -> bool:
+        """Remove by numeric id or by fingerprint."""
+        where = ra_clients.c.id == int(ident) if ident.isdigit() else ra_clients.c.fingerprint == ident.lower()
+        with self._writer.begin() as conn:
+            return conn.execute(ra_clients.delete().where(where)).rowcount > 0
+
+    # certificates and devices
 
     def record_certificate(self, record: CertificateRecord) -> None:
-        """Commit ``record``; when this returns, the certificate is durably stored."""
-        values = {
-            **record.__dict__,
-            "not_before": _naive_utc(record.not_before),
-            "not_after": _naive_utc(record.not_after),
-            "issued_at": _naive_utc(record.issued_at) if record.issued_at else utcnow(),
-        }
-        try:
-            with self._writer.begin() as conn:
-                conn.execute(certificates.insert().values(**values))
-        except sa.exc.IntegrityError:
-            with self.engine.connect() as conn:
-                taken = conn.execute(sa.select(certificates.c.serial).where(certificates.c.serial == record.serial)).first()
-            if taken:
-                raise SerialTaken(record.serial) from None
-            raise
+        """Commit a certificate that belongs to no device; when this returns, it is stored."""
+        self._write_certificate(lambda conn: _insert_certificate(conn, record), record.serial)
+
+    def enroll_device(
+        self, record: CertificateRecord, device_key: str, policy: Literal["reject", "renew"], client_address: str
+    ) -> Device:
+        """Commit ``record`` as the device's current certificate, superseding the previous one.
+
+        Raises :class:`DeviceExists` under ``reject`` when the device is known.
+        """
+
+        def write(conn: Connection) -> int:
+            row = conn.execute(
+                devices.select().where(devices.c.label == record.label, devices.c.device_key == device_key)
+            ).first()
+            if row is not None and policy == "reject":
+                raise DeviceExists(Device(**row._mapping))
+            values = {"last_enrolled": utcnow(), "current_serial": record.serial, "requester": record.requester, "client_address": client_address}
+            if row is None:
+                device_id = conn.execute(
+                    devices.insert().values(label=record.label, device_key=device_key, first_enrolled=values["last_enrolled"], **values)
+                ).inserted_primary_key[0]
+            else:
+                device_id = row.id
+                _supersede(conn, row.current_serial)
+                conn.execute(devices.update().where(devices.c.id == device_id).values(**values))
+            _insert_certificate(conn, record, device_id)
+            return device_id
+
+        return self.get_device(self._write_certificate(write, record.serial))
+
+    def replace_certificate(self, old_serial: str, record: CertificateRecord, client_address: str) -> None:
+        """Re-enrollment: ``record`` supersedes the valid certificate ``old_serial`` (and its device's pointer)."""
+
+        def write(conn: Connection) -> None:
+            old = conn.execute(certificates.select().where(certificates.c.serial == old_serial)).first()
+            if old is None or old.status != "valid":
+                raise NotCurrent(old.status if old else None)
+            _supersede(conn, old_serial)
+            _insert_certificate(conn, record, old.device_id)
+            if old.device_id is not None:
+                conn.execute(
+                    devices.update()
+                    .where(devices.c.id == old.device_id)
+                    .values(last_enrolled=utcnow(), current_serial=record.serial, requester=record.requester, client_address=client_address)
+                )
+
+        self._write_certificate(write, record.serial)
+
+    def _write_certificate(self, write, serial: str):
+        for _attempt in range(3):
+            try:
+                with self._writer.begin() as conn:
+                    return write(conn)
+            except sa.exc.IntegrityError:
+                if self.get_certificate(serial) is not None:
+                    raise SerialTaken(serial) from None
+                # Another server inserted the same device first (PostgreSQL); read it next time.
+        raise RuntimeError("could not record the certificate after three attempts")
 
     def get_certificate(self, serial: str) -> Optional[CertificateRecord]:
-        with self.engine.connect() as conn:
-            row = conn.execute(certificates.select().where(certificates.c.serial == serial)).first()
-        return CertificateRecord(**row._mapping) if row else None
+        return self._one(certificates.select().where(certificates.c.serial == serial), CertificateRecord)
 
     def count_certificates(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(certificates)).scalar_one()
+
+    def get_device(self, device_id: int) -> Optional[Device]:
+        return self._one(devices.select().where(devices.c.id == device_id), Device)
+
+    def find_devices(self, label: Optional[str] = None, search: Optional[str] = None, limit: int = 1000) -> list[Device]:
+        query = devices.select().order_by(devices.c.id).limit(limit)
+        if label is not None:
+            query = query.where(devices.c.label == label)
+        if search:
+            query = query.where(devices.c.device_key.contains(search, autoescape=True))
+        with self.engine.connect() as conn:
+            return [Device(**row._mapping) for row in conn.execute(query)]
+
+    def device_certificates(self, device_id: int) -> list[CertificateRecord]:
+        query = certificates.select().where(certificates.c.device_id == device_id).order_by(certificates.c.issued_at)
+        with self.engine.connect() as conn:
+            return [CertificateRecord(**row._mapping) for row in conn.execute(query)]
+
+    def delete_device(self, device_id: int) -> bool:
+        """Forget a device so its id can enroll again; its certificates stay on record."""
+        with self._writer.begin() as conn:
+            conn.execute(certificates.update().where(certificates.c.device_id == device_id).values(device_id=None))
+            return conn.execute(devices.delete().where(devices.c.id == device_id)).rowcount > 0
+
+
+def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: Optional[int] = None) -> None:
+    values = asdict(record)
+    values.update(
+        device_id=device_id if device_id is not None else record.device_id,
+        not_before=_naive_utc(record.not_before),
+        not_after=_naive_utc(record.not_after),
+        issued_at=_naive_utc(record.issued_at) or utcnow(),
+    )
+    conn.execute(certificates.insert().values(**values))
+
+
+def _supersede(conn: Connection, serial: str) -> None:
+    conn.execute(
+        certificates.update().where(certificates.c.serial == serial, certificates.c.status == "valid").values(status="superseded")
+    )
 
 
 def create_engine(url: str) -> Engine:

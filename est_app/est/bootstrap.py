@@ -1,0 +1,38 @@
+"""``POST bootstrap`` (non-standard, kept for existing gateways): HTTP Basic only.
+
+Issues a short-lived clientAuth certificate (``bootstrap_validity_days``)
+and, unless the label says otherwise, refuses a device enrolled already.
+404 unless ``bootstrap_enabled``.
+"""
+
+from dataclasses import replace
+
+from flask import Blueprint, g
+
+from ..auth import basic, enrolling_identity
+from ..encoding import ESTResponse
+from ..errors import NotFound
+from ..state import state
+from .issuance import bootstrap_profile, certs_only_response, issue_for_device, read_csr
+
+bp = Blueprint("bootstrap", __name__)
+
+
+@bp.post("/bootstrap")
+@bp.post("/<label>/bootstrap")
+@basic.login_required(optional=True)
+def bootstrap() -> ESTResponse:
+    settings = state().settings
+    if not settings.bootstrap_enabled:
+        raise NotFound("bootstrap is not enabled on this server (bootstrap_enabled: false)")
+    identity = enrolling_identity(replace(g.profile, auth=frozenset({"basic"})))
+    csr = read_csr(g.profile)
+    certificate = issue_for_device(
+        csr,
+        g.profile,
+        identity,
+        "bootstrap",
+        certificate_profile=bootstrap_profile(g.profile, settings.bootstrap_validity_days),
+        default_policy="reject",
+    )
+    return certs_only_response(certificate, g.profile)

@@ -1,0 +1,69 @@
+"""The real clients the end-to-end tests drive: curl, openssl and strongSwan pki, as subprocesses."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from .pki import pem
+
+
+def run(*cmd: str | Path, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command; with ``check``, a failure is an assertion naming the command and its stderr."""
+    result = subprocess.run([str(c) for c in cmd], input=input, capture_output=True, timeout=60)
+    if check:
+        command = " ".join(map(str, cmd))
+        assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stderr.decode(errors='replace')}"
+    return result
+
+
+def openssl(*args: str | Path, input: bytes | None = None) -> bytes:
+    return run("openssl", *args, input=input).stdout
+
+
+def pki(*args: str | Path, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """strongSwan's `pki`; its log lines go to stderr, its output to stdout."""
+    return run("pki", *args, input=input, check=check)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]  # names exactly as sent: libest matches them case-sensitively
+    body: bytes
+
+    def has(self, name: str) -> bool:
+        """Whether a header is present, in any letter case."""
+        return name.lower() in {k.lower() for k in self.headers}
+
+
+def curl(url: str, ca_file: Path, *args: str, data: bytes | None = None) -> Reply:
+    """One curl request (a POST of ``data`` from stdin when given); status, headers and body of the answer."""
+    cmd = ["curl", "--silent", "--show-error", "--include", "--cacert", str(ca_file), *args]
+    if data is not None:
+        cmd += ["--data-binary", "@-"]
+    out = run(*cmd, url, input=data).stdout
+    while True:  # with --include every response, an interim "100 Continue" too, starts with its header block
+        head, _, out = out.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split()[1])
+        if status >= 200:
+            return Reply(status, dict(line.split(": ", 1) for line in lines), out)
+
+
+def openssl_csr(key: str, cn: str) -> bytes:
+    """A DER CSR from `openssl req -new -newkey KEY`; ``key`` is ``ec`` (P-256) or ``rsa:BITS``."""
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"] if key == "ec" else ["-newkey", key]
+    return openssl("req", "-new", *newkey, "-nodes", "-keyout", "/dev/null", "-subj", f"/CN={cn}", "-outform", "DER")
+
+
+def pkcs7_certs(der: bytes) -> list[x509.Certificate]:
+    """The certificates `openssl pkcs7 -inform DER -print_certs` finds in a certs-only PKCS#7."""
+    return x509.load_pem_x509_certificates(openssl("pkcs7", "-inform", "DER", "-print_certs", input=der))
+
+
+def openssl_verify(cert: x509.Certificate, ca_file: Path) -> bytes:
+    return openssl("verify", "-CAfile", ca_file, input=pem(cert))
