@@ -17,7 +17,8 @@ from flask.cli import AppGroup, ScriptInfo
 from werkzeug.security import generate_password_hash
 
 from .ca.development import create_root_ca, create_tls_certificate, write_certificate, write_private_key
-from .config import load_config
+from .auth import fingerprint
+from .config import DEFAULT_LABEL, load_config
 from .state import state
 from .store import Store, UserExists
 
@@ -176,3 +177,85 @@ def user_remove(name: str) -> None:
     if not state().store.remove_user(name):
         raise click.ClickException(f"no user {name!r}")
     click.echo(f"removed user {name}")
+
+
+@est.group("ra")
+def ra() -> None:
+    """Manage registration authorities (gateways) by their client certificate."""
+
+
+@ra.command("add")
+@click.argument("certificate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--label", "labels", multiple=True, required=True, help=f"A label the RA may enroll on ('{DEFAULT_LABEL}' is the unlabelled path); repeat for several.")
+def ra_add(certificate: Path, labels: tuple[str, ...]) -> None:
+    """Register (or re-register) the RA whose certificate is in CERTIFICATE (PEM or DER)."""
+    data = certificate.read_bytes()
+    try:
+        cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise click.ClickException(f"{certificate} is not a PEM or DER certificate") from None
+    app_state = state()
+    unknown = sorted(set(labels) - {p.name for p in app_state.profiles.values()})
+    if unknown:
+        raise click.ClickException(f"unknown label(s) {', '.join(unknown)}; configured: {', '.join(sorted(p.name for p in app_state.profiles.values()))}")
+    if app_state.verifier.issuer_of(cert) is None:
+        click.echo("warning: no configured trust anchor (CA chain or tls.client_ca_file) issued this certificate; it will be refused until one does", err=True)
+    entry = app_state.store.add_ra(fingerprint(cert), cert.subject.rfc4514_string(), list(labels))
+    click.echo(f"RA {entry.id}: {entry.subject} (SHA-256 {entry.fingerprint}) on labels: {entry.labels}")
+
+
+@ra.command("list")
+def ra_list() -> None:
+    """List registered RAs."""
+    for entry in state().store.list_ras():
+        click.echo(f"{entry.id}\t{entry.fingerprint}\t{entry.labels}\t{entry.subject}")
+
+
+@ra.command("remove")
+@click.argument("ident")
+def ra_remove(ident: str) -> None:
+    """Remove an RA by id or SHA-256 fingerprint; its next request is refused."""
+    if not state().store.remove_ra(ident):
+        raise click.ClickException(f"no RA {ident!r}")
+    click.echo(f"removed RA {ident}")
+
+
+@est.group("device")
+def device() -> None:
+    """The device registry."""
+
+
+@device.command("list")
+@click.option("--label", help="Only this label.")
+@click.option("--search", help="Device ids containing this text.")
+def device_list(label: str | None, search: str | None) -> None:
+    """List devices: id, label, device id, current serial, last enrollment."""
+    for d in state().store.find_devices(label=label, search=search):
+        click.echo(f"{d.id}\t{d.label}\t{d.device_key}\t{d.current_serial}\t{d.last_enrolled:%Y-%m-%d %H:%M}")
+
+
+@device.command("show")
+@click.argument("device_id", type=int)
+def device_show(device_id: int) -> None:
+    """One device and its certificate history."""
+    store = state().store
+    d = store.get_device(device_id)
+    if d is None:
+        raise click.ClickException(f"no device {device_id}")
+    click.echo(
+        f"device {d.id}: {d.device_key} on label {d.label}\n"
+        f"first enrolled {d.first_enrolled:%Y-%m-%d %H:%M:%S} UTC, last {d.last_enrolled:%Y-%m-%d %H:%M:%S} UTC\n"
+        f"requester {d.requester} from {d.client_address}\ncertificates:"
+    )
+    for c in store.device_certificates(d.id):
+        current = " (current)" if c.serial == d.current_serial else ""
+        click.echo(f"  {c.serial}\t{c.status}{current}\t{c.operation}\tvalid until {c.not_after:%Y-%m-%d}\t{c.subject}")
+
+
+@device.command("delete")
+@click.argument("device_id", type=int)
+def device_delete(device_id: int) -> None:
+    """Forget a device so its id can enroll again (its certificates stay on record and valid)."""
+    if not state().store.delete_device(device_id):
+        raise click.ClickException(f"no device {device_id}")
+    click.echo(f"deleted device {device_id}; it may enroll again")
