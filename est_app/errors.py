@@ -65,13 +65,15 @@ def text_response(status: int, message: str, headers: dict[str, str] | None = No
     return resp
 
 
+def error_response(exc: ESTError) -> Response:
+    log.info("refused %s %s: %s", g.get("request_id", "-"), exc.status, exc.message)
+    return text_response(exc.status, exc.message, exc.headers)
+
+
 def register(app: Flask) -> None:
     """Install the handlers that render the catalogue and every other failure."""
 
-    @app.errorhandler(ESTError)
-    def _est_error(exc: ESTError) -> Response:
-        log.info("refused %s %s: %s", g.get("request_id", "-"), exc.status, exc.message)
-        return text_response(exc.status, exc.message, exc.headers)
+    app.register_error_handler(ESTError, error_response)
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> Response:

@@ -7,9 +7,10 @@ encoding renders the body.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g
+from flask import Blueprint, Response, g, request
 
-from ..errors import NotFound
+from ..audit import EVENTS, record_refusal
+from ..errors import ESTError, NotFound, error_response
 from ..state import state
 from . import bootstrap, cacerts, csrattrs, fullcmc, serverkeygen, simpleenroll, simplereenroll
 
@@ -25,6 +26,14 @@ def _resolve_label(endpoint, values) -> None:
     if profile is None:
         raise NotFound(f"unknown EST label {label!r}; this server knows: {', '.join(sorted(filter(None, state().profiles))) or 'none'}")
     g.profile = profile
+
+
+@bp.errorhandler(ESTError)
+def _refused(exc: ESTError) -> Response:
+    operation = (request.endpoint or "").split(".")[1] if request.endpoint else ""
+    if operation in EVENTS:
+        record_refusal(operation, exc.status, exc.message)
+    return error_response(exc)
 
 
 @bp.after_request

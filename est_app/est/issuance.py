@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from flask import request
 
+from ..audit import EVENTS, request_event
 from ..auth import Identity
 from ..ca import CertificateProfile, check_policy, load_csr
 from ..encoding import CERTS_ONLY, PKCS10, ESTResponse, decode_body, read_body
@@ -70,8 +71,10 @@ def issue_for_device(
     app_state = state()
     while True:
         certificate = app_state.authority.issue(csr, certificate_profile or profile.certificate, public_key)
+        record = _record(certificate, profile, identity, operation)
+        audit = request_event(EVENTS[operation], device=key, serial=record.serial)
         try:
-            app_state.store.enroll_device(_record(certificate, profile, identity, operation), key, policy, request.remote_addr or "")
+            app_state.store.enroll_device(record, key, policy, request.remote_addr or "", audit)
             return certificate
         except SerialTaken:
             continue  # a random 159-bit serial collided: draw another
@@ -89,10 +92,10 @@ def issue_replacement(csr: x509.CertificateSigningRequest, profile: EnrollmentPr
     app_state = state()
     while True:
         certificate = app_state.authority.issue(csr, profile.certificate)
+        record = _record(certificate, profile, identity, "simplereenroll")
+        audit = request_event("reenroll", device=record.common_name, serial=record.serial, detail=f"supersedes {old_serial}")
         try:
-            app_state.store.replace_certificate(
-                old_serial, _record(certificate, profile, identity, "simplereenroll"), request.remote_addr or ""
-            )
+            app_state.store.replace_certificate(old_serial, record, request.remote_addr or "", audit)
             return certificate
         except SerialTaken:
             continue

@@ -14,9 +14,11 @@ from datetime import datetime, timezone
 from typing import Literal, Optional
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
-from .schema import certificates, devices, metadata, ra_clients, users
+from .engine import create_engine
+
+from .schema import app_secrets, audit_events, certificates, crls, devices, metadata, ra_clients, users
 
 
 class UserExists(Exception):
@@ -43,12 +45,49 @@ class NotCurrent(Exception):
         self.status = status
 
 
+class NotFound(Exception):
+    pass
+
+
+class AlreadyRevoked(Exception):
+    pass
+
+
 @dataclass(frozen=True)
 class User:
     id: int
     name: str
     password_hash: str
+    role: str
     created_at: datetime
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One security-relevant event. Never holds a private key or a password."""
+
+    event: str
+    outcome: str = "ok"
+    actor: str = ""
+    client_address: str = ""
+    label: str = ""
+    device: str = ""
+    serial: str = ""
+    detail: str = ""
+    at: Optional[datetime] = None
+    id: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class CRLRecord:
+    number: int
+    this_update: datetime
+    next_update: datetime
+    der: bytes
 
 
 @dataclass(frozen=True)
@@ -118,10 +157,11 @@ class Store:
 
     # users
 
-    def add_user(self, name: str, password_hash: str) -> None:
+    def add_user(self, name: str, password_hash: str, role: str = "est", audit: Optional[AuditEvent] = None) -> None:
         try:
             with self._writer.begin() as conn:
-                conn.execute(users.insert().values(name=name, password_hash=password_hash, created_at=utcnow()))
+                conn.execute(users.insert().values(name=name, password_hash=password_hash, role=role, created_at=utcnow()))
+                _insert_audit(conn, audit)
         except sa.exc.IntegrityError:
             raise UserExists(name) from None
 
@@ -132,14 +172,17 @@ class Store:
         with self.engine.connect() as conn:
             return [User(**row._mapping) for row in conn.execute(users.select().order_by(users.c.name))]
 
-    def remove_user(self, name: str) -> bool:
+    def remove_user(self, name: str, audit: Optional[AuditEvent] = None) -> bool:
         with self._writer.begin() as conn:
-            return conn.execute(users.delete().where(users.c.name == name)).rowcount > 0
+            removed = conn.execute(users.delete().where(users.c.name == name)).rowcount > 0
+            _insert_audit(conn, audit if removed else None)
+            return removed
 
     # RA clients
 
-    def add_ra(self, fingerprint: str, subject: str, labels: list[str]) -> RAClient:
+    def add_ra(self, fingerprint: str, subject: str, labels: list[str], audit: Optional[AuditEvent] = None) -> RAClient:
         with self._writer.begin() as conn:
+            _insert_audit(conn, audit)
             row = conn.execute(ra_clients.select().where(ra_clients.c.fingerprint == fingerprint)).first()
             values = {"subject": subject, "labels": " ".join(sorted(set(labels)))}
             if row:
@@ -155,20 +198,23 @@ class Store:
         with self.engine.connect() as conn:
             return [RAClient(**row._mapping) for row in conn.execute(ra_clients.select().order_by(ra_clients.c.id))]
 
-    def remove_ra(self, ident: str) -> bool:
+    def remove_ra(self, ident: str, audit: Optional[AuditEvent] = None) -> bool:
         """Remove by numeric id or by fingerprint."""
         where = ra_clients.c.id == int(ident) if ident.isdigit() else ra_clients.c.fingerprint == ident.lower()
         with self._writer.begin() as conn:
-            return conn.execute(ra_clients.delete().where(where)).rowcount > 0
+            removed = conn.execute(ra_clients.delete().where(where)).rowcount > 0
+            _insert_audit(conn, audit if removed else None)
+            return removed
 
     # certificates and devices
 
-    def record_certificate(self, record: CertificateRecord) -> None:
-        """Commit a certificate that belongs to no device; when this returns, it is stored."""
-        self._write_certificate(lambda conn: _insert_certificate(conn, record), record.serial)
-
     def enroll_device(
-        self, record: CertificateRecord, device_key: str, policy: Literal["reject", "renew"], client_address: str
+        self,
+        record: CertificateRecord,
+        device_key: str,
+        policy: Literal["reject", "renew"],
+        client_address: str,
+        audit: Optional[AuditEvent] = None,
     ) -> Device:
         """Commit ``record`` as the device's current certificate, superseding the previous one.
 
@@ -191,11 +237,14 @@ class Store:
                 _supersede(conn, row.current_serial)
                 conn.execute(devices.update().where(devices.c.id == device_id).values(**values))
             _insert_certificate(conn, record, device_id)
+            _insert_audit(conn, audit)
             return device_id
 
         return self.get_device(self._write_certificate(write, record.serial))
 
-    def replace_certificate(self, old_serial: str, record: CertificateRecord, client_address: str) -> None:
+    def replace_certificate(
+        self, old_serial: str, record: CertificateRecord, client_address: str, audit: Optional[AuditEvent] = None
+    ) -> None:
         """Re-enrollment: ``record`` supersedes the valid certificate ``old_serial`` (and its device's pointer)."""
 
         def write(conn: Connection) -> None:
@@ -210,6 +259,7 @@ class Store:
                     .where(devices.c.id == old.device_id)
                     .values(last_enrolled=utcnow(), current_serial=record.serial, requester=record.requester, client_address=client_address)
                 )
+            _insert_audit(conn, audit)
 
         self._write_certificate(write, record.serial)
 
@@ -248,11 +298,83 @@ class Store:
         with self.engine.connect() as conn:
             return [CertificateRecord(**row._mapping) for row in conn.execute(query)]
 
-    def delete_device(self, device_id: int) -> bool:
+    def delete_device(self, device_id: int, audit: Optional[AuditEvent] = None) -> bool:
         """Forget a device so its id can enroll again; its certificates stay on record."""
         with self._writer.begin() as conn:
             conn.execute(certificates.update().where(certificates.c.device_id == device_id).values(device_id=None))
-            return conn.execute(devices.delete().where(devices.c.id == device_id)).rowcount > 0
+            deleted = conn.execute(devices.delete().where(devices.c.id == device_id)).rowcount > 0
+            _insert_audit(conn, audit if deleted else None)
+            return deleted
+
+    # revocation and CRLs
+
+    def revoke(self, serial: str, reason: str, audit: Optional[AuditEvent] = None) -> CertificateRecord:
+        """Mark a certificate revoked now; raises NotFound or AlreadyRevoked."""
+        with self._writer.begin() as conn:
+            row = conn.execute(certificates.select().where(certificates.c.serial == serial)).first()
+            if row is None:
+                raise NotFound(serial)
+            if row.status == "revoked":
+                raise AlreadyRevoked(serial)
+            conn.execute(
+                certificates.update()
+                .where(certificates.c.serial == serial)
+                .values(status="revoked", revoked_at=utcnow(), revocation_reason=reason)
+            )
+            _insert_audit(conn, audit)
+        return self.get_certificate(serial)
+
+    def revoked_certificates(self) -> list[tuple[str, datetime, str]]:
+        """(serial, revoked_at, reason) of every revoked certificate still within its validity."""
+        query = sa.select(certificates.c.serial, certificates.c.revoked_at, certificates.c.revocation_reason).where(
+            certificates.c.status == "revoked", certificates.c.not_after > utcnow()
+        )
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(query)]
+
+    def current_crl(self) -> Optional[CRLRecord]:
+        return self._one(crls.select().order_by(crls.c.number.desc()).limit(1), CRLRecord)
+
+    def current_crl_number(self) -> Optional[int]:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(crls.c.number))).scalar()
+
+    def save_crl(self, build) -> CRLRecord:
+        """Store the CRL ``build(number)`` makes, numbered one past the current, in one write transaction."""
+        with self._writer.begin() as conn:
+            number = (conn.execute(sa.select(sa.func.max(crls.c.number))).scalar() or 0) + 1
+            this_update, next_update, der = build(number)
+            conn.execute(crls.insert().values(number=number, this_update=_naive_utc(this_update), next_update=_naive_utc(next_update), der=der))
+        return CRLRecord(number, _naive_utc(this_update), _naive_utc(next_update), der)
+
+    # audit trail
+
+    def add_audit(self, event: AuditEvent) -> None:
+        with self._writer.begin() as conn:
+            _insert_audit(conn, event)
+
+    def audit_events(self, since: Optional[datetime] = None, device: Optional[str] = None, limit: Optional[int] = None) -> list[AuditEvent]:
+        query = audit_events.select().order_by(audit_events.c.id)
+        if since is not None:
+            query = query.where(audit_events.c.at >= _naive_utc(since))
+        if device is not None:
+            query = query.where(audit_events.c.device == device)
+        if limit is not None:
+            query = query.order_by(None).order_by(audit_events.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            rows = [AuditEvent(**row._mapping) for row in conn.execute(query)]
+        return rows if limit is None else rows[::-1]
+
+    # shared secrets
+
+    def secret(self, name: str, make) -> bytes:
+        """The secret called ``name``, created with ``make()`` by whichever worker asks first."""
+        with self._writer.begin() as conn:
+            value = conn.execute(sa.select(app_secrets.c.value).where(app_secrets.c.name == name)).scalar()
+            if value is None:
+                value = make()
+                conn.execute(app_secrets.insert().values(name=name, value=value))
+            return value
 
 
 def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: Optional[int] = None) -> None:
@@ -266,30 +388,15 @@ def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: 
     conn.execute(certificates.insert().values(**values))
 
 
+def _insert_audit(conn: Connection, event: Optional[AuditEvent]) -> None:
+    if event is not None:
+        values = asdict(event)
+        values.pop("id")
+        values["at"] = _naive_utc(event.at) or utcnow()
+        conn.execute(audit_events.insert().values(**values))
+
+
 def _supersede(conn: Connection, serial: str) -> None:
     conn.execute(
         certificates.update().where(certificates.c.serial == serial, certificates.c.status == "valid").values(status="superseded")
     )
-
-
-def create_engine(url: str) -> Engine:
-    engine = sa.create_engine(url)
-    if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine)
-    return engine
-
-
-def _configure_sqlite(engine: Engine) -> None:
-    @sa.event.listens_for(engine, "connect")
-    def _connect(dbapi_connection, _record) -> None:
-        # Hand transaction control to the "begin" hook below (pysqlite's own is unreliable).
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=10000", "foreign_keys=ON"):
-            cursor.execute(f"PRAGMA {pragma}")
-        cursor.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin(conn) -> None:
-        # Writers take the lock up front, so a read-then-write never deadlocks on upgrade.
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("est_write") else "BEGIN")

@@ -10,6 +10,7 @@ users = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("name", sa.String(128), nullable=False, unique=True),
     sa.Column("password_hash", sa.String(256), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False, server_default="est"),  # est | admin
     sa.Column("created_at", sa.DateTime, nullable=False),
 )
 
@@ -31,7 +32,7 @@ devices = sa.Table(
     sa.Column("label", sa.String(64), nullable=False),
     sa.Column("device_key", sa.String(256), nullable=False),  # CN, serialNumber or SAN, per label
     sa.Column("first_enrolled", sa.DateTime, nullable=False),
-    sa.Column("last_enrolled", sa.DateTime, nullable=False),
+    sa.Column("last_enrolled", sa.DateTime, nullable=False, index=True),
     sa.Column("current_serial", sa.String(64), nullable=False),
     sa.Column("requester", sa.String(256), nullable=False),
     sa.Column("client_address", sa.String(64), nullable=False),
@@ -53,6 +54,40 @@ certificates = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),  # valid | superseded | revoked
     sa.Column("revoked_at", sa.DateTime),
     sa.Column("revocation_reason", sa.String(32)),
-    sa.Column("issued_at", sa.DateTime, nullable=False),
+    sa.Column("issued_at", sa.DateTime, nullable=False, index=True),
     sa.Column("der", sa.LargeBinary, nullable=False),
+)
+
+# Append-only: rows are inserted, never updated or deleted.
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.DateTime, nullable=False, index=True),
+    sa.Column("event", sa.String(32), nullable=False),  # enroll, reenroll, serverkeygen, bootstrap, revoke, ...
+    sa.Column("outcome", sa.String(16), nullable=False),  # ok | refused
+    sa.Column("actor", sa.String(256), nullable=False),  # user:NAME, ra:FINGERPRINT, device:SERIAL, admin:NAME, cli:LOGIN
+    sa.Column("client_address", sa.String(64), nullable=False),
+    sa.Column("label", sa.String(64), nullable=False),
+    sa.Column("device", sa.String(256), nullable=False, index=True),
+    sa.Column("serial", sa.String(64), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+)
+
+# Every CRL issued; the highest number is the current one.
+crls = sa.Table(
+    "crls",
+    metadata,
+    sa.Column("number", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("this_update", sa.DateTime, nullable=False),
+    sa.Column("next_update", sa.DateTime, nullable=False),
+    sa.Column("der", sa.LargeBinary, nullable=False),
+)
+
+# Secrets the workers must share (the dashboard's session key), generated on first start.
+app_secrets = sa.Table(
+    "app_secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
 )
