@@ -11,14 +11,18 @@ import logging
 import os
 import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
 from flask import Flask, g
 
 from . import cli, errors, est
+from .revocation import CRLCache
+from .revocation import views as revocation_views
 from .auth import ClientCertificateVerifier, VerifiedCredentials
 from .ca import load_authority
+from .ca.ocsp import OCSPResponder, load_signer
 from .config import ConfigError, Settings, load_config
 from .profiles import build_profiles
 from .ratelimit import init_rate_limit
@@ -50,6 +54,8 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
     anchors = list(authority.chain)
     if settings.tls.client_ca_file:
         anchors += x509.load_pem_x509_certificates(settings.tls.client_ca_file.read_bytes())
+    ca = settings.ca
+    signer = load_signer(ca.ocsp_responder_cert_file, ca.ocsp_responder_key_file, authority) if ca.ocsp_responder_cert_file else None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["est_app"] = AppState(
         settings=settings,
@@ -58,6 +64,8 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
         profiles=build_profiles(settings),
         credentials=VerifiedCredentials(ttl_seconds=settings.auth_cache_seconds),
         verifier=ClientCertificateVerifier(anchors, store),
+        crl=CRLCache(authority, store, timedelta(hours=ca.crl_lifetime_hours)),
+        ocsp=OCSPResponder(authority, store.certificate_status, signer),
     )
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)
@@ -67,6 +75,7 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
         g.request_id = uuid.uuid4().hex[:16]
 
     app.register_blueprint(est.bp)
+    app.register_blueprint(revocation_views.bp)
     app.cli.add_command(cli.est)
     return app
 

@@ -82,9 +82,22 @@ class CASettings:
     cert_validity_days: int = 365
     digest: Literal["sha256", "sha384", "sha512"] = "sha256"
     extended_key_usage: tuple[str, ...] = ("clientAuth",)
+    # Put into issued certificates: CRL distribution point and OCSP (AIA) addresses.
+    crl_url: Optional[str] = None
+    ocsp_url: Optional[str] = None
+    crl_lifetime_hours: int = 24
+    # A delegated OCSP signer (EKU OCSPSigning, issued by this CA); by default the CA signs.
+    ocsp_responder_cert_file: Optional[Path] = None
+    ocsp_responder_key_file: Optional[Path] = None
 
     def __post_init__(self) -> None:
-        _positive(self, "cert_validity_days")
+        _positive(self, "cert_validity_days", "crl_lifetime_hours")
+        if (self.ocsp_responder_cert_file is None) != (self.ocsp_responder_key_file is None):
+            raise ValueError("ocsp_responder_cert_file and ocsp_responder_key_file go together")
+        for name in ("crl_url", "ocsp_url"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{name} must be an http:// or https:// URL")
         _check_eku(self.extended_key_usage)
         if self.key_passphrase_env and self.key_passphrase_file:
             raise ValueError("key_passphrase_env and key_passphrase_file: set one, not both")

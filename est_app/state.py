@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Optional
 from flask import current_app
 
 from .ca import CertificateAuthority
+from .ca.ocsp import OCSPResponder
 from .config import Settings
 from .profiles import EnrollmentProfile
 from .store import Store
 
 if TYPE_CHECKING:
     from .auth import ClientCertificateVerifier, VerifiedCredentials
+    from .revocation import CRLCache
 
 
 @dataclass
@@ -24,6 +26,8 @@ class AppState:
     profiles: dict[Optional[str], EnrollmentProfile]
     credentials: "VerifiedCredentials"
     verifier: "ClientCertificateVerifier"
+    crl: "CRLCache"
+    ocsp: OCSPResponder
 
 
 def state() -> AppState:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from ..config import CASettings, ConfigError
 from .profile import CertificateProfile
@@ -41,7 +41,14 @@ DIGESTS = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SH
 class CertificateAuthority:
     """An issuing CA: ``chain`` runs from its own certificate to the self-signed root."""
 
-    def __init__(self, private_key, chain: tuple[x509.Certificate, ...], digest: str = "sha256") -> None:
+    def __init__(
+        self,
+        private_key,
+        chain: tuple[x509.Certificate, ...],
+        digest: str = "sha256",
+        crl_url: str | None = None,
+        ocsp_url: str | None = None,
+    ) -> None:
         self.private_key = private_key
         self.chain = chain
         self.certificate = chain[0]
@@ -49,10 +56,22 @@ class CertificateAuthority:
         self._digest = None if signs_without_digest else DIGESTS[digest]()
         try:
             ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-            self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+            self.authority_key_identifier = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         except x509.ExtensionNotFound:
-            self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.certificate.public_key())
+            self.authority_key_identifier = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.certificate.public_key())
         self.cacerts = pkcs7.serialize_certificates(list(chain), serialization.Encoding.DER)
+        self._pointers: list[tuple[x509.ExtensionType, bool]] = []
+        if crl_url:
+            point = x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)
+            self._pointers.append((x509.CRLDistributionPoints([point]), False))
+        if ocsp_url:
+            access = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))
+            self._pointers.append((x509.AuthorityInformationAccess([access]), False))
+
+    @property
+    def digest(self) -> hashes.HashAlgorithm | None:
+        """The hash the CA signs with (None for Ed25519/Ed448 keys)."""
+        return self._digest
 
     def issue(
         self,
@@ -83,8 +102,10 @@ class CertificateAuthority:
             .add_extension(profile.key_usage(public_key), critical=True)
             .add_extension(profile.extended_key_usage_extension(), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._aki, critical=False)
+            .add_extension(self.authority_key_identifier, critical=False)
         )
+        for extension, critical in self._pointers:
+            builder = builder.add_extension(extension, critical=critical)
         if profile.copy_subject_alt_name:
             try:
                 san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -124,7 +145,7 @@ def load_authority(settings: CASettings) -> CertificateAuthority:
     if constraints is None or not constraints.ca:
         raise ConfigError(f"ca.cert_file {settings.cert_file} is not a CA certificate (basicConstraints CA:TRUE missing)")
     pool = _load_certificates(settings.chain_file, "ca.chain_file") if settings.chain_file else []
-    return CertificateAuthority(key, _chain_to_root(certificate, pool), settings.digest)
+    return CertificateAuthority(key, _chain_to_root(certificate, pool), settings.digest, settings.crl_url, settings.ocsp_url)
 
 
 def _chain_to_root(certificate: x509.Certificate, pool: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:

@@ -277,6 +277,24 @@ class Store:
     def get_certificate(self, serial: str) -> Optional[CertificateRecord]:
         return self._one(certificates.select().where(certificates.c.serial == serial), CertificateRecord)
 
+    def certificate_status(self, serial: str) -> Optional[tuple[str, Optional[datetime], Optional[str]]]:
+        """(status, revoked_at, reason) of a certificate, or None when unknown."""
+        query = sa.select(certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason).where(
+            certificates.c.serial == serial
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return tuple(row) if row else None
+
+    def expiring_certificates(self, before: datetime) -> list[CertificateRecord]:
+        query = (
+            certificates.select()
+            .where(certificates.c.status == "valid", certificates.c.not_after <= _naive_utc(before), certificates.c.not_after > utcnow())
+            .order_by(certificates.c.not_after)
+        )
+        with self.engine.connect() as conn:
+            return [CertificateRecord(**row._mapping) for row in conn.execute(query)]
+
     def count_certificates(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(certificates)).scalar_one()

@@ -1,0 +1,94 @@
+"""An RFC 6960 OCSP responder over the store's view of certificate status.
+
+Signed by the CA itself or by a delegated responder certificate (issued by
+the CA, EKU OCSPSigning). Anything unparsable gets a ``malformedRequest``
+response, never an exception.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Callable, Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from ..config import ConfigError
+from .authority import CertificateAuthority
+from .crl import REASONS
+
+# status lookup: serial (hex) -> (status, revoked_at, reason) or None when unknown
+Lookup = Callable[[str], Optional[tuple[str, Optional[datetime], Optional[str]]]]
+HASHES = (hashes.SHA1, hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
+class OCSPResponder:
+    def __init__(
+        self,
+        authority: CertificateAuthority,
+        lookup: Lookup,
+        signer: Optional[tuple[x509.Certificate, object]] = None,
+        validity: timedelta = timedelta(hours=1),
+    ) -> None:
+        self.authority = authority
+        self.lookup = lookup
+        self.signer_certificate, self.signer_key = signer or (authority.certificate, authority.private_key)
+        self.delegated = signer is not None
+        self.validity = validity
+        # (hash name, issuer name hash, issuer key hash) that identify this CA in a request
+        self._ours = set()
+        for algorithm in HASHES:
+            probe = ocsp.OCSPRequestBuilder().add_certificate(authority.certificate, authority.certificate, algorithm()).build()
+            self._ours.add((algorithm.name, probe.issuer_name_hash, probe.issuer_key_hash))
+
+    def respond(self, request_der: bytes, now: datetime) -> bytes:
+        try:
+            request = ocsp.load_der_ocsp_request(request_der)
+            algorithm = request.hash_algorithm
+            key = (algorithm.name, request.issuer_name_hash, request.issuer_key_hash)
+            serial = request.serial_number
+            extensions = list(request.extensions)
+        except Exception:  # unparsable, several requests, unsupported hash: all malformed to the client
+            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        found = self.lookup(format(serial, "x")) if key in self._ours else None
+        revoked_at = reason = None
+        if found is None:
+            status = ocsp.OCSPCertStatus.UNKNOWN
+        elif found[0] == "revoked":
+            status, revoked_at = ocsp.OCSPCertStatus.REVOKED, found[1]
+            reason = REASONS[found[2]] if found[2] and found[2] != "unspecified" else None
+        else:
+            status = ocsp.OCSPCertStatus.GOOD
+        builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+            request.issuer_name_hash, request.issuer_key_hash, serial, algorithm, status, now, now + self.validity, revoked_at, reason
+        )
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self.signer_certificate)
+        if self.delegated:
+            builder = builder.certificates([self.signer_certificate])
+        for extension in extensions:
+            if isinstance(extension.value, x509.OCSPNonce):
+                builder = builder.add_extension(extension.value, critical=False)
+        digest = None if isinstance(self.signer_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else hashes.SHA256()
+        return builder.sign(self.signer_key, digest).public_bytes(serialization.Encoding.DER)
+
+
+def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
+    return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER)
+
+
+def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority) -> tuple[x509.Certificate, object]:
+    """A delegated responder: issued by the CA, with EKU OCSPSigning; its key unencrypted PEM."""
+    certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    try:
+        certificate.verify_directly_issued_by(authority.certificate)
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, TypeError, x509.InvalidSignature, x509.ExtensionNotFound):
+        usages = []
+    if ExtendedKeyUsageOID.OCSP_SIGNING not in usages:
+        raise ConfigError(f"ca.ocsp_responder_cert_file {cert_path}: must be issued by the CA with EKU OCSPSigning")
+    return certificate, key

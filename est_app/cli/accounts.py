@@ -1,0 +1,112 @@
+"""``est user`` (HTTP Basic users, EST or admin) and ``est ra`` (registration authorities)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from cryptography import x509
+from werkzeug.security import generate_password_hash
+
+from ..audit import cli_actor
+from ..auth import fingerprint
+from ..config import DEFAULT_LABEL
+from ..state import state
+from ..store import AuditEvent, UserExists
+from . import est
+
+MIN_PASSWORD_LENGTH = 12
+
+
+def _audit(event: str, detail: str) -> AuditEvent:
+    return AuditEvent(event=event, actor=cli_actor(), detail=detail)
+
+
+@est.group("user")
+def user() -> None:
+    """Manage HTTP Basic users: EST users enroll, admins use /api/v1 and /admin."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="An administrator (admin API and dashboard), not an EST user.")
+def user_add(name: str, admin: bool) -> None:
+    """Add a user; the password comes from stdin when piped, else a prompt."""
+    if ":" in name or not name.strip():
+        raise click.ClickException("user name may not be empty or contain ':'")
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise click.ClickException(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    role = "admin" if admin else "est"
+    try:
+        state().store.add_user(name, generate_password_hash(password), role, _audit("user-add", f"{name} ({role})"))
+    except UserExists:
+        raise click.ClickException(f"user {name!r} exists already") from None
+    click.echo(f"added {'admin' if admin else 'user'} {name}")
+
+
+@user.command("list")
+def user_list() -> None:
+    """List users."""
+    for u in state().store.list_users():
+        click.echo(f"{u.name}\t{u.role}\tcreated {u.created_at:%Y-%m-%d %H:%M} UTC")
+
+
+@user.command("remove")
+@click.argument("name")
+def user_remove(name: str) -> None:
+    """Remove a user; their next request is refused in every worker."""
+    if not state().store.remove_user(name, _audit("user-remove", name)):
+        raise click.ClickException(f"no user {name!r}")
+    click.echo(f"removed user {name}")
+
+
+@est.group("ra")
+def ra() -> None:
+    """Manage registration authorities (gateways) by their client certificate."""
+
+
+@ra.command("add")
+@click.argument("certificate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--label", "labels", multiple=True, required=True,
+    help=f"A label the RA may enroll on ('{DEFAULT_LABEL}' is the unlabelled path); repeat for several.",
+)
+def ra_add(certificate: Path, labels: tuple[str, ...]) -> None:
+    """Register (or re-register) the RA whose certificate is in CERTIFICATE (PEM or DER)."""
+    data = certificate.read_bytes()
+    try:
+        cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise click.ClickException(f"{certificate} is not a PEM or DER certificate") from None
+    app_state = state()
+    configured = sorted(p.name for p in app_state.profiles.values())
+    unknown = sorted(set(labels) - set(configured))
+    if unknown:
+        raise click.ClickException(f"unknown label(s) {', '.join(unknown)}; configured: {', '.join(configured)}")
+    if app_state.verifier.issuer_of(cert) is None:
+        click.echo("warning: no configured trust anchor (CA chain or tls.client_ca_file) issued this certificate; it will be refused until one does", err=True)
+    subject = cert.subject.rfc4514_string()
+    audit = _audit("ra-add", f"{subject} {fingerprint(cert)} labels {' '.join(sorted(labels))}")
+    entry = app_state.store.add_ra(fingerprint(cert), subject, list(labels), audit)
+    click.echo(f"RA {entry.id}: {entry.subject} (SHA-256 {entry.fingerprint}) on labels: {entry.labels}")
+
+
+@ra.command("list")
+def ra_list() -> None:
+    """List registered RAs."""
+    for entry in state().store.list_ras():
+        click.echo(f"{entry.id}\t{entry.fingerprint}\t{entry.labels}\t{entry.subject}")
+
+
+@ra.command("remove")
+@click.argument("ident")
+def ra_remove(ident: str) -> None:
+    """Remove an RA by id or SHA-256 fingerprint; its next request is refused."""
+    if not state().store.remove_ra(ident, _audit("ra-remove", ident)):
+        raise click.ClickException(f"no RA {ident!r}")
+    click.echo(f"removed RA {ident}")

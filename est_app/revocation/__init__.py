@@ -1,0 +1,60 @@
+"""Revocation: revoking certificates, and the CRL every worker serves from its cache.
+
+The CRL lives in the store, numbered. It is re-signed on every revocation
+(by whichever process revoked) and when half its lifetime has passed; each
+worker keeps the DER of the newest number it has seen and only re-reads the
+store when that number moves. Nothing is rebuilt per request.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Optional
+
+from ..ca import CertificateAuthority
+from ..ca.crl import build_crl
+from ..store import AuditEvent, CertificateRecord, CRLRecord, Store
+
+
+class CRLCache:
+    def __init__(self, authority: CertificateAuthority, store: Store, lifetime: timedelta) -> None:
+        self.authority = authority
+        self.store = store
+        self.lifetime = lifetime
+        self._current: Optional[CRLRecord] = None
+        self._lock = threading.Lock()
+
+    def regenerate(self, now: Optional[datetime] = None) -> CRLRecord:
+        """Sign and store a new CRL of everything revoked now."""
+        now = now or datetime.now(timezone.utc)
+        revoked = self.store.revoked_certificates()
+        record = self.store.save_crl(lambda number: build_crl(self.authority, revoked, number, now, self.lifetime))
+        with self._lock:
+            self._current = record
+        return record
+
+    def current(self, now: Optional[datetime] = None) -> CRLRecord:
+        """The newest CRL, re-signed first when none exists or half its lifetime has gone."""
+        now = (now or datetime.now(timezone.utc)).replace(tzinfo=None)
+        number = self.store.current_crl_number()
+        cached = self._current
+        if cached is None or cached.number != number:
+            cached = self.store.current_crl() if number is not None else None
+        if cached is None or now >= cached.this_update + (cached.next_update - cached.this_update) / 2:
+            return self.regenerate()
+        with self._lock:
+            self._current = cached
+        return cached
+
+    def is_fresh(self, now: Optional[datetime] = None) -> bool:
+        now = (now or datetime.now(timezone.utc)).replace(tzinfo=None)
+        latest = self.store.current_crl()
+        return latest is not None and now < latest.next_update
+
+
+def revoke(store: Store, crl: CRLCache, serial: str, reason: str, audit: AuditEvent) -> CertificateRecord:
+    """Revoke ``serial`` and publish a new CRL; the store refuses the certificate from the next request on."""
+    record = store.revoke(serial, reason, audit)
+    crl.regenerate()
+    return record
