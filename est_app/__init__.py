@@ -25,6 +25,7 @@ from .ca import load_authority
 from .ca.ocsp import OCSPResponder, load_signer
 from .config import ConfigError, Settings, load_config
 from .profiles import build_profiles
+from .proxy import TrustedProxies
 from .ratelimit import init_rate_limit
 from .state import AppState
 from .store import Store
@@ -57,6 +58,8 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
     ca = settings.ca
     signer = load_signer(ca.ocsp_responder_cert_file, ca.ocsp_responder_key_file, authority) if ca.ocsp_responder_cert_file else None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    proxies = TrustedProxies(app.wsgi_app, settings.trusted_proxies)
+    app.wsgi_app = proxies
     app.extensions["est_app"] = AppState(
         settings=settings,
         authority=authority,
@@ -66,6 +69,7 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
         verifier=ClientCertificateVerifier(anchors, store),
         crl=CRLCache(authority, store, timedelta(hours=ca.crl_lifetime_hours)),
         ocsp=OCSPResponder(authority, store.certificate_status, signer),
+        proxies=proxies,
     )
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import ssl
 import threading
@@ -202,12 +201,8 @@ def _from_proxy_header() -> Optional[x509.Certificate]:
     value = request.headers.get(settings.client_cert_header)
     if not value:
         return None
-    peer = request.remote_addr or ""
-    try:
-        trusted = any(ipaddress.ip_address(peer) in ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies)
-    except ValueError:
-        trusted = False
-    if not trusted:
+    peer = request.environ.get("est.peer_addr", request.remote_addr)
+    if not state().proxies.is_trusted(peer):
         current_app.logger.warning("ignored %s header from untrusted address %s", settings.client_cert_header, peer)
         return None
     return _load(urllib.parse.unquote(value).encode(), f"the {settings.client_cert_header} header")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+import limits
 import yaml
 
 EST_OPERATIONS = frozenset(
@@ -54,10 +55,12 @@ class ServerSettings:
     workers: int = 2
     threads: int = 4
     keepalive: int = 30
+    timeout: int = 30
+    graceful_timeout: int = 30
     access_log: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, "workers", "threads")
+        _positive(self, "workers", "threads", "timeout", "graceful_timeout")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,13 @@ class RateLimitSettings:
     enabled: bool = False
     limit: str = "20 per second"
     storage_uri: str = "memory://"
+
+    def __post_init__(self) -> None:
+        try:
+            if not limits.parse_many(self.limit):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"limit {self.limit!r} is not a rate such as '20 per second' or '50/second; 1800/minute'") from None
 
 
 @dataclass(frozen=True)
@@ -245,6 +255,8 @@ def _build(tp: object, value: object, key: str, base_dir: Path) -> object:
         (inner,) = [a for a in args if a is not type(None)]
         return _build(inner, value, key, base_dir)
     if origin is Literal:
+        if value not in args and isinstance(value, (int, float)) and str(value) in args:
+            value = str(value)  # min_version: 1.2 written without quotes
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
         return value

@@ -29,6 +29,8 @@ def gunicorn_options(settings: Settings) -> dict:
         "worker_class": "gthread",
         "threads": server.threads,
         "keepalive": server.keepalive,
+        "timeout": server.timeout,
+        "graceful_timeout": server.graceful_timeout,
         "accesslog": "-" if server.access_log else None,
         "errorlog": "-",
         "loglevel": settings.log_level.lower(),
@@ -37,16 +39,19 @@ def gunicorn_options(settings: Settings) -> dict:
     }
     if tls.cert_file:
         minimum = TLS_VERSIONS[tls.min_version]
+        # Client certificates are requested, never required (Basic-auth clients have none), and
+        # must chain to this CA (device re-enrollment) or to tls.client_ca_file (RA certificates).
+        anchors = [p for p in (settings.ca.cert_file, settings.ca.chain_file, tls.client_ca_file) if p]
 
         def ssl_context(conf, default_ssl_context_factory):
             context = default_ssl_context_factory()
             context.minimum_version = minimum
+            for anchor in anchors:
+                context.load_verify_locations(cafile=str(anchor))
+            context.verify_mode = ssl.CERT_OPTIONAL
             return context
 
         options.update(certfile=str(tls.cert_file), keyfile=str(tls.key_file), ssl_context=ssl_context)
-        if tls.client_ca_file:
-            # Requested, not required: Basic-auth clients have no certificate.
-            options.update(ca_certs=str(tls.client_ca_file), cert_reqs=ssl.CERT_OPTIONAL)
     return options
 
 

@@ -11,6 +11,7 @@ from .ca import CertificateAuthority
 from .ca.ocsp import OCSPResponder
 from .config import Settings
 from .profiles import EnrollmentProfile
+from .proxy import TrustedProxies
 from .store import Store
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ class AppState:
     verifier: "ClientCertificateVerifier"
     crl: "CRLCache"
     ocsp: OCSPResponder
+    proxies: TrustedProxies
 
 
 def state() -> AppState:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from limits import parse_many
 
 from est_app.ca import load_authority
+from est_app.ca.development import create_root_ca
 from est_app.config import LabelSettings, Settings, parse_config
 from est_app.encoding import Base64Encoding, DerEncoding
 from est_app.profiles import build_profiles
@@ -208,13 +209,16 @@ def test_gunicorn_options_from_iqe_config(iqe_settings, pki_dir):
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
 
 
-def test_client_ca_is_requested_not_required(iqe_settings_data, pki_dir, tmp_path):
-    data = {**iqe_settings_data, "tls": {**iqe_settings_data["tls"], "client_ca_file": str(pki_dir / "ca.pem"), "min_version": "1.3"}}
+def test_client_certificates_are_requested_not_required_and_chain_to_the_ca_or_client_ca(iqe_settings_data, pki_dir, tmp_path):
+    _, gateway_root = create_root_ca("Gateway Issuing CA")
+    (tmp_path / "client-ca.pem").write_bytes(gateway_root.public_bytes(serialization.Encoding.PEM))
+    data = {**iqe_settings_data, "tls": {**iqe_settings_data["tls"], "client_ca_file": str(tmp_path / "client-ca.pem"), "min_version": "1.3"}}
     options = gunicorn_options(parse_config(data, base_dir=tmp_path))
-    assert options["ca_certs"] == str(pki_dir / "ca.pem")
-    assert options["cert_reqs"] == ssl.CERT_OPTIONAL
     context = options["ssl_context"](None, lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     assert context.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert context.verify_mode == ssl.CERT_OPTIONAL
+    anchors = {dict(entry[0] for entry in ca["subject"])["commonName"] for ca in context.get_ca_certs()}
+    assert anchors == {"est_app development CA", "Gateway Issuing CA"}
 
 
 # (c) deploy/est.service

@@ -19,16 +19,23 @@ from flask.cli import AppGroup, ScriptInfo
 def est(ctx: click.Context, config: Path | None) -> None:
     """Administer the EST server."""
     if config is not None:
-        from .. import create_app
-
-        ctx.ensure_object(ScriptInfo).create_app = lambda: create_app(config)
+        ctx.ensure_object(ScriptInfo).create_app = lambda: _create_app(config)
 
 
 def main() -> None:
     """Console entry point ``est-admin``."""
-    from .. import create_app
+    est.main(obj=ScriptInfo(create_app=_create_app))
 
-    est.main(obj=ScriptInfo(create_app=create_app))
+
+def _create_app(config: Path | None = None):
+    """The app for a command; a configuration problem is one line, not a traceback."""
+    from .. import create_app
+    from ..config import ConfigError
+
+    try:
+        return create_app(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 from . import accounts, initialise, registry  # noqa: E402  (they attach their commands to ``est``)
