@@ -18,6 +18,7 @@ from cryptography import x509
 from flask import Flask, g
 
 from . import cli, errors, est
+from .admin import init_admin
 from .revocation import CRLCache
 from .revocation import views as revocation_views
 from .auth import ClientCertificateVerifier, VerifiedCredentials
@@ -80,6 +81,7 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
 
     app.register_blueprint(est.bp)
     app.register_blueprint(revocation_views.bp)
+    init_admin(app, settings, store)
     app.cli.add_command(cli.est)
     return app
 

@@ -38,13 +38,11 @@ from flask import current_app, g, request
 from flask_httpauth import HTTPBasicAuth
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from .errors import BadRequest, Forbidden, Unauthorized
+from .errors import REALM, BadRequest, Forbidden, Unauthorized
 from .profiles import EnrollmentProfile
 from .state import state
 from .store import User
 
-REALM = "EST"
-BASIC_CHALLENGE = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
 basic = HTTPBasicAuth(realm=REALM)
 
 
@@ -145,24 +143,24 @@ class ClientCertificateVerifier:
                     continue
         return None
 
-    def verify(self, certificate: x509.Certificate, challenge: dict[str, str]) -> x509.Certificate:
+    def verify(self, certificate: x509.Certificate) -> x509.Certificate:
         """Return the issuing anchor, or raise 401 saying what is wrong."""
         who = describe(certificate)
         issuer = self.issuer_of(certificate)
         if issuer is None:
-            raise Unauthorized(f"client certificate {who} is not issued by a CA this server trusts", challenge)
+            raise Unauthorized(f"client certificate {who} is not issued by a CA this server trusts")
         now = datetime.now(timezone.utc)
         if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
-            raise Unauthorized(f"client certificate {who} is expired or not yet valid", challenge)
+            raise Unauthorized(f"client certificate {who} is expired or not yet valid")
         try:
             usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
             usages = []
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-            raise Unauthorized(f"client certificate {who} lacks the clientAuth extended key usage", challenge)
+            raise Unauthorized(f"client certificate {who} lacks the clientAuth extended key usage")
         record = self.store.get_certificate(format(certificate.serial_number, "x"))
         if record is not None and record.der == certificate.public_bytes(Encoding.DER) and record.status == "revoked":
-            raise Unauthorized(f"client certificate {who} is revoked", challenge)
+            raise Unauthorized(f"client certificate {who} is revoked")
         return issuer
 
 
@@ -211,17 +209,12 @@ def _from_proxy_header() -> Optional[x509.Certificate]:
 # --- who may use a label -----------------------------------------------------
 
 
-def _challenge(profile: EnrollmentProfile) -> dict[str, str]:
-    return BASIC_CHALLENGE if "basic" in profile.auth else {}
-
-
 def enrolling_identity(profile: EnrollmentProfile) -> Identity:
     """The user or RA behind an enrollment on ``profile``'s label; 401 or 403 otherwise."""
-    challenge = _challenge(profile)
     certificate = client_certificate()
     ra = None
     if certificate is not None and "cert" in profile.auth:
-        state().verifier.verify(certificate, challenge)
+        state().verifier.verify(certificate)
         ra = state().store.get_ra(fingerprint(certificate))
         if ra is not None:
             if profile.name not in ra.label_set:
@@ -233,11 +226,11 @@ def enrolling_identity(profile: EnrollmentProfile) -> Identity:
             raise Forbidden(f"label {profile.name!r} does not accept passwords; present a registered RA certificate")
         return Identity("user", user.name)
     if request.authorization is not None:
-        raise Unauthorized("credentials not accepted: unknown user or wrong password", challenge)
+        raise Unauthorized("credentials not accepted: unknown user or wrong password")
     if certificate is not None and "cert" in profile.auth:
         raise Forbidden(f"client certificate {describe(certificate)} is not registered as an RA (est-admin ra add)")
     methods = " or ".join({"basic": "HTTP Basic credentials", "cert": "a registered RA client certificate"}[m] for m in sorted(profile.auth))
-    raise Unauthorized(f"authentication required: send {methods}", challenge)
+    raise Unauthorized(f"authentication required: send {methods}")
 
 
 def enroller_required(view: Callable) -> Callable:
@@ -256,7 +249,7 @@ def device_identity() -> Identity:
     certificate = client_certificate()
     if certificate is None:
         raise Unauthorized("re-enrollment needs the current certificate as TLS client certificate")
-    issuer = state().verifier.verify(certificate, {})
+    issuer = state().verifier.verify(certificate)
     if issuer != state().authority.certificate:
         raise Unauthorized(f"client certificate {describe(certificate)} was not issued by this CA")
     return Identity("device", format(certificate.serial_number, "x"), certificate)

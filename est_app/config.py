@@ -126,6 +126,20 @@ class RateLimitSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """The operator surfaces: JSON API under /api/v1 and the dashboard under /admin."""
+
+    enabled: bool = True
+    # Client networks allowed to reach them; empty: any (they always need an admin login).
+    allowed_networks: tuple[str, ...] = ()
+    session_minutes: int = 30
+
+    def __post_init__(self) -> None:
+        _positive(self, "session_minutes")
+        _check_networks("allowed_networks", self.allowed_networks)
+
+
+@dataclass(frozen=True)
 class LabelSettings:
     """Overrides for one enrollment label; ``None`` inherits the deployment's value."""
 
@@ -179,6 +193,7 @@ class Settings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     max_body_bytes: int = 65536
     # How long a successful password check is remembered (0: re-check every request).
     auth_cache_seconds: int = 300
@@ -188,11 +203,7 @@ class Settings:
     def __post_init__(self) -> None:
         _check_profile(self)
         _positive(self, "max_body_bytes", "bootstrap_validity_days")
-        for proxy in self.trusted_proxies:
-            try:
-                ipaddress.ip_network(proxy, strict=False)
-            except ValueError:
-                raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
+        _check_networks("trusted_proxies", self.trusted_proxies)
         if self.auth_cache_seconds < 0:
             raise ValueError("auth_cache_seconds may not be negative")
         for name in self.labels:
@@ -304,6 +315,14 @@ def _positive(obj: object, *names: str) -> None:
     for name in names:
         if getattr(obj, name) < 1:
             raise ValueError(f"{name} must be at least 1")
+
+
+def _check_networks(name: str, values: tuple[str, ...]) -> None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{name}: {value!r} is not an IP address or network") from None
 
 
 def _check_profile(obj: "Settings | LabelSettings") -> None:

@@ -34,8 +34,16 @@ class BadRequest(ESTError):
     status = 400
 
 
+REALM = "EST"
+
+
 class Unauthorized(ESTError):
+    """401 always carries a challenge (RFC 9110 15.5.2); libest sends credentials only after one."""
+
     status = 401
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers or {"WWW-Authenticate": f'Basic realm="{REALM}"'})
 
 
 class Forbidden(ESTError):

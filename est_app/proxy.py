@@ -12,19 +12,30 @@ import ipaddress
 from typing import Iterable
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Iterable[str]) -> list[Network]:
+    return [ipaddress.ip_network(v, strict=False) for v in values]
+
+
+def in_networks(address: str | None, networks: list[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
 class TrustedProxies:
     """WSGI middleware applying ``X-Forwarded-For`` from trusted peers only."""
 
     def __init__(self, app, networks: Iterable[str]) -> None:
         self.app = app
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self.networks = parse_networks(networks)
 
     def is_trusted(self, address: str | None) -> bool:
-        try:
-            ip = ipaddress.ip_address(address or "")
-        except ValueError:
-            return False
-        return any(ip in network for network in self.networks)
+        return in_networks(address, self.networks)
 
     def __call__(self, environ, start_response):
         peer = environ.get("REMOTE_ADDR")

@@ -31,6 +31,10 @@ class AppState:
     ocsp: OCSPResponder
     proxies: TrustedProxies
 
+    def profile_named(self, name: str) -> Optional[EnrollmentProfile]:
+        """The profile recorded as ``name`` on certificates ('default' for the unlabelled path)."""
+        return next((p for p in self.profiles.values() if p.name == name), None)
+
 
 def state() -> AppState:
     """The running app's state (inside a request or app context)."""

@@ -54,6 +54,21 @@ def curl(url: str, ca_file: Path, *args: str, data: bytes | None = None) -> Repl
             return Reply(status, dict(line.split(": ", 1) for line in lines), out)
 
 
+def call(server, path: str, *curl_args: str, body: bytes | None = None) -> Reply:
+    """curl ``server``'s ``/.well-known/est/<path>`` (``server`` has ``url`` and ``ca_file``).
+
+    Every answer must carry an exact Content-Length (except a 204, which RFC 9110
+    forbids to have one) and never be chunked.
+    """
+    reply = curl(f"{server.url}/.well-known/est/{path}", server.ca_file, *curl_args, data=body)
+    if reply.status == 204:
+        assert reply.body == b"" and reply.headers.get("Content-Length", "0") == "0"
+    else:
+        assert reply.headers.get("Content-Length") == str(len(reply.body))
+    assert not reply.has("Transfer-Encoding")
+    return reply
+
+
 def openssl_csr(key: str, cn: str) -> bytes:
     """A DER CSR from `openssl req -new -newkey KEY`; ``key`` is ``ec`` (P-256) or ``rsa:BITS``."""
     newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"] if key == "ec" else ["-newkey", key]

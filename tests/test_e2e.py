@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from .conftest import PASSWORD, USER, run_cli
-from .e2e_clients import Reply, curl, openssl, openssl_csr, openssl_verify, pkcs7_certs, pki
+from .e2e_clients import Reply, call, openssl, openssl_csr, openssl_verify, pkcs7_certs, pki
 from .pki import der, make_csr, rsa_key
 from .server import RunningServer, start_server
 
@@ -70,14 +70,6 @@ def base64_server(servers) -> RunningServer:
 @pytest.fixture(scope="module")
 def root(pki_dir) -> x509.Certificate:
     return x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
-
-
-def call(server: RunningServer, path: str, *curl_args: str, body: bytes | None = None) -> Reply:
-    """curl ``/.well-known/est/<path>``; every answer must carry an exact Content-Length and never be chunked."""
-    reply = curl(f"{server.url}/.well-known/est/{path}", server.ca_file, *curl_args, data=body)
-    assert reply.headers.get("Content-Length") == str(len(reply.body))
-    assert not reply.has("Transfer-Encoding")
-    return reply
 
 
 def enroll(server: RunningServer, body: bytes, *curl_args: str, path: str = "simpleenroll") -> Reply:

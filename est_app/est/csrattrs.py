@@ -15,7 +15,9 @@ bp = Blueprint("csrattrs", __name__)
 def csrattrs() -> Response:
     oids = g.profile.csr_policy.attributes
     if not oids:
-        return Response(status=204)
+        response = Response(status=204)
+        del response.headers["Content-Type"]
+        return response
     attrs = rfc7030.CsrAttrs()
     for i, oid in enumerate(oids):
         entry = rfc7030.AttrOrOID()

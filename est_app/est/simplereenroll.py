@@ -2,15 +2,19 @@
 
 The CSR must name the same subject and subjectAltName as the certificate the
 device authenticated with over TLS; the old certificate is marked superseded.
+The new certificate follows the profile of the label the old one was issued
+on, whatever path the request came in on (clients such as strongSwan cannot
+reach labelled paths); only the response encoding is the path's.
 """
 
 from cryptography import x509
-from flask import Blueprint, g
+from flask import Blueprint
 
 from ..auth import check_proof_of_possession, device_identity
 from ..ca import issued_subject
 from ..encoding import ESTResponse
 from ..errors import Forbidden
+from ..state import state
 from .issuance import certs_only_response, issue_replacement, read_csr
 
 bp = Blueprint("simplereenroll", __name__)
@@ -27,7 +31,12 @@ def _san(obj) -> set:
 @bp.post("/<label>/simplereenroll")
 def simplereenroll() -> ESTResponse:
     identity = device_identity()
-    csr = read_csr(g.profile)
+    record = state().store.get_certificate(identity.name)
+    profile = state().profile_named(record.label) if record else None
+    if profile is None:
+        where = f"on label {record.label!r}, which this server no longer serves" if record else "outside this server's records"
+        raise Forbidden(f"certificate {identity.name} was issued {where}; enroll afresh")
+    csr = read_csr(profile)
     current = identity.certificate
     if issued_subject(csr.subject) != current.subject:
         raise Forbidden(
@@ -35,5 +44,5 @@ def simplereenroll() -> ESTResponse:
         )
     if _san(csr) != _san(current):
         raise Forbidden("CSR subjectAltName differs from the certificate's; re-enrollment keeps the same names")
-    check_proof_of_possession(csr, identity, g.profile)
-    return certs_only_response(issue_replacement(csr, g.profile, identity), g.profile)
+    check_proof_of_possession(csr, identity, profile)
+    return certs_only_response(issue_replacement(csr, profile, identity), profile)

@@ -1,0 +1,153 @@
+"""Read-only queries for the operator surfaces (admin API, dashboard, metrics).
+
+Lists are keyset-paginated (``after`` = the last id or serial of the previous
+page), so page N costs the same as page 1 however many devices there are.
+Every filter maps to an indexed column except the substring search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Optional
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from . import AuditEvent, CertificateRecord, utcnow
+from .schema import audit_events, certificates, devices
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    id: int
+    label: str
+    device_key: str
+    first_enrolled: datetime
+    last_enrolled: datetime
+    current_serial: str
+    requester: str
+    client_address: str
+    status: Optional[str]  # the current certificate's
+    not_after: Optional[datetime]
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list
+    next_after: Optional[str]  # pass as ``after`` for the next page; None on the last
+    total: int
+
+
+class Reports:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def devices(
+        self,
+        *,
+        search: Optional[str] = None,
+        label: Optional[str] = None,
+        status: Optional[str] = None,
+        expires_within_days: Optional[int] = None,
+        after: Optional[int] = None,
+        limit: int = 50,
+    ) -> Page:
+        """Devices by id (newest first), with their current certificate's status and expiry."""
+        current = certificates.alias("current")
+        joined = devices.outerjoin(current, current.c.serial == devices.c.current_serial)
+        where = []
+        if search:
+            term = search.strip()
+            match = devices.c.device_key.contains(term, autoescape=True)
+            where.append(sa.or_(match, devices.c.id == int(term)) if term.isdigit() else match)
+        if label:
+            where.append(devices.c.label == label)
+        if status:
+            where.append(current.c.status == status)
+        if expires_within_days is not None:
+            now = utcnow()
+            where.append(current.c.not_after.between(now, now + timedelta(days=expires_within_days)))
+        columns = [*devices.c, current.c.status, current.c.not_after]
+        query = sa.select(*columns).select_from(joined).where(*where).order_by(devices.c.id.desc()).limit(limit + 1)
+        if after is not None:
+            query = query.where(devices.c.id < after)
+        count = sa.select(sa.func.count()).select_from(joined).where(*where)
+        with self.engine.connect() as conn:
+            rows = [DeviceSummary(**row._mapping) for row in conn.execute(query)]
+            total = conn.execute(count).scalar_one()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(rows, str(rows[-1].id) if more else None, total)
+
+    def certificates(
+        self,
+        *,
+        search: Optional[str] = None,
+        label: Optional[str] = None,
+        status: Optional[str] = None,
+        expires_within_days: Optional[int] = None,
+        after: Optional[str] = None,
+        limit: int = 50,
+    ) -> Page:
+        """Certificates, newest issue first (``after`` is the last serial of the previous page)."""
+        where = []
+        if search:
+            term = search.strip()
+            where.append(sa.or_(certificates.c.common_name.contains(term, autoescape=True), certificates.c.serial == term.lower()))
+        if label:
+            where.append(certificates.c.label == label)
+        if status:
+            where.append(certificates.c.status == status)
+        if expires_within_days is not None:
+            now = utcnow()
+            where.append(certificates.c.not_after.between(now, now + timedelta(days=expires_within_days)))
+        order = (certificates.c.issued_at.desc(), certificates.c.serial.desc())
+        query = certificates.select().where(*where).order_by(*order).limit(limit + 1)
+        if after is not None:
+            anchor = sa.select(certificates.c.issued_at).where(certificates.c.serial == after).scalar_subquery()
+            query = query.where(
+                sa.or_(certificates.c.issued_at < anchor, sa.and_(certificates.c.issued_at == anchor, certificates.c.serial < after))
+            )
+        count = sa.select(sa.func.count()).select_from(certificates).where(*where)
+        with self.engine.connect() as conn:
+            rows = [CertificateRecord(**row._mapping) for row in conn.execute(query)]
+            total = conn.execute(count).scalar_one()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(rows, rows[-1].serial if more else None, total)
+
+    def statistics(self, days: int = 30) -> dict:
+        """Counts for the overview: devices, certificates by status, issued per day, expiring soon."""
+        now = utcnow()
+        since = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        day = sa.func.date(certificates.c.issued_at)
+        valid = certificates.c.status == "valid"
+        with self.engine.connect() as conn:
+            by_status = dict(conn.execute(sa.select(certificates.c.status, sa.func.count()).group_by(certificates.c.status)).all())
+            per_day = dict(
+                conn.execute(
+                    sa.select(day, sa.func.count()).where(certificates.c.issued_at >= since).group_by(day)
+                ).all()
+            )
+            expiring = {
+                window: conn.execute(
+                    sa.select(sa.func.count()).where(valid, certificates.c.not_after.between(now, now + timedelta(days=window)))
+                ).scalar_one()
+                for window in (30, 60, 90)
+            }
+            device_count = conn.execute(sa.select(sa.func.count()).select_from(devices)).scalar_one()
+        dates = [(since + timedelta(days=i)).date().isoformat() for i in range(days)]
+        return {
+            "devices": device_count,
+            "certificates": {s: by_status.get(s, 0) for s in ("valid", "superseded", "revoked")},
+            "issued_per_day": [{"date": d, "count": per_day.get(d, 0)} for d in dates],
+            "expiring": {f"{w}d": n for w, n in expiring.items()},
+        }
+
+    def recent_events(self, limit: int = 20, device: Optional[str] = None) -> list[AuditEvent]:
+        query = audit_events.select().order_by(audit_events.c.id.desc()).limit(limit)
+        if device is not None:
+            query = query.where(audit_events.c.device == device)
+        with self.engine.connect() as conn:
+            return [AuditEvent(**row._mapping) for row in conn.execute(query)]
