@@ -68,7 +68,8 @@ def test_encrypted_key_problems_are_named(tmp_path, root, monkeypatch, source, m
         load_authority(settings)
 
 
-def _intermediate(root_key, root_cert):
+def _intermediate(tmp_path, root_key, root_cert):
+    """An issuing CA below the root, written to issuing.pem / issuing.key."""
     key = ec.generate_private_key(ec.SECP384R1())
     now = datetime.now(timezone.utc)
     cert = (
@@ -82,16 +83,16 @@ def _intermediate(root_key, root_cert):
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(root_key, hashes.SHA384())
     )
-    return key, cert
-
-
-def test_intermediate_ca_serves_the_chain_and_caps_validity(tmp_path, root):
-    root_key, root_cert = root
-    key, cert = _intermediate(root_key, root_cert)
     (tmp_path / "issuing.pem").write_bytes(pem(cert))
     (tmp_path / "issuing.key").write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    return cert
+
+
+def test_intermediate_ca_serves_the_chain_and_caps_validity(tmp_path, root):
+    root_key, root_cert = root
+    cert = _intermediate(tmp_path, root_key, root_cert)
     settings = CASettings(
         cert_file=tmp_path / "issuing.pem", key_file=tmp_path / "issuing.key", chain_file=tmp_path / "root.pem", digest="sha384"
     )
@@ -108,10 +109,6 @@ def test_intermediate_ca_serves_the_chain_and_caps_validity(tmp_path, root):
 
 def test_chain_without_root_stops_start(tmp_path, root):
     root_key, root_cert = root
-    key, cert = _intermediate(root_key, root_cert)
-    (tmp_path / "issuing.pem").write_bytes(pem(cert))
-    (tmp_path / "issuing.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    cert = _intermediate(tmp_path, root_key, root_cert)
     with pytest.raises(ConfigError, match="missing the issuer CN=Test Root"):
         load_authority(CASettings(cert_file=tmp_path / "issuing.pem", key_file=tmp_path / "issuing.key"))

@@ -14,20 +14,12 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import AuditEvent, CertificateRecord, utcnow
+from . import AuditEvent, CertificateRecord, Device, utcnow
 from .schema import audit_events, certificates, devices
 
 
 @dataclass(frozen=True)
-class DeviceSummary:
-    id: int
-    label: str
-    device_key: str
-    first_enrolled: datetime
-    last_enrolled: datetime
-    current_serial: str
-    requester: str
-    client_address: str
+class DeviceSummary(Device):
     status: Optional[str]  # the current certificate's
     not_after: Optional[datetime]
 
