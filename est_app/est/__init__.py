@@ -24,7 +24,7 @@ def _resolve_label(endpoint, values) -> None:
     label = (values or {}).pop("label", None)
     profile = state().profiles.get(label)
     if profile is None:
-        raise NotFound(f"unknown EST label {label!r}; this server knows: {', '.join(sorted(filter(None, state().profiles))) or 'none'}")
+        raise NotFound(f"unknown EST label {label!r}: check the URL the client was given")
     g.profile = profile
 
 
