@@ -32,6 +32,7 @@ from functools import wraps
 from typing import Callable, Optional
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID
 from flask import current_app, g, request
@@ -139,7 +140,7 @@ class ClientCertificateVerifier:
                 try:
                     certificate.verify_directly_issued_by(anchor)
                     return anchor
-                except (ValueError, TypeError, x509.InvalidSignature):
+                except (ValueError, TypeError, InvalidSignature):
                     continue
         return None
 
@@ -212,15 +213,19 @@ def _from_proxy_header() -> Optional[x509.Certificate]:
 def enrolling_identity(profile: EnrollmentProfile) -> Identity:
     """The user or RA behind an enrollment on ``profile``'s label; 401 or 403 otherwise."""
     certificate = client_certificate()
-    ra = None
+    user = basic.current_user()
     if certificate is not None and "cert" in profile.auth:
-        state().verifier.verify(certificate)
-        ra = state().store.get_ra(fingerprint(certificate))
+        try:
+            state().verifier.verify(certificate)
+        except Unauthorized:
+            if user is None or "basic" not in profile.auth:
+                raise
+            certificate = None  # good credentials stand on their own
+        ra = state().store.get_ra(fingerprint(certificate)) if certificate is not None else None
         if ra is not None:
             if profile.name not in ra.label_set:
                 raise Forbidden(f"RA {describe(certificate)} is not registered for label {profile.name!r}")
             return Identity("ra", ra.fingerprint, certificate)
-    user = basic.current_user()
     if user is not None:
         if "basic" not in profile.auth:
             raise Forbidden(f"label {profile.name!r} does not accept passwords; present a registered RA certificate")

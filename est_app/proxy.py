@@ -24,6 +24,8 @@ def in_networks(address: str | None, networks: list[Network]) -> bool:
         ip = ipaddress.ip_address(address or "")
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped  # a dual-stack bind reports IPv4 peers as ::ffff:a.b.c.d
     return any(ip in network for network in networks)
 
 

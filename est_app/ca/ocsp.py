@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 from cryptography.x509 import ocsp
@@ -87,7 +88,7 @@ def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority
     try:
         certificate.verify_directly_issued_by(authority.certificate)
         usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except (ValueError, TypeError, x509.InvalidSignature, x509.ExtensionNotFound):
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
         usages = []
     if ExtendedKeyUsageOID.OCSP_SIGNING not in usages:
         raise ConfigError(f"ca.ocsp_responder_cert_file {cert_path}: must be issued by the CA with EKU OCSPSigning")

@@ -2,6 +2,8 @@
 
 Issues a short-lived clientAuth certificate (``bootstrap_validity_days``)
 and, unless the label says otherwise, refuses a device enrolled already.
+The label's policy still holds: a label that refuses passwords refuses
+bootstrap, and proof-of-possession applies as for simpleenroll.
 404 unless ``bootstrap_enabled``.
 """
 
@@ -9,9 +11,9 @@ from dataclasses import replace
 
 from flask import Blueprint, g
 
-from ..auth import basic, enrolling_identity
+from ..auth import basic, check_proof_of_possession, enrolling_identity
 from ..encoding import ESTResponse
-from ..errors import NotFound
+from ..errors import Forbidden, NotFound
 from ..state import state
 from .issuance import bootstrap_profile, certs_only_response, issue_for_device, read_csr
 
@@ -25,8 +27,11 @@ def bootstrap() -> ESTResponse:
     settings = state().settings
     if not settings.bootstrap_enabled:
         raise NotFound("bootstrap is not enabled on this server (bootstrap_enabled: false)")
+    if "basic" not in g.profile.auth:
+        raise Forbidden(f"label {g.profile.name!r} does not accept passwords, and bootstrap takes HTTP Basic credentials")
     identity = enrolling_identity(replace(g.profile, auth=frozenset({"basic"})))
     csr = read_csr(g.profile)
+    check_proof_of_possession(csr, identity, g.profile)
     certificate = issue_for_device(
         csr,
         g.profile,

@@ -36,6 +36,8 @@ def simplereenroll() -> ESTResponse:
     if profile is None:
         where = f"on label {record.label!r}, which this server no longer serves" if record else "outside this server's records"
         raise Forbidden(f"certificate {identity.name} was issued {where}; enroll afresh")
+    if record.status != "valid":  # checked again under the write lock; this spares a signature
+        raise Forbidden(f"certificate {identity.name} is {record.status}; re-enroll with the device's current certificate")
     csr = read_csr(profile)
     current = identity.certificate
     if issued_subject(csr.subject) != current.subject:
