@@ -236,15 +236,14 @@ RA_CASES = [
     ("not yet valid certificate", "not yet valid", ["pumps"], "pumps", False, 401, "not yet valid"),
     ("serverAuth-only certificate", "serverAuth only", ["pumps"], "pumps", False, 401, "lacks the clientAuth"),
     ("certificate without EKU", "no EKU", ["pumps"], "pumps", False, 401, "lacks the clientAuth"),
+    ("another CA with this CA's name", "impostor", [], "pumps", False, 401, "not issued by a CA this server trusts"),
+    ("untrusted certificate plus good Basic on a basic+cert label", "foreign", [], "mixed", True, 200, "user"),
+    ("expired certificate plus good Basic on a basic+cert label", "expired", [], "mixed", True, 200, "user"),
+    ("untrusted certificate plus good Basic on a cert-only label", "foreign", [], "pumps", True, 401, "not issued by a CA this server trusts"),
 ]
 
 
-
-
-@pytest.mark.parametrize(
-    "presented, registered_for, label, with_basic, status, outcome",
-    cases(RA_CASES, pytest.param("impostor", [], "pumps", False, 401, "not issued by a CA this server trusts", id="another CA with this CA's name")),
-)
+@pytest.mark.parametrize("presented, registered_for, label, with_basic, status, outcome", cases(RA_CASES))
 def test_ra_authorisation(make_app, register_ra, client_certs, presented, registered_for, label, with_basic, status, outcome):
     app = make_app(auth=["basic", "cert"], labels=RA_LABELS)
     cert = client_certs[presented] if presented else None
