@@ -226,13 +226,15 @@ def enrolling_identity(profile: EnrollmentProfile) -> Identity:
             if profile.name not in ra.label_set:
                 raise Forbidden(f"RA {describe(certificate)} is not registered for label {profile.name!r}")
             return Identity("ra", ra.fingerprint, certificate)
+    if request.authorization is not None and "basic" not in profile.auth:
+        raise Forbidden(f"label {profile.name!r} does not accept passwords; present a registered RA certificate")
     if user is not None:
-        if "basic" not in profile.auth:
-            raise Forbidden(f"label {profile.name!r} does not accept passwords; present a registered RA certificate")
         return Identity("user", user.name)
     if request.authorization is not None:
         raise Unauthorized("credentials not accepted: unknown user or wrong password")
-    if certificate is not None and "cert" in profile.auth:
+    if certificate is not None:
+        if "cert" not in profile.auth:
+            raise Unauthorized(f"label {profile.name!r} does not accept client certificates; send HTTP Basic credentials")
         raise Forbidden(f"client certificate {describe(certificate)} is not registered as an RA (est-admin ra add)")
     methods = " or ".join({"basic": "HTTP Basic credentials", "cert": "a registered RA client certificate"}[m] for m in sorted(profile.auth))
     raise Unauthorized(f"authentication required: send {methods}")

@@ -18,11 +18,11 @@ BODY = base64.b64encode(der(make_csr()))
 def test_init_creates_everything_once_and_never_overwrites(tmp_path):
     first = run_cli("init", "--dir", str(tmp_path))
     assert first.exit_code == 0 and "created development CA" in first.output
-    for name in ("ca.key", "tls.key"):
+    for name in ("ca.key", "tls.key", "est.db"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix in (".pem", ".key", ".yaml")}
     second = run_cli("init", "--dir", str(tmp_path))
-    assert second.exit_code == 0 and "created" not in second.output
+    assert second.exit_code == 0 and "created" not in second.output and "kept the existing TLS certificate" in second.output
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix in (".pem", ".key", ".yaml")} == before
 
 

@@ -54,13 +54,14 @@ def cases(table, *extra):
     return [pytest.param(*row[1:], id=row[0]) for row in table] + list(extra)
 
 
-def post(client, op: str, csr, *, label: str | None = None, cert: x509.Certificate | None = None, basic: bool = False, headers=None, environ=None):
-    """POST a DER CSR to ``op``, with Basic credentials and/or a client certificate (SSL_CLIENT_CERT)."""
+def post(client, op: str, csr, *, label: str | None = None, cert: x509.Certificate | None = None, basic: bool | str = False, headers=None, environ=None):
+    """POST a DER CSR to ``op``, with Basic credentials (``basic="wrong"``: a wrong password) and/or a client certificate."""
     environ = dict(environ or {})
     if cert is not None:
         environ["SSL_CLIENT_CERT"] = pem(cert).decode()
     path = f"/.well-known/est/{label}/{op}" if label else f"/.well-known/est/{op}"
-    headers = {"Content-Type": "application/pkcs10", **(basic_auth() if basic else {}), **(headers or {})}
+    credentials = basic_auth(USER, "not the password") if basic == "wrong" else basic_auth() if basic else {}
+    headers = {"Content-Type": "application/pkcs10", **credentials, **(headers or {})}
     return client.post(path, data=der(csr), headers=headers, environ_base=environ)
 
 
@@ -230,7 +231,8 @@ RA_CASES = [
     ("trusted but unregistered certificate", "ra", [], "pumps", False, 403, "not registered as an RA"),
     ("Basic credentials on a cert-only label", None, [], "pumps", True, 403, "does not accept passwords"),
     ("no credentials on a cert-only label", None, [], "pumps", False, 401, "authentication required"),
-    ("RA certificate on a basic-only label", "ra", ["passwords"], "passwords", False, 401, "authentication required"),
+    ("RA certificate on a basic-only label", "ra", ["passwords"], "passwords", False, 401, "does not accept client certificates"),
+    ("wrong password on a cert-only label", None, [], "pumps", "wrong", 403, "does not accept passwords"),
     ("certificate from another CA", "foreign", ["pumps"], "pumps", False, 401, "not issued by a CA this server trusts"),
     ("expired certificate", "expired", ["pumps"], "pumps", False, 401, "expired"),
     ("not yet valid certificate", "not yet valid", ["pumps"], "pumps", False, 401, "not yet valid"),
@@ -615,7 +617,7 @@ def test_bootstrap_takes_basic_only_even_where_ra_certificates_are_accepted(make
     register_ra(client_certs["ra"], "default")
     client = app.test_client()
     issued(post(client, "simpleenroll", make_csr("NPPBBB4"), cert=client_certs["ra"]))
-    refused(post(client, "bootstrap", make_csr("NPPBBB5"), cert=client_certs["ra"]), 401, "authentication required")
+    refused(post(client, "bootstrap", make_csr("NPPBBB5"), cert=client_certs["ra"]), 401, "send HTTP Basic credentials")
     issued(post(client, "bootstrap", make_csr("NPPBBB5"), basic=True))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -78,11 +79,15 @@ def init_command(directory: Path | None, hosts: tuple[str, ...], bind: str) -> N
         write_private_key(paths["ca.key"], ca_key)
         write_certificate(paths["ca.pem"], ca_cert)
         click.echo(f"created development CA {paths['ca.pem']}")
+    else:
+        click.echo(f"kept the existing CA {paths['ca.pem']}")
     if _existing_pair(paths["tls.key"], paths["tls.pem"])[1] is None:
         tls_key, tls_cert = create_tls_certificate(ca_key, ca_cert, list(hosts))
         write_private_key(paths["tls.key"], tls_key)
         write_certificate(paths["tls.pem"], tls_cert)
         click.echo(f"created TLS certificate {paths['tls.pem']} for {', '.join(hosts)}")
+    else:
+        click.echo(f"kept the existing TLS certificate {paths['tls.pem']} (--host applies only when it is created: move tls.pem and tls.key away to re-create)")
     if not paths["config.yaml"].exists():
         paths["config.yaml"].write_text(
             CONFIG_TEMPLATE.format(
@@ -96,6 +101,10 @@ def init_command(directory: Path | None, hosts: tuple[str, ...], bind: str) -> N
             )
         )
         click.echo(f"created configuration {paths['config.yaml']}")
+    else:
+        click.echo(f"kept the existing configuration {paths['config.yaml']}")
+    if not paths["est.db"].exists():  # it holds password hashes: owner only, like the keys
+        os.close(os.open(paths["est.db"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     settings = load_config(paths["config.yaml"])
     Store(settings.database.url or f"sqlite:///{paths['est.db']}").create_schema()
     click.echo(f"ready: est-server --config {paths['config.yaml']}")
