@@ -87,7 +87,7 @@ def init_command(directory: Path | None, hosts: tuple[str, ...], bind: str) -> N
         write_certificate(paths["tls.pem"], tls_cert)
         click.echo(f"created TLS certificate {paths['tls.pem']} for {', '.join(hosts)}")
     else:
-        click.echo(f"kept the existing TLS certificate {paths['tls.pem']} (--host applies only when it is created: move tls.pem and tls.key away to re-create)")
+        click.echo(f"kept the existing TLS certificate {paths['tls.pem']} (--host applies to a new one only: move tls.pem and tls.key away to make one)")
     if not paths["config.yaml"].exists():
         paths["config.yaml"].write_text(
             CONFIG_TEMPLATE.format(
