@@ -156,14 +156,16 @@ def test_iqe_profile_answers_in_der_and_base64_is_one_line_away(iqe_settings_dat
         assert encoding == Base64Encoding(line_length)
 
 
-def test_commented_label_example_validates(iqe_settings_data, tmp_path):
+def test_labels_and_the_commented_example_validate(iqe_settings_data, tmp_path):
     lines = IQE_CONFIG.read_text().splitlines()
-    start = lines.index("# labels:")
+    start = lines.index("#   iqe-b64:")
     example = yaml.safe_load("\n".join(line[2:] for line in lines[start:] if line.startswith("# ")))
-    settings = parse_config({**iqe_settings_data, **example}, base_dir=tmp_path)
-    profiles = build_profiles(settings)
+    data = {**iqe_settings_data, "labels": {**iqe_settings_data["labels"], **example}}
+    profiles = build_profiles(parse_config(data, base_dir=tmp_path))
     assert isinstance(profiles["iqe-b64"].encoding, Base64Encoding)
-    assert profiles["pumps"].csr_policy.subject_cn_pattern.fullmatch("NPPBBB4")
+    pumps = profiles["pumps"]
+    assert isinstance(pumps.encoding, DerEncoding) and pumps.auth == {"basic", "cert"}
+    assert pumps.csr_policy.subject_cn_pattern.fullmatch("NPPBBB4")
 
 
 def test_every_config_key_is_documented():
