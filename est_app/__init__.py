@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography import x509
 from flask import Flask, g
 
-from . import cli, errors, est
+from . import cli, errors, est, health, metrics
 from .admin import init_admin
 from .revocation import CRLCache
 from .revocation import views as revocation_views
@@ -74,6 +74,8 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
     )
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)
+    metrics.init_app(app)
+    health.init_app(app)
 
     @app.before_request
     def _request_id() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
+from . import metrics
 from .ca import load_authority
 from .config import ConfigError, Settings, load_config
 
@@ -36,6 +37,7 @@ def gunicorn_options(settings: Settings) -> dict:
         "loglevel": settings.log_level.lower(),
         # gunicorn's runtime control socket is not needed, and would collide between instances.
         "control_socket_disable": True,
+        **metrics.gunicorn_hooks(),  # PROMETHEUS_MULTIPROC_DIR for the workers' metrics
     }
     if tls.cert_file:
         minimum = TLS_VERSIONS[tls.min_version]

@@ -21,7 +21,7 @@ from ..config import Settings
 from ..errors import Forbidden, Unauthorized
 from ..proxy import in_networks, parse_networks
 from ..state import state
-from ..store import Store, User
+from ..store import AuditEvent, Store, User
 
 ADMIN_CHALLENGE = {"WWW-Authenticate": 'Basic realm="EST admin"'}
 
@@ -63,16 +63,25 @@ def api_admin_required(view: Callable) -> Callable:
         user: User | None = basic.current_user()
         if user is None:
             if request.authorization is not None:
+                refuse_login(request.authorization.username or "", "wrong password or unknown user")
                 raise Unauthorized("credentials not accepted: unknown user or wrong password", ADMIN_CHALLENGE)
             if client_certificate() is not None:
                 raise Forbidden("client certificates cannot administer this server; use an admin account")
             raise Unauthorized("authentication required: send HTTP Basic credentials of an admin account", ADMIN_CHALLENGE)
         if not user.is_admin:
+            refuse_login(user.name, "an EST user, not an admin")
             raise Forbidden(f"user {user.name!r} is an EST user, not an admin")
         g.admin = user
         return view(*args, **kwargs)
 
     return basic.login_required(optional=True)(wrapper)
+
+
+def refuse_login(name: str, reason: str) -> None:
+    """Audit a refused admin login (API or dashboard); the password is never recorded."""
+    state().store.add_audit(
+        AuditEvent("admin-login", "refused", actor=f"admin:{name}", client_address=request.remote_addr or "", detail=reason)
+    )
 
 
 def current_admin_from_session(name: str | None) -> User | None:

@@ -1,8 +1,385 @@
-"""The admin JSON API under ``/api/v1``."""
+"""The admin JSON API under ``/api/v1``: the device registry, certificates, revocation, statistics.
 
-from flask import Blueprint
+Every route needs an admin account over HTTP Basic (:func:`api_admin_required`)
+and a client address inside ``admin.allowed_networks``. Everything that comes
+back is JSON, errors included: ``{"error": "<one line>", "status": <code>}``
+with the status's usual headers (``WWW-Authenticate`` on 401, ``Allow`` on 405,
+``Retry-After`` on 429).
 
-from . import check_network
+Errors raised in these views are rendered by the blueprint's handlers. Some
+never reach a blueprint handler: routing failures (an unknown path under
+``/api/v1`` or a wrong method), the rate limiter's 429 and the 413/500 the
+application renders itself. For those an app-wide after-request hook turns the
+application's one-line ``text/plain`` error into the same JSON shape, for
+paths under ``/api/v1`` only; every other path keeps its text/plain errors.
 
-bp = Blueprint("api", __name__, url_prefix="/api/v1")
+Lists are keyset-paginated: pass a page's ``next`` as ``after`` to get the
+next page; ``next`` is null on the last one. Changing requests (POST) must be
+``Content-Type: application/json``, which a browser cannot send cross-site
+without a CORS preflight this API never grants: cached Basic credentials
+cannot be used to revoke a certificate from another site's page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from flask import Blueprint, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from ..ca.crl import REASONS
+from ..errors import BadRequest, Conflict, ESTError, NotFound, UnsupportedMediaType
+from ..revocation import revoke
+from ..state import state
+from ..store import AlreadyRevoked, AuditEvent, CertificateRecord, Device
+from ..store import NotFound as StoreNotFound
+from ..store.reports import Reports
+from . import api_admin_required, check_network
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/api/v1"
+bp = Blueprint("api", __name__, url_prefix=PREFIX)
 bp.before_request(check_network)
+
+STATUSES = ("valid", "superseded", "revoked")
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+MAX_DAYS = 36500
+MAX_SEARCH = 256
+MAX_ID = 2**63 - 1  # the largest id SQLite and PostgreSQL can hold; a larger one is simply not found
+DEVICE_ID = "<int:device_id>"
+LIST_PARAMS = ("search", "label", "status", "expires_within_days", "after", "limit")
+DEFAULT_REASON = {"device": "cessationOfOperation", "certificate": "unspecified"}
+EVENTS_PER_DEVICE = 50
+RECENT_EVENTS = 20
+HEX = re.compile(r"[0-9a-f]{1,64}")
+
+
+# --- JSON rendering ---------------------------------------------------------------
+
+
+def json_response(body: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
+    """``application/json``, with ``<``, ``>`` and ``&`` escaped so no text a device chose can read as markup."""
+    text = json.dumps(body, ensure_ascii=True, sort_keys=True)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    response = Response(text + "\n", status=status, mimetype="application/json")
+    response.headers.update(headers or {})
+    return response
+
+
+def error_response(status: int, message: str, headers: Optional[dict[str, str]] = None) -> Response:
+    line = " ".join(message.split())  # one line, whatever the message held
+    return json_response({"error": line, "status": status}, status, headers)
+
+
+def iso(value: Optional[datetime]) -> Optional[str]:
+    """ISO 8601 UTC with a Z (the store keeps naive UTC)."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value.isoformat(timespec="seconds") + "Z"
+
+
+def device_json(d: Device, status: Optional[str], not_after: Optional[datetime]) -> dict:
+    return {
+        "id": d.id,
+        "label": d.label,
+        "device_id": d.device_key,
+        "first_enrolled": iso(d.first_enrolled),
+        "last_enrolled": iso(d.last_enrolled),
+        "current_serial": d.current_serial,
+        "status": status,
+        "not_after": iso(not_after),
+        "requester": d.requester,
+        "client_address": d.client_address,
+    }
+
+
+def certificate_json(c: CertificateRecord, with_pem: bool = False) -> dict:
+    """A certificate's record; with ``with_pem`` its PEM too. The store holds no private key to leak."""
+    body = {
+        "serial": c.serial,
+        "common_name": c.common_name,
+        "subject": c.subject,
+        "label": c.label,
+        "device": c.device_id,
+        "status": c.status,
+        "operation": c.operation,
+        "requester": c.requester,
+        "not_before": iso(c.not_before),
+        "not_after": iso(c.not_after),
+        "issued_at": iso(c.issued_at),
+        "revoked_at": iso(c.revoked_at),
+        "revocation_reason": c.revocation_reason,
+    }
+    if with_pem:
+        body["pem"] = x509.load_der_x509_certificate(c.der).public_bytes(Encoding.PEM).decode("ascii")
+    return body
+
+
+def event_json(e: AuditEvent) -> dict:
+    return {**asdict(e), "at": iso(e.at)}
+
+
+# --- query parameters -------------------------------------------------------------
+
+
+def query_params(allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query string as a dict; an unknown or repeated parameter is a 400 (a typo must not widen a list)."""
+    unknown = sorted(set(request.args) - set(allowed))
+    if unknown:
+        expected = ", ".join(allowed) if allowed else "none"
+        raise BadRequest(f"unknown query parameter(s) {', '.join(unknown)}; this route takes: {expected}")
+    repeated = sorted(k for k in request.args if len(request.args.getlist(k)) > 1)
+    if repeated:
+        raise BadRequest(f"query parameter(s) {', '.join(repeated)} given more than once")
+    return {k: v for k, v in request.args.items()}
+
+
+def int_param(params: dict[str, str], name: str, default: Optional[int], low: int, high: int) -> Optional[int]:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    value = raw.strip()
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise BadRequest(f"{name} must be a whole number from {low} to {high}, not {raw!r}")
+    return int(value)
+
+
+def list_filters(params: dict[str, str]) -> dict:
+    """search, label, status, expires_within_days and limit, checked; ``after`` is the caller's."""
+    search = params.get("search") or None
+    if search is not None and len(search) > MAX_SEARCH:
+        raise BadRequest(f"search must be at most {MAX_SEARCH} characters")
+    status = params.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+    return {
+        "search": search,
+        "label": params.get("label") or None,
+        "status": status,
+        "expires_within_days": int_param(params, "expires_within_days", None, 0, MAX_DAYS),
+        "limit": int_param(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+    }
+
+
+def normalise_serial(text: str) -> str:
+    """A serial as the store keys it: lower-case hex, no colons, no leading zeros (as `est-admin cert revoke`)."""
+    serial = text.strip().lower().replace(":", "").lstrip("0") or "0"
+    if not HEX.fullmatch(serial):
+        raise BadRequest(f"{text!r} is not a certificate serial number (hexadecimal, colons allowed)")
+    return serial
+
+
+def reports() -> Reports:
+    return Reports(state().store.engine)
+
+
+def page_json(page, render) -> dict:
+    return {"items": [render(item) for item in page.items], "next": page.next_after, "total": page.total}
+
+
+# --- devices ---------------------------------------------------------------------
+
+
+@bp.get("/devices")
+@api_admin_required
+def list_devices() -> Response:
+    params = query_params(LIST_PARAMS)
+    filters = list_filters(params)
+    after = int_param(params, "after", None, 1, MAX_ID)
+    page = reports().devices(**filters, after=after)
+    return json_response(page_json(page, lambda d: device_json(d, d.status, d.not_after)))
+
+
+@bp.get(f"/devices/{DEVICE_ID}")
+@api_admin_required
+def show_device(device_id: int) -> Response:
+    query_params(())
+    store = state().store
+    d = _device(device_id)
+    history = store.device_certificates(d.id)
+    current = next((c for c in history if c.serial == d.current_serial), None) or store.get_certificate(d.current_serial)
+    # Events are keyed by device id text alone; the same id on another label is another device.
+    events = [e for e in reports().recent_events(EVENTS_PER_DEVICE, device=d.device_key) if e.label in ("", d.label)]
+    body = device_json(d, current.status if current else None, current.not_after if current else None)
+    body["certificates"] = [certificate_json(c) for c in history]
+    body["events"] = [event_json(e) for e in events]
+    return json_response(body)
+
+
+@bp.delete(f"/devices/{DEVICE_ID}")
+@api_admin_required
+def delete_device(device_id: int) -> Response:
+    query_params(())
+    store = state().store
+    d = _device(device_id)
+    audit = AuditEvent(
+        "device-delete", actor=_actor(), client_address=request.remote_addr or "", label=d.label, device=d.device_key,
+        serial=d.current_serial,
+    )
+    if not store.delete_device(d.id, audit):
+        raise NotFound(f"no device {device_id}")
+    response = Response(status=204)
+    response.headers.pop("Content-Type", None)
+    return response
+
+
+@bp.post(f"/devices/{DEVICE_ID}/revoke")
+@api_admin_required
+def revoke_device(device_id: int) -> Response:
+    query_params(())
+    reason = _reason(DEFAULT_REASON["device"])
+    d = _device(device_id)
+    return _revoke(d.current_serial, reason, d)
+
+
+# --- certificates ----------------------------------------------------------------
+
+
+@bp.get("/certificates")
+@api_admin_required
+def list_certificates() -> Response:
+    params = query_params(LIST_PARAMS)
+    filters = list_filters(params)
+    after = None
+    if params.get("after"):
+        after = normalise_serial(params["after"])
+        if state().store.get_certificate(after) is None:
+            raise BadRequest(f"after={params['after']!r} is not the serial of a certificate here; pass a page's 'next' as is")
+    page = reports().certificates(**filters, after=after)
+    return json_response(page_json(page, certificate_json))
+
+
+@bp.get("/certificates/<serial>")
+@api_admin_required
+def show_certificate(serial: str) -> Response:
+    query_params(())
+    record = state().store.get_certificate(normalise_serial(serial))
+    if record is None:
+        raise NotFound(f"no certificate with serial {serial}")
+    return json_response(certificate_json(record, with_pem=True))
+
+
+@bp.post("/certificates/<serial>/revoke")
+@api_admin_required
+def revoke_certificate(serial: str) -> Response:
+    query_params(())
+    reason = _reason(DEFAULT_REASON["certificate"])
+    return _revoke(normalise_serial(serial), reason, None)
+
+
+# --- statistics ------------------------------------------------------------------
+
+
+@bp.get("/statistics")
+@api_admin_required
+def statistics() -> Response:
+    query_params(())
+    r = reports()
+    body = r.statistics()
+    body["recent_events"] = [event_json(e) for e in r.recent_events(RECENT_EVENTS)]
+    return json_response(body)
+
+
+# --- shared steps ----------------------------------------------------------------
+
+
+def _actor() -> str:
+    return f"admin:{g.admin.name}"
+
+
+def _device(device_id: int) -> Device:
+    d = state().store.get_device(device_id) if device_id <= MAX_ID else None  # past 64 bits the driver overflows
+    if d is None:
+        raise NotFound(f"no device {device_id}")
+    return d
+
+
+def _reason(default: str) -> str:
+    """The revocation reason from a JSON object body (``{}`` or an empty body take the default)."""
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {request.mimetype or 'missing'}")
+    data = request.get_data()
+    if data.strip():
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"request body is not JSON: {exc}") from None
+    else:
+        body = {}
+    if not isinstance(body, dict):
+        raise BadRequest('request body must be a JSON object such as {"reason": "keyCompromise"}')
+    unknown = sorted(set(body) - {"reason"})
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; the only field is reason")
+    reason = body.get("reason", default)
+    if reason not in REASONS:
+        raise BadRequest(f"reason must be one of {', '.join(REASONS)}, not {json.dumps(reason)}")
+    return reason
+
+
+def _revoke(serial: str, reason: str, d: Optional[Device]) -> Response:
+    """Revoke ``serial`` for the current admin and publish a new CRL; 404 unknown, 409 revoked already."""
+    app_state = state()
+    record = app_state.store.get_certificate(serial)
+    if record is None:
+        raise NotFound(f"no certificate with serial {serial}")
+    if record.status == "revoked":
+        raise Conflict(f"certificate {serial} is revoked already ({record.revocation_reason} at {iso(record.revoked_at)})")
+    if d is None and record.device_id is not None:
+        d = app_state.store.get_device(record.device_id)
+    audit = AuditEvent(
+        "revoke", actor=_actor(), client_address=request.remote_addr or "", label=record.label,
+        device=d.device_key if d is not None else record.common_name, serial=serial, detail=reason,
+    )
+    try:
+        revoked = revoke(app_state.store, app_state.crl, serial, reason, audit)
+    except StoreNotFound:
+        raise NotFound(f"no certificate with serial {serial}") from None
+    except AlreadyRevoked:  # another admin got there between our read and the write
+        raise Conflict(f"certificate {serial} is revoked already") from None
+    log.info("%s revoked %s (%s)", audit.actor, serial, reason)
+    return json_response(certificate_json(revoked))
+
+
+# --- errors ----------------------------------------------------------------------
+
+
+@bp.errorhandler(ESTError)
+def _est_error(exc: ESTError) -> Response:
+    log.info("refused %s %s: %s", g.get("request_id", "-"), exc.status, exc.message)
+    return error_response(exc.status, exc.message, exc.headers)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    headers = {k: v for k, v in exc.get_headers() if k.lower() not in ("content-type", "content-length")}
+    return error_response(exc.code or 500, f"{exc.name}: {exc.description}", headers)
+
+
+def _under_prefix(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+@bp.after_app_request
+def _json_everywhere(response: Response) -> Response:
+    """Under /api/v1: JSON for the errors no blueprint handler sees, and no caching or type sniffing."""
+    if not _under_prefix(request.path):
+        return response
+    if response.status_code >= 400 and response.mimetype == "text/plain":
+        message = response.get_data(as_text=True)
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")}
+        response = error_response(response.status_code, message, headers)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from flask import request
 
+from .. import metrics
 from ..audit import EVENTS, request_event
 from ..auth import Identity
 from ..ca import CertificateProfile, check_policy, load_csr
@@ -75,6 +76,7 @@ def issue_for_device(
         audit = request_event(EVENTS[operation], device=key, serial=record.serial)
         try:
             app_state.store.enroll_device(record, key, policy, request.remote_addr or "", audit)
+            metrics.certificate_issued(operation, profile.name)
             return certificate
         except SerialTaken:
             continue  # a random 159-bit serial collided: draw another
@@ -96,6 +98,7 @@ def issue_replacement(csr: x509.CertificateSigningRequest, profile: EnrollmentPr
         audit = request_event("reenroll", device=record.common_name, serial=record.serial, detail=f"supersedes {old_serial}")
         try:
             app_state.store.replace_certificate(old_serial, record, request.remote_addr or "", audit)
+            metrics.certificate_issued("simplereenroll", profile.name)
             return certificate
         except SerialTaken:
             continue

@@ -52,7 +52,7 @@ class Reports:
         if search:
             term = search.strip()
             match = devices.c.device_key.contains(term, autoescape=True)
-            where.append(sa.or_(match, devices.c.id == int(term)) if term.isdigit() else match)
+            where.append(sa.or_(match, devices.c.id == int(term)) if term.isascii() and term.isdigit() and len(term) <= 18 else match)
         if label:
             where.append(devices.c.label == label)
         if status:
@@ -117,11 +117,11 @@ class Reports:
         valid = certificates.c.status == "valid"
         with self.engine.connect() as conn:
             by_status = dict(conn.execute(sa.select(certificates.c.status, sa.func.count()).group_by(certificates.c.status)).all())
-            per_day = dict(
-                conn.execute(
-                    sa.select(day, sa.func.count()).where(certificates.c.issued_at >= since).group_by(day)
-                ).all()
-            )
+            # str(): SQLite's date() gives text, PostgreSQL's a date
+            per_day = {
+                str(d): n
+                for d, n in conn.execute(sa.select(day, sa.func.count()).where(certificates.c.issued_at >= since).group_by(day))
+            }
             expiring = {
                 window: conn.execute(
                     sa.select(sa.func.count()).where(valid, certificates.c.not_after.between(now, now + timedelta(days=window)))

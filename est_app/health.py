@@ -1,0 +1,108 @@
+"""Probes for systemd, load balancers and orchestrators: ``/healthz`` and ``/readyz``.
+
+``/healthz`` answers 200 ``ok`` whenever the process can answer at all; it
+touches nothing. ``/readyz`` answers 200 ``ready`` only when this worker can
+issue: the store answers a query on its certificates table, the CA key signs
+a fresh payload that the CA certificate verifies, and the CRL in the store is
+current (when there is none yet, or it has expired, the probe signs one, as
+serving the CRL would). Otherwise 503 with one line naming what failed; the
+details go to the log, not to the unauthenticated caller.
+
+Neither is rate limited nor behind the admin network gate; neither says
+anything about devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from flask import Blueprint, Flask, Response
+
+from .errors import text_response
+from .metrics import exempt_from_rate_limits
+from .state import state
+from .store.schema import certificates
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("health", __name__)
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def init_app(app: Flask) -> None:
+    """Register the probes; call after the rate limiter exists, so they can be exempted from it."""
+    app.register_blueprint(bp)
+    exempt_from_rate_limits(app, bp)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return text_response(200, "ok", NO_STORE)
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    failures = []
+    store_ok = _check("store", failures, _store_answers)
+    _check("ca key", failures, _ca_key_signs)
+    if store_ok:  # the CRL lives in the store; one cause is enough to name
+        _check("crl", failures, _crl_is_fresh)
+    if failures:
+        return text_response(503, "not ready: " + "; ".join(failures), NO_STORE)
+    return text_response(200, "ready", NO_STORE)
+
+
+def _check(name: str, failures: list[str], check) -> bool:
+    try:
+        problem = check()
+    except Exception as exc:
+        log.warning("readyz: %s check failed", name, exc_info=True)
+        problem = f"failed ({type(exc).__name__})"
+    if problem:
+        failures.append(f"{name} {problem}")
+    return not problem
+
+
+def _store_answers() -> str | None:
+    # A query on a real table (not a bare SELECT 1): a store without its schema cannot issue either.
+    with state().store.engine.connect() as conn:
+        conn.execute(sa.select(sa.literal(1)).select_from(certificates).limit(1)).all()
+    return None
+
+
+def _ca_key_signs() -> str | None:
+    """The CA key signs a fresh payload and the CA certificate's public key verifies it."""
+    authority = state().authority
+    key, public_key = authority.private_key, authority.certificate.public_key()
+    payload = b"est_app readiness " + os.urandom(16)
+    if isinstance(key, rsa.RSAPrivateKey):
+        args: tuple = (padding.PKCS1v15(), hashes.SHA256())
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        args = (ec.ECDSA(hashes.SHA256()),)
+    elif isinstance(key, dsa.DSAPrivateKey):
+        args = (hashes.SHA256(),)
+    elif isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        args = ()
+    else:
+        return f"of unsupported type {type(key).__name__}"
+    signature = key.sign(payload, *args)
+    try:
+        public_key.verify(signature, payload, *args)
+    except Exception:
+        return "does not match the CA certificate"
+    return None
+
+
+def _crl_is_fresh() -> str | None:
+    crl = state().crl
+    if not crl.is_fresh():
+        # None yet, or the newest in the store is past its nextUpdate: sign one now, as the next
+        # CRL request would (current() could trust this worker's cached copy instead of the store).
+        crl.regenerate()
+        if not crl.is_fresh():
+            return "is past its nextUpdate and could not be renewed"
+    return None
