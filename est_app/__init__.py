@@ -27,7 +27,7 @@ from .ca.ocsp import OCSPResponder, load_signer
 from .config import ConfigError, Settings, load_config
 from .profiles import build_profiles
 from .proxy import TrustedProxies
-from .ratelimit import init_rate_limit
+from .ratelimit import exempt, init_rate_limit
 from .state import AppState
 from .store import Store
 
@@ -83,6 +83,7 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
 
     app.register_blueprint(est.bp)
     app.register_blueprint(revocation_views.bp)
+    exempt(app, revocation_views.bp)  # FreeRADIUS asks for every pump from one address
     init_admin(app, settings, store)
     app.cli.add_command(cli.est)
     return app

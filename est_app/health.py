@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from flask import Blueprint, Flask, Response
 
 from .errors import text_response
-from .metrics import exempt_from_rate_limits
+from .ratelimit import exempt
 from .state import state
 from .store.schema import certificates
 
@@ -36,7 +36,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 def init_app(app: Flask) -> None:
     """Register the probes; call after the rate limiter exists, so they can be exempted from it."""
     app.register_blueprint(bp)
-    exempt_from_rate_limits(app, bp)
+    exempt(app, bp)
 
 
 @bp.get("/healthz")

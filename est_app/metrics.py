@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
 
 from .ca.crl import REASONS
+from .ratelimit import exempt
 from .state import state
 from .store import utcnow
 from .store.schema import certificates
@@ -115,14 +116,7 @@ def init_app(app: Flask) -> None:
     app.before_request_funcs.setdefault(None, []).insert(0, _start_clock)  # before the rate limiter's check
     app.after_request(_count_request)
     app.register_blueprint(bp)
-    exempt_from_rate_limits(app, bp)
-
-
-def exempt_from_rate_limits(app: Flask, blueprint: Blueprint) -> None:
-    """Flask-Limiter keeps its instances in ``app.extensions["limiter"]`` (a set)."""
-    limiters = app.extensions.get("limiter") or ()
-    for limiter in limiters if isinstance(limiters, (set, list, tuple)) else (limiters,):
-        limiter.exempt(blueprint)
+    exempt(app, bp)
 
 
 def _library_is_multiprocess() -> bool:

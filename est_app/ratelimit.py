@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 
-from flask import Flask, Response
+from flask import Blueprint, Flask, Response
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import TooManyRequests
@@ -29,6 +29,7 @@ def init_rate_limit(app: Flask, settings: RateLimitSettings) -> None:
         headers_enabled=False,  # its Retry-After would ride on every 200; only a 429 gets one
         enabled=settings.enabled,
     )
+    app.extensions["est_limiter"] = limiter
 
     @app.errorhandler(TooManyRequests)
     def _too_many(exc: TooManyRequests) -> Response:
@@ -37,3 +38,8 @@ def init_rate_limit(app: Flask, settings: RateLimitSettings) -> None:
         return text_response(
             429, f"too many requests from this address (limit {exc.description}); retry in {retry} s", {"Retry-After": str(retry)}
         )
+
+
+def exempt(app: Flask, blueprint: Blueprint) -> None:
+    """Exempt a blueprint whose callers must never be throttled (probes, scrapes, CRL and OCSP)."""
+    app.extensions["est_limiter"].exempt(blueprint)

@@ -40,7 +40,7 @@ from ..revocation import revoke
 from ..state import state
 from ..store import AlreadyRevoked, AuditEvent, CertificateRecord, Device
 from ..store import NotFound as StoreNotFound
-from ..store.reports import Reports
+from ..store.reports import MAX_ID, Reports
 from . import api_admin_required, check_network
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 MAX_DAYS = 36500
 MAX_SEARCH = 256
-MAX_ID = 2**63 - 1  # the largest id SQLite and PostgreSQL can hold; a larger one is simply not found
 DEVICE_ID = "<int:device_id>"
 LIST_PARAMS = ("search", "label", "status", "expires_within_days", "after", "limit")
 DEFAULT_REASON = {"device": "cessationOfOperation", "certificate": "unspecified"}

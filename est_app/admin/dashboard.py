@@ -1,8 +1,462 @@
-"""The dashboard under ``/admin``."""
+"""The dashboard under ``/admin``: server-rendered pages for the hospital's operators.
 
-from flask import Blueprint
+Sign-in is a form for admin accounts and a session cookie (Secure, HttpOnly,
+SameSite=Strict, idle timeout ``admin.session_minutes``). The account is
+looked up again on every request, so an admin removed or demoted with the CLI
+is out at once. Every change (revoke, delete, sign out) is a POST carrying the
+session's CSRF token, reached through a confirmation page; GET never changes
+anything. Pages are Jinja with autoescaping and no JavaScript; the overview's
+chart is an SVG drawn from the numbers here. The queries are the keyset
+reports of :mod:`est_app.store.reports`, a fixed handful per page.
+"""
 
-from . import check_network
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import date, datetime
+from functools import lru_cache
+from typing import Optional
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, abort, flash, g, make_response, redirect, render_template, request, session, url_for
+from werkzeug.exceptions import HTTPException
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from ..ca.crl import REASONS
+from ..revocation import revoke
+from ..state import state
+from ..store import AlreadyRevoked, AuditEvent, CertificateRecord, Device
+from ..store import NotFound as UnknownCertificate
+from ..store import utcnow
+from ..store.reports import MAX_ID, Reports
+from . import check_network, current_admin_from_session, refuse_login
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("dashboard", __name__, url_prefix="/admin")
 bp.before_request(check_network)
+
+PAGE_SIZE = 50
+RECENT_EVENTS = 20
+DEVICE_EVENTS = 50
+STATUSES = ("valid", "revoked", "superseded")
+EXPIRY_WINDOWS = (30, 60, 90)
+MAX_NAME = 128  # users.name
+MAX_SEARCH = 256  # devices.device_key
+DEFAULT_REVOKE_REASON = "cessationOfOperation"  # as `est-admin device revoke`
+REASON_TEXT = {
+    "cessationOfOperation": "Cessation of operation: the pump is decommissioned or out of service",
+    "keyCompromise": "Key compromise: the pump or its key may be in someone else's hands (lost, stolen)",
+    "affiliationChanged": "Affiliation changed: the pump moved to another organisation or site",
+    "privilegeWithdrawn": "Privilege withdrawn: the pump may no longer join the network",
+    "superseded": "Superseded: the pump has been given a newer certificate",
+    "unspecified": "Unspecified",
+}
+CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",  # pages show device data and carry the CSRF token
+}
+
+
+# --- the gate: network (above), then an admin session, on every request but the sign-in form ---
+
+
+@bp.before_request
+def _require_admin() -> Optional[Response]:
+    if request.endpoint == "dashboard.login":
+        return None
+    user = current_admin_from_session(session.get("admin"))
+    if user is None:
+        had_session = "admin" in session
+        session.clear()
+        if had_session:
+            flash("Your session has ended: the account is no longer an administrator, or it has been removed.", "error")
+        target = request.full_path.rstrip("?") if request.method == "GET" else None
+        return redirect(url_for(".login", next=_safe_next(target)))
+    g.admin = user
+    return None
+
+
+@bp.after_request
+def _security_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+@bp.context_processor
+def _template_context() -> dict:
+    admin = g.get("admin")
+    return {"admin": admin, "csrf_token": session.get("csrf", "") if admin else "", "now": utcnow()}
+
+
+@bp.errorhandler(HTTPException)
+def _error_page(exc: HTTPException) -> Response:
+    response = make_response(render_template("admin/error.html", error=exc), exc.code or 500)
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def _token_ok(key: str = "csrf") -> bool:
+    """Whether the form's ``csrf`` field equals the token the session holds under ``key``."""
+    expected = session.get(key) or ""
+    return bool(expected) and hmac.compare_digest(request.form.get("csrf", "").encode(), expected.encode())
+
+
+def _require_csrf() -> None:
+    if not _token_ok():
+        abort(400, "The form's security token is missing or out of date. Go back, reload the page and try again.")
+
+
+def _safe_next(target: Optional[str]) -> Optional[str]:
+    """A dashboard path to return to after sign-in; anything else (another host, scheme) is dropped."""
+    if not target or not target.startswith("/admin/") or "\\" in target or target.startswith("//"):
+        return None
+    parts = urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else None
+
+
+def _audit(event: AuditEvent) -> None:
+    """Write an event that accompanies no change (sign-in); a failure is logged, not shown."""
+    try:
+        state().store.add_audit(event)
+    except Exception:
+        log.exception("could not write the audit event %s", event.event)
+
+
+def _audit_refusal(name: str, reason: str) -> None:
+    """A refused sign-in, recorded as the admin API records its own (never the password)."""
+    try:
+        refuse_login(name, reason)
+    except Exception:
+        log.exception("could not write the audit event for a refused sign-in")
+
+
+@lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    """Checked against for unknown users, so they take as long to refuse as a wrong password."""
+    return generate_password_hash(secrets.token_urlsafe(16))
+
+
+# --- sign in and out ---
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    next_target = _safe_next(request.values.get("next"))
+    if request.method == "GET":
+        if current_admin_from_session(session.get("admin")) is not None:
+            return redirect(next_target or url_for(".overview"))
+        return _login_form(next_target)
+    if not _token_ok("login_csrf"):
+        return _login_form(next_target, "The sign-in form had expired. Please sign in again.", 400)
+    name = request.form.get("username", "").strip()[:MAX_NAME]
+    password = request.form.get("password", "")
+    user = state().store.get_user(name) if name else None
+    password_ok = check_password_hash(user.password_hash if user else _dummy_hash(), password)
+    if user is None or not password_ok:
+        _audit_refusal(name, "wrong password or unknown user")
+        return _login_form(next_target, "Incorrect username or password.", 403, name)
+    if not user.is_admin:
+        _audit_refusal(user.name, "an EST user, not an admin")
+        message = (
+            f"“{user.name}” is an EST account, for gateways and devices enrolling certificates; "
+            "it cannot sign in to the dashboard. Sign in with an administrator account."
+        )
+        return _login_form(next_target, message, 403, name)
+    session.clear()
+    session["admin"] = user.name
+    session["csrf"] = secrets.token_urlsafe(32)
+    session.permanent = True
+    _audit(AuditEvent("admin-login", actor=f"admin:{user.name}", client_address=request.remote_addr or ""))
+    return redirect(next_target or url_for(".overview"))
+
+
+def _login_form(next_target: Optional[str], error: Optional[str] = None, status: int = 200, username: str = "") -> Response:
+    token = session.get("login_csrf") or secrets.token_urlsafe(32)
+    session["login_csrf"] = token
+    page = render_template("admin/login.html", next=next_target, login_csrf=token, error=error, username=username)
+    return make_response(page, status)
+
+
+@bp.post("/logout")
+def logout():
+    _require_csrf()
+    session.clear()
+    flash("You have signed out.", "success")
+    return redirect(url_for(".login"))
+
+
+# --- overview ---
+
+
+@bp.get("/")
+def overview():
+    reports = Reports(state().store.engine)
+    stats = reports.statistics()
+    return render_template(
+        "admin/overview.html",
+        section="overview",
+        stats=stats,
+        chart=bar_chart(stats["issued_per_day"]),
+        issued_total=sum(day["count"] for day in stats["issued_per_day"]),
+        events=reports.recent_events(RECENT_EVENTS),
+        windows=EXPIRY_WINDOWS,
+    )
+
+
+@dataclass(frozen=True)
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    day: str  # ISO date
+    count: int
+    tick: Optional[str]  # x-axis label under this bar, if any
+
+
+@dataclass(frozen=True)
+class Chart:
+    width: int
+    height: int
+    left: int
+    right: int  # x of the plot's right edge
+    baseline: float  # y of zero
+    bars: list[Bar]
+    ticks: list[tuple[float, int]]  # (y, value) for horizontal grid lines
+    peak: int
+
+
+def bar_chart(per_day: list[dict], width: int = 760, height: int = 230) -> Chart:
+    """Geometry for an SVG bar chart of ``[{"date": ISO, "count": n}, ...]`` (oldest first)."""
+    left, right, top, bottom = 40, 8, 12, 30
+    plot_w, plot_h = width - left - right, height - top - bottom
+    counts = [day["count"] for day in per_day]
+    peak = max(counts, default=0)
+    step = _nice_step(peak)
+    ceiling = max(step, step * math.ceil(peak / step))
+    slot = plot_w / max(len(per_day), 1)
+    bars = []
+    for i, day in enumerate(per_day):
+        h = round(day["count"] / ceiling * plot_h, 1)
+        bw = round(slot * 0.72, 1)
+        label_every = 7 if len(per_day) > 10 else 1
+        tick = _short_date(day["date"]) if (len(per_day) - 1 - i) % label_every == 0 else None
+        bars.append(Bar(round(left + i * slot + (slot - bw) / 2, 1), round(top + plot_h - h, 1), bw, h, day["date"], day["count"], tick))
+    ticks = [(round(top + plot_h - v / ceiling * plot_h, 1), v) for v in range(0, ceiling + 1, step)]
+    return Chart(width, height, left, width - right, top + plot_h, bars, ticks, peak)
+
+
+def _nice_step(peak: int) -> int:
+    """A grid step of 1, 2 or 5 times a power of ten giving at most four intervals above ``peak``."""
+    if peak <= 4:
+        return 1
+    magnitude = 10 ** math.floor(math.log10(peak / 4))
+    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude * 4 >= peak)
+
+
+def _short_date(iso: str) -> str:
+    d = date.fromisoformat(iso)
+    return f"{d.day} {d:%b}"
+
+
+# --- devices ---
+
+
+@bp.get("/devices")
+def devices():
+    filters = _device_filters()
+    after = request.args.get("after", "")
+    after_id = int(after) if after.isascii() and after.isdigit() and int(after) <= MAX_ID else None
+    labels = sorted({p.name for p in state().profiles.values()} | ({filters["label"]} if filters.get("label") else set()))
+    page = Reports(state().store.engine).devices(
+        search=filters.get("q"),
+        label=filters.get("label"),
+        status=filters.get("status"),
+        expires_within_days=filters.get("expiring"),
+        after=after_id,
+        limit=PAGE_SIZE,
+    )
+    return render_template(
+        "admin/devices.html",
+        section="devices",
+        filters=filters,
+        page=page,
+        paged=after_id is not None,
+        after=after_id,
+        labels=labels,
+        statuses=STATUSES,
+        windows=EXPIRY_WINDOWS,
+    )
+
+
+def _device_filters() -> dict:
+    """The list's filters from the query string, only those set (unknown values are ignored)."""
+    args = request.args
+    filters: dict = {}
+    q = args.get("q", "").strip()
+    if q:
+        filters["q"] = q[:MAX_SEARCH]
+    if args.get("label"):
+        filters["label"] = args["label"][:64]
+    if args.get("status") in STATUSES:
+        filters["status"] = args["status"]
+    if args.get("expiring", "").isascii() and args.get("expiring", "").isdigit() and int(args["expiring"]) in EXPIRY_WINDOWS:
+        filters["expiring"] = int(args["expiring"])
+    return filters
+
+
+def _device_or_404(device_id: int) -> Device:
+    device = state().store.get_device(device_id) if device_id <= MAX_ID else None
+    if device is None:
+        abort(404, f"There is no device {device_id}. It may have been deleted.")
+    return device
+
+
+@bp.get("/devices/<int:device_id>")
+def device(device_id: int):
+    d = _device_or_404(device_id)
+    certificates = state().store.device_certificates(d.id)
+    current = next((c for c in certificates if c.serial == d.current_serial), None)
+    return render_template(
+        "admin/device.html",
+        section="devices",
+        device=d,
+        current=current,
+        certificates=list(reversed(certificates)),  # newest first
+        events=_device_events(d, certificates),
+    )
+
+
+def _device_events(d: Device, certificates: list[CertificateRecord]) -> list[AuditEvent]:
+    """The newest events naming the device: by its id, or by the CN of one of its certificates (re-enrollment)."""
+    reports = Reports(state().store.engine)
+    names = {d.device_key} | {c.common_name for c in certificates if c.common_name}
+    found = {e.id: e for name in sorted(names) for e in reports.recent_events(DEVICE_EVENTS, device=name) if e.label in (d.label, "")}
+    return sorted(found.values(), key=lambda e: e.id, reverse=True)[:DEVICE_EVENTS]
+
+
+# --- revoke ---
+
+
+@bp.get("/devices/<int:device_id>/revoke")
+def revoke_confirm(device_id: int):
+    d = _device_or_404(device_id)
+    current = state().store.get_certificate(d.current_serial)
+    return render_template(
+        "admin/revoke.html", section="devices", device=d, certificate=current, reasons=_reasons(), default_reason=DEFAULT_REVOKE_REASON
+    )
+
+
+@bp.post("/devices/<int:device_id>/revoke")
+def revoke_device(device_id: int):
+    _require_csrf()
+    d = _device_or_404(device_id)
+    reason = request.form.get("reason", "")
+    if reason not in REASONS:
+        abort(400, f"Choose a revocation reason from the list (one of {', '.join(sorted(REASONS))}).")
+    serial = request.form.get("serial", "")
+    if serial != d.current_serial:
+        flash(
+            "The device has a new certificate since you opened the confirmation. Nothing was revoked; "
+            "check the certificate below and confirm again.",
+            "error",
+        )
+        return redirect(url_for(".revoke_confirm", device_id=d.id))
+    app_state = state()
+    record = app_state.store.get_certificate(serial)
+    audit = AuditEvent(
+        "revoke",
+        actor=f"admin:{g.admin.name}",
+        client_address=request.remote_addr or "",
+        label=record.label if record else d.label,
+        device=d.device_key,
+        serial=serial,
+        detail=reason,
+    )
+    try:
+        revoke(app_state.store, app_state.crl, serial, reason, audit)
+    except UnknownCertificate:
+        abort(404, f"There is no certificate with serial {serial}.")
+    except AlreadyRevoked:
+        flash(f"Certificate {serial} was revoked already; nothing changed.", "error")
+        return redirect(url_for(".device", device_id=d.id))
+    flash(f"Certificate {serial} of {d.device_key} is revoked ({reason}) and the CRL has been re-signed.", "success")
+    return redirect(url_for(".device", device_id=d.id))
+
+
+def _reasons() -> list[tuple[str, str]]:
+    ordered = [r for r in REASON_TEXT if r in REASONS] + sorted(r for r in REASONS if r not in REASON_TEXT)
+    return [(r, REASON_TEXT.get(r, r)) for r in ordered]
+
+
+# --- delete ---
+
+
+@bp.get("/devices/<int:device_id>/delete")
+def delete_confirm(device_id: int):
+    d = _device_or_404(device_id)
+    current = state().store.get_certificate(d.current_serial)
+    return render_template("admin/delete.html", section="devices", device=d, certificate=current)
+
+
+@bp.post("/devices/<int:device_id>/delete")
+def delete_device(device_id: int):
+    _require_csrf()
+    d = _device_or_404(device_id)
+    audit = AuditEvent(
+        "device-delete",
+        actor=f"admin:{g.admin.name}",
+        client_address=request.remote_addr or "",
+        label=d.label,
+        device=d.device_key,
+        serial=d.current_serial,
+        detail=f"device {d.id}",
+    )
+    if not state().store.delete_device(d.id, audit):
+        abort(404, f"There is no device {d.id}. It may have been deleted already.")
+    flash(f"Device {d.device_key} (id {d.id}) is deleted; it may enroll again. Its certificates stay on record.", "success")
+    return redirect(url_for(".devices"))
+
+
+# --- template filters ---
+
+
+@bp.app_template_filter("admin_time")
+def _format_time(value: Optional[datetime]) -> str:
+    return f"{value:%Y-%m-%d %H:%M} UTC" if value else "—"
+
+
+@bp.app_template_filter("admin_date")
+def _format_date(value: Optional[datetime]) -> str:
+    return f"{value:%Y-%m-%d}" if value else "—"
+
+
+@bp.app_template_filter("admin_number")
+def _format_number(value: int) -> str:
+    return f"{value:,}"
+
+
+@bp.app_template_filter("admin_until")
+def _format_until(value: Optional[datetime]) -> str:
+    """'in 23 days', 'today', 'expired 3 days ago'."""
+    if value is None:
+        return ""
+    days = (value.date() - utcnow().date()).days
+    if value < utcnow():
+        return "expired today" if days == 0 else f"expired {-days} day{'s' if days != -1 else ''} ago"
+    return "today" if days == 0 else f"in {days} day{'s' if days != 1 else ''}"

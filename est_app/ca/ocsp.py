@@ -38,7 +38,6 @@ class OCSPResponder:
         self.authority = authority
         self.lookup = lookup
         self.signer_certificate, self.signer_key = signer or (authority.certificate, authority.private_key)
-        self.delegated = signer is not None
         self.validity = validity
         # (hash name, issuer name hash, issuer key hash) that identify this CA in a request
         self._ours = set()
@@ -67,9 +66,10 @@ class OCSPResponder:
         builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
             request.issuer_name_hash, request.issuer_key_hash, serial, algorithm, status, now, now + self.validity, revoked_at, reason
         )
+        # The signer's certificate rides along even when it is the CA's: FreeRADIUS (OpenSSL's
+        # OCSP_basic_verify without extra certificates) looks for the signer only in the response.
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self.signer_certificate)
-        if self.delegated:
-            builder = builder.certificates([self.signer_certificate])
+        builder = builder.certificates([self.signer_certificate])
         for extension in extensions:
             if isinstance(extension.value, x509.OCSPNonce):
                 builder = builder.add_extension(extension.value, critical=False)
@@ -92,4 +92,7 @@ def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority
         usages = []
     if ExtendedKeyUsageOID.OCSP_SIGNING not in usages:
         raise ConfigError(f"ca.ocsp_responder_cert_file {cert_path}: must be issued by the CA with EKU OCSPSigning")
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != certificate.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise ConfigError(f"ca.ocsp_responder_key_file {key_path} does not belong to ca.ocsp_responder_cert_file {cert_path}")
     return certificate, key

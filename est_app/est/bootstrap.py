@@ -29,7 +29,7 @@ def bootstrap() -> ESTResponse:
         raise NotFound("bootstrap is not enabled on this server (bootstrap_enabled: false)")
     if "basic" not in g.profile.auth:
         raise Forbidden(f"label {g.profile.name!r} does not accept passwords, and bootstrap takes HTTP Basic credentials")
-    identity = enrolling_identity(replace(g.profile, auth=frozenset({"basic"})))
+    g.identity = identity = enrolling_identity(replace(g.profile, auth=frozenset({"basic"})))
     csr = read_csr(g.profile)
     check_proof_of_possession(csr, identity, g.profile)
     certificate = issue_for_device(

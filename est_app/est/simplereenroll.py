@@ -8,7 +8,7 @@ reach labelled paths); only the response encoding is the path's.
 """
 
 from cryptography import x509
-from flask import Blueprint
+from flask import Blueprint, g
 
 from ..auth import check_proof_of_possession, device_identity
 from ..ca import issued_subject
@@ -30,7 +30,7 @@ def _san(obj) -> set:
 @bp.post("/simplereenroll")
 @bp.post("/<label>/simplereenroll")
 def simplereenroll() -> ESTResponse:
-    identity = device_identity()
+    g.identity = identity = device_identity()
     record = state().store.get_certificate(identity.name)
     profile = state().profile_named(record.label) if record else None
     if profile is None:

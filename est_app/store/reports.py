@@ -18,6 +18,9 @@ from . import AuditEvent, CertificateRecord, Device, utcnow
 from .schema import audit_events, certificates, devices
 
 
+MAX_ID = 2**63 - 1  # the largest integer key SQLite and PostgreSQL hold
+
+
 @dataclass(frozen=True)
 class DeviceSummary(Device):
     status: Optional[str]  # the current certificate's
@@ -63,8 +66,10 @@ class Reports:
         columns = [*devices.c, current.c.status, current.c.not_after]
         query = sa.select(*columns).select_from(joined).where(*where).order_by(devices.c.id.desc()).limit(limit + 1)
         if after is not None:
-            query = query.where(devices.c.id < after)
-        count = sa.select(sa.func.count()).select_from(joined).where(*where)
+            query = query.where(devices.c.id < min(after, MAX_ID))
+        # The join cannot change the total unless a filter looks at the current certificate.
+        count_from = joined if (status or expires_within_days is not None) else devices
+        count = sa.select(sa.func.count()).select_from(count_from).where(*where)
         with self.engine.connect() as conn:
             rows = [DeviceSummary(**row._mapping) for row in conn.execute(query)]
             total = conn.execute(count).scalar_one()

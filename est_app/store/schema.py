@@ -33,7 +33,7 @@ devices = sa.Table(
     sa.Column("device_key", sa.String(256), nullable=False),  # CN, serialNumber or SAN, per label
     sa.Column("first_enrolled", sa.DateTime, nullable=False),
     sa.Column("last_enrolled", sa.DateTime, nullable=False, index=True),
-    sa.Column("current_serial", sa.String(64), nullable=False),
+    sa.Column("current_serial", sa.String(64), nullable=False, index=True),
     sa.Column("requester", sa.String(256), nullable=False),
     sa.Column("client_address", sa.String(64), nullable=False),
     sa.UniqueConstraint("label", "device_key", name="uq_devices_label_key"),
@@ -57,6 +57,8 @@ certificates = sa.Table(
     sa.Column("revocation_reason", sa.String(32)),
     sa.Column("issued_at", sa.DateTime, nullable=False, index=True),
     sa.Column("der", sa.LargeBinary, nullable=False),
+    # Counts by status and expiry (overview, metrics, `cert expiring`) without reading certificate bodies.
+    sa.Index("ix_certificates_status_not_after_serial", "status", "not_after", "serial"),
 )
 
 # Append-only: rows are inserted, never updated or deleted.
