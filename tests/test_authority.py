@@ -109,6 +109,6 @@ def test_intermediate_ca_serves_the_chain_and_caps_validity(tmp_path, root):
 
 def test_chain_without_root_stops_start(tmp_path, root):
     root_key, root_cert = root
-    cert = _intermediate(tmp_path, root_key, root_cert)
+    _intermediate(tmp_path, root_key, root_cert)
     with pytest.raises(ConfigError, match="missing the issuer CN=Test Root"):
         load_authority(CASettings(cert_file=tmp_path / "issuing.pem", key_file=tmp_path / "issuing.key"))

@@ -239,7 +239,7 @@ def revoke_device(device_id: int) -> Response:
     query_params(())
     reason = _reason(DEFAULT_REASON["device"])
     d = _device(device_id)
-    return _revoke(d.current_serial, reason, d)
+    return _revoke(d.current_serial, reason)
 
 
 # --- certificates ----------------------------------------------------------------
@@ -274,7 +274,7 @@ def show_certificate(serial: str) -> Response:
 def revoke_certificate(serial: str) -> Response:
     query_params(())
     reason = _reason(DEFAULT_REASON["certificate"])
-    return _revoke(normalise_serial(serial), reason, None)
+    return _revoke(normalise_serial(serial), reason)
 
 
 # --- statistics ------------------------------------------------------------------
@@ -327,27 +327,16 @@ def _reason(default: str) -> str:
     return reason
 
 
-def _revoke(serial: str, reason: str, d: Optional[Device]) -> Response:
+def _revoke(serial: str, reason: str) -> Response:
     """Revoke ``serial`` for the current admin and publish a new CRL; 404 unknown, 409 revoked already."""
-    app_state = state()
-    record = app_state.store.get_certificate(serial)
-    if record is None:
-        raise NotFound(f"no certificate with serial {serial}")
-    if record.status == "revoked":
-        raise Conflict(f"certificate {serial} is revoked already ({record.revocation_reason} at {iso(record.revoked_at)})")
-    if d is None and record.device_id is not None:
-        d = app_state.store.get_device(record.device_id)
-    audit = AuditEvent(
-        "revoke", actor=_actor(), client_address=request.remote_addr or "", label=record.label,
-        device=d.device_key if d is not None else record.common_name, serial=serial, detail=reason,
-    )
     try:
-        revoked = revoke(app_state.store, app_state.crl, serial, reason, audit)
+        revoked = revoke(serial, reason, _actor(), request.remote_addr or "")
     except StoreNotFound:
         raise NotFound(f"no certificate with serial {serial}") from None
-    except AlreadyRevoked:  # another admin got there between our read and the write
-        raise Conflict(f"certificate {serial} is revoked already") from None
-    log.info("%s revoked %s (%s)", audit.actor, serial, reason)
+    except AlreadyRevoked:
+        record = state().store.get_certificate(serial)
+        raise Conflict(f"certificate {serial} is revoked already ({record.revocation_reason} at {iso(record.revoked_at)})") from None
+    log.info("%s revoked %s (%s)", _actor(), serial, reason)
     return json_response(certificate_json(revoked))
 
 

@@ -377,19 +377,8 @@ def revoke_device(device_id: int):
             "error",
         )
         return redirect(url_for(".revoke_confirm", device_id=d.id))
-    app_state = state()
-    record = app_state.store.get_certificate(serial)
-    audit = AuditEvent(
-        "revoke",
-        actor=f"admin:{g.admin.name}",
-        client_address=request.remote_addr or "",
-        label=record.label if record else d.label,
-        device=d.device_key,
-        serial=serial,
-        detail=reason,
-    )
     try:
-        revoke(app_state.store, app_state.crl, serial, reason, audit)
+        revoke(serial, reason, f"admin:{g.admin.name}", request.remote_addr or "")
     except UnknownCertificate:
         abort(404, f"There is no certificate with serial {serial}.")
     except AlreadyRevoked:

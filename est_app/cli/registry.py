@@ -87,14 +87,8 @@ def cert_revoke(serial: str, reason: str) -> None:
 
 
 def _revoke(serial: str, reason: str) -> None:
-    app_state = state()
-    record = app_state.store.get_certificate(serial)
-    audit = AuditEvent(
-        "revoke", actor=cli_actor(), label=record.label if record else "", device=record.common_name if record else "",
-        serial=serial, detail=reason,
-    )
     try:
-        revoke(app_state.store, app_state.crl, serial, reason, audit)
+        revoke(serial, reason, cli_actor())
     except NotFound:
         raise click.ClickException(f"no certificate with serial {serial}") from None
     except AlreadyRevoked:

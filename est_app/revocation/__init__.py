@@ -14,7 +14,8 @@ from typing import Optional
 
 from ..ca import CertificateAuthority
 from ..ca.crl import build_crl
-from ..store import AuditEvent, CertificateRecord, CRLRecord, Store
+from ..state import state
+from ..store import AuditEvent, CertificateRecord, CRLRecord, NotFound, Store
 
 
 class CRLCache:
@@ -53,8 +54,22 @@ class CRLCache:
         return latest is not None and now < latest.next_update
 
 
-def revoke(store: Store, crl: CRLCache, serial: str, reason: str, audit: AuditEvent) -> CertificateRecord:
-    """Revoke ``serial`` and publish a new CRL; the store refuses the certificate from the next request on."""
-    record = store.revoke(serial, reason, audit)
-    crl.regenerate()
-    return record
+def revoke(serial: str, reason: str, actor: str, client_address: str = "") -> CertificateRecord:
+    """Revoke ``serial`` (audited as ``actor``) and publish a new CRL.
+
+    Every worker refuses the certificate from its next request on; raises the
+    store's NotFound or AlreadyRevoked.
+    """
+    app_state = state()
+    store = app_state.store
+    record = store.get_certificate(serial)
+    if record is None:
+        raise NotFound(serial)
+    device = store.get_device(record.device_id) if record.device_id is not None else None
+    audit = AuditEvent(
+        "revoke", actor=actor, client_address=client_address, label=record.label,
+        device=device.device_key if device else record.common_name, serial=serial, detail=reason,
+    )
+    revoked = store.revoke(serial, reason, audit)
+    app_state.crl.regenerate()
+    return revoked
