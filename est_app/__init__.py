@@ -29,7 +29,7 @@ from .profiles import build_profiles
 from .proxy import TrustedProxies
 from .ratelimit import exempt, init_rate_limit
 from .state import AppState
-from .store import Store
+from .store import SchemaOutdated, Store
 
 CONFIG_ENV = "EST_CONFIG"
 
@@ -50,7 +50,10 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
         os.makedirs(app.instance_path, exist_ok=True)
         database_url = f"sqlite:///{Path(app.instance_path) / 'est.db'}"
     store = Store(database_url)
-    store.create_schema()
+    try:
+        store.create_schema()
+    except SchemaOutdated as exc:
+        raise ConfigError(f"database {store.engine.url.render_as_string(hide_password=True)}: {exc}; back it up, then migrate (docs/DEPLOYMENT.md)") from None
 
     authority = load_authority(settings.ca)
     anchors = list(authority.chain)

@@ -76,3 +76,14 @@ def test_non_ca_certificate_stops_start(tmp_path, pki_dir):
     path = write(tmp_path, pki_dir, {"ca": {"cert_file": str(pki_dir / "tls.pem"), "key_file": str(pki_dir / "tls.key")}})
     with pytest.raises(ConfigError, match="not a CA certificate"):
         create_app(path)
+
+
+def test_a_database_from_an_older_version_stops_start_with_a_clear_message(make_config, tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "est.db")
+    db.execute("CREATE TABLE certificates (serial VARCHAR(64) PRIMARY KEY, der BLOB NOT NULL)")
+    db.commit()
+    with pytest.raises(ConfigError, match=r"table certificates lacks column\(s\) device_id, common_name.*back it up, then migrate"):
+        create_app(make_config())
+    assert db.execute("SELECT count(*) FROM certificates").fetchone() == (0,)  # nothing dropped or altered

@@ -25,6 +25,10 @@ class UserExists(Exception):
     pass
 
 
+class SchemaOutdated(Exception):
+    """The database was made by an older version of est_app and needs migrating."""
+
+
 class SerialTaken(Exception):
     """A serial number collided with one already stored (vanishingly rare; draw again)."""
 
@@ -147,8 +151,17 @@ class Store:
         self._writer = self.engine.execution_options(est_write=True)
 
     def create_schema(self) -> None:
+        """Create what is missing; refuse (SchemaOutdated) a database made by an older version."""
         with self._writer.begin() as conn:  # serialised, so workers starting together do not race
             metadata.create_all(conn)
+            inspector = sa.inspect(conn)
+            for table in metadata.sorted_tables:
+                present = {column["name"] for column in inspector.get_columns(table.name)}
+                missing = [column.name for column in table.columns if column.name not in present]
+                if missing:
+                    raise SchemaOutdated(f"table {table.name} lacks column(s) {', '.join(missing)}")
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
 
     def _one(self, query, cls):
         with self.engine.connect() as conn:
