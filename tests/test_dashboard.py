@@ -8,12 +8,7 @@ through the real CLI; devices enroll through the EST endpoint.
 from __future__ import annotations
 
 import html
-import os
-import random
 import re
-import statistics
-import time
-from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -21,7 +16,6 @@ from cryptography import x509
 
 from est_app.admin import dashboard
 from est_app.state import state
-from est_app.store import schema, utcnow
 
 from .conftest import run_cli
 from .pki import der, make_csr
@@ -464,7 +458,7 @@ def test_failed_sign_in_name_is_escaped_on_the_overview(app, browser):
     assert "admin-login" in page and XSS not in page and "&lt;script&gt;" in page
 
 
-# --- cost: a fixed handful of queries per page, however many rows; timed with 100,000 devices on request ---
+# --- cost: a fixed handful of queries per page, however many rows (timed in tests/benchmarks/bench_operations.py) ---
 
 
 def queries(app, browser, path: str) -> list[str]:
@@ -497,56 +491,3 @@ def test_pages_run_the_same_queries_however_many_rows(app, admin):
     assert many == few
     assert many["/admin/devices"] <= 3  # the session's user, the page, the count
     assert many["/admin/"] <= 9  # the user, statistics (6), recent events
-
-
-BENCH_DEVICES = int(os.environ.get("EST_DASHBOARD_BENCH", "0") or 0)
-
-
-def fill(app, n: int) -> None:
-    """``n`` devices fast (executemany): one in five renewed once, one in 97 revoked, an enroll event each."""
-    rng, now, blob = random.Random(7), utcnow(), os.urandom(700)
-    device_rows, cert_rows, event_rows = [], [], []
-
-    def cert(serial, device_id, key, issued, status, operation):
-        return dict(serial=serial, device_id=device_id, common_name=key, subject=f"CN={key}", label="default",
-                    requester="user:gateway", operation=operation, not_before=issued, not_after=issued + timedelta(days=365),
-                    status=status, revoked_at=now if status == "revoked" else None,
-                    revocation_reason="keyCompromise" if status == "revoked" else None, issued_at=issued, der=blob)
-
-    for i in range(1, n + 1):
-        key, serial = f"NPP{i:06d}", f"{rng.getrandbits(150):x}"
-        issued = now - timedelta(days=rng.random() ** 2 * 400, seconds=rng.randrange(86400))
-        first = issued - timedelta(days=rng.randrange(1, 200)) if i % 5 == 0 else issued
-        if i % 5 == 0:
-            cert_rows.append(cert(f"{rng.getrandbits(150):x}", i, key, first, "superseded", "simpleenroll"))
-        cert_rows.append(cert(serial, i, key, issued, "revoked" if i % 97 == 0 else "valid", "simpleenroll"))
-        device_rows.append(dict(id=i, label="default", device_key=key, first_enrolled=first, last_enrolled=issued,
-                                current_serial=serial, requester="user:gateway", client_address="10.0.0.5"))
-        event_rows.append(dict(at=issued, event="enroll", outcome="ok", actor="user:gateway", client_address="10.0.0.5",
-                               label="default", device=key, serial=serial, detail=""))
-    event_rows.sort(key=lambda e: e["at"])
-    with app.app_context(), state().store.engine.begin() as conn:
-        conn.execute(schema.devices.insert(), device_rows)
-        conn.execute(schema.certificates.insert(), cert_rows)
-        conn.execute(schema.audit_events.insert(), event_rows)
-
-
-@pytest.mark.skipif(not BENCH_DEVICES, reason="timing run: EST_DASHBOARD_BENCH=100000 pytest tests/test_dashboard.py -k timed -s")
-def test_pages_timed_with_many_devices(app, admin, capsys):
-    fill(app, BENCH_DEVICES)
-    n = BENCH_DEVICES
-    paths = ["/admin/", "/admin/devices", f"/admin/devices?after={n - 5000}", "/admin/devices?q=NPP0123", f"/admin/devices?q={n // 2}",
-             "/admin/devices?status=revoked", "/admin/devices?status=valid&expiring=30", f"/admin/devices/{n // 2}"]
-    results = {}
-    for path in paths:
-        times = []
-        for _ in range(20):
-            start = time.perf_counter()
-            assert admin.get(path).status_code == 200, path
-            times.append((time.perf_counter() - start) * 1000)
-        results[path] = (statistics.median(times), max(times))
-    with capsys.disabled():
-        print(f"\n{n:,} devices: p50 / max of 20 requests")
-        for path, (p50, worst) in results.items():
-            print(f"  {path:45s} {p50:7.1f} ms  {worst:7.1f} ms")
-    assert all(p50 < 2000 for p50, _ in results.values()), results

@@ -29,18 +29,22 @@ def build_crl(
 ) -> tuple[datetime, datetime, bytes]:
     """Sign a CRL of ``revoked`` (serial hex, time, reason name); returns (thisUpdate, nextUpdate, DER)."""
     next_update = this_update + lifetime
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(authority.certificate.subject)
-        .last_update(this_update)
-        .next_update(next_update)
-        .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(authority.authority_key_identifier, critical=False)
-    )
+    entries = []
     for serial, revoked_at, reason in revoked:
         entry = x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(revoked_at)
         if reason and reason != "unspecified":  # RFC 5280: omit the reason code rather than say unspecified
             entry = entry.add_extension(x509.CRLReason(REASONS[reason]), critical=False)
-        builder = builder.add_revoked_certificate(entry.build())
+        entries.append(entry.build())
+    # One list for the builder: add_revoked_certificate() copies the whole list on every call (quadratic).
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=authority.certificate.subject,
+        last_update=this_update,
+        next_update=next_update,
+        extensions=[
+            x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
+            x509.Extension(x509.AuthorityKeyIdentifier.oid, False, authority.authority_key_identifier),
+        ],
+        revoked_certificates=entries,
+    )
     crl = builder.sign(authority.private_key, authority.digest)
     return this_update, next_update, crl.public_bytes(Encoding.DER)

@@ -29,8 +29,8 @@ class CRLCache:
     def regenerate(self, now: Optional[datetime] = None) -> CRLRecord:
         """Sign and store a new CRL of everything revoked now."""
         now = now or datetime.now(timezone.utc)
-        revoked = self.store.revoked_certificates()
-        record = self.store.save_crl(lambda number: build_crl(self.authority, revoked, number, now, self.lifetime))
+        # The revoked list is read after the number is chosen (see Store.save_crl).
+        record = self.store.save_crl(lambda number: build_crl(self.authority, self.store.revoked_certificates(), number, now, self.lifetime))
         with self._lock:
             self._current = record
         return record

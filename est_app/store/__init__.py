@@ -291,12 +291,9 @@ class Store:
         return self._one(certificates.select().where(certificates.c.serial == serial), CertificateRecord)
 
     def certificate_status(self, serial: str) -> Optional[tuple[str, Optional[datetime], Optional[str]]]:
-        """(status, revoked_at, reason) of a certificate, or None when unknown."""
-        query = sa.select(certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason).where(
-            certificates.c.serial == serial
-        )
+        """(status, revoked_at, reason) of a certificate, or None when unknown (every OCSP request: built once)."""
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(_STATUS_BY_SERIAL, {"serial": serial}).first()
         return tuple(row) if row else None
 
     def expiring_certificates(self, before: datetime) -> list[CertificateRecord]:
@@ -371,12 +368,22 @@ class Store:
             return conn.execute(sa.select(sa.func.max(crls.c.number))).scalar()
 
     def save_crl(self, build) -> CRLRecord:
-        """Store the CRL ``build(number)`` makes, numbered one past the current, in one write transaction."""
-        with self._writer.begin() as conn:
-            number = (conn.execute(sa.select(sa.func.max(crls.c.number))).scalar() or 0) + 1
+        """Store the CRL ``build(number)`` makes, numbered one past the current.
+
+        Built outside the write lock (a big CRL takes a while to sign; enrollments must not
+        wait for it). ``build`` reads the revoked list itself, after the number is chosen; if
+        another process stores that number first, the CRL is built again with the next one.
+        """
+        for _ in range(5):
+            number = (self.current_crl_number() or 0) + 1
             this_update, next_update, der = build(number)
-            conn.execute(crls.insert().values(number=number, this_update=_naive_utc(this_update), next_update=_naive_utc(next_update), der=der))
-        return CRLRecord(number, _naive_utc(this_update), _naive_utc(next_update), der)
+            try:
+                with self._writer.begin() as conn:
+                    conn.execute(crls.insert().values(number=number, this_update=_naive_utc(this_update), next_update=_naive_utc(next_update), der=der))
+            except sa.exc.IntegrityError:
+                continue
+            return CRLRecord(number, _naive_utc(this_update), _naive_utc(next_update), der)
+        raise RuntimeError("could not store a new CRL: other processes kept taking its number")
 
     # audit trail
 
@@ -406,6 +413,11 @@ class Store:
                 value = make()
                 conn.execute(app_secrets.insert().values(name=name, value=value))
             return value
+
+
+_STATUS_BY_SERIAL = sa.select(certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason).where(
+    certificates.c.serial == sa.bindparam("serial")
+)
 
 
 def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: Optional[int] = None) -> None:
