@@ -9,9 +9,11 @@ store knows bytes and fields, not X.509.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -149,10 +151,19 @@ class Store:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url)
         self._writer = self.engine.execution_options(est_write=True)
+        # Threads of one process queue here for the write lock rather than in SQLite's busy
+        # handler, which sleeps 1, 2, 5, 10 ... 100 ms between retries.
+        self._write_lock = threading.Lock()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite), one per process at a time."""
+        with self._write_lock, self._writer.begin() as conn:
+            yield conn
 
     def create_schema(self) -> None:
         """Create what is missing; refuse (SchemaOutdated) a database made by an older version."""
-        with self._writer.begin() as conn:  # serialised, so workers starting together do not race
+        with self._write() as conn:  # serialised, so workers starting together do not race
             metadata.create_all(conn)
             inspector = sa.inspect(conn)
             for table in metadata.sorted_tables:
@@ -172,21 +183,23 @@ class Store:
 
     def add_user(self, name: str, password_hash: str, role: str = "est", audit: Optional[AuditEvent] = None) -> None:
         try:
-            with self._writer.begin() as conn:
+            with self._write() as conn:
                 conn.execute(users.insert().values(name=name, password_hash=password_hash, role=role, created_at=utcnow()))
                 _insert_audit(conn, audit)
         except sa.exc.IntegrityError:
             raise UserExists(name) from None
 
     def get_user(self, name: str) -> Optional[User]:
-        return self._one(users.select().where(users.c.name == name), User)
+        with self.engine.connect() as conn:
+            row = conn.execute(_USER_BY_NAME, {"name": name}).first()
+        return User(**row._mapping) if row else None
 
     def list_users(self) -> list[User]:
         with self.engine.connect() as conn:
             return [User(**row._mapping) for row in conn.execute(users.select().order_by(users.c.name))]
 
     def remove_user(self, name: str, audit: Optional[AuditEvent] = None) -> bool:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             removed = conn.execute(users.delete().where(users.c.name == name)).rowcount > 0
             _insert_audit(conn, audit if removed else None)
             return removed
@@ -194,7 +207,7 @@ class Store:
     # RA clients
 
     def add_ra(self, fingerprint: str, subject: str, labels: list[str], audit: Optional[AuditEvent] = None) -> RAClient:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             _insert_audit(conn, audit)
             row = conn.execute(ra_clients.select().where(ra_clients.c.fingerprint == fingerprint)).first()
             values = {"subject": subject, "labels": " ".join(sorted(set(labels)))}
@@ -214,7 +227,7 @@ class Store:
     def remove_ra(self, ident: str, audit: Optional[AuditEvent] = None) -> bool:
         """Remove by numeric id or by fingerprint."""
         where = ra_clients.c.id == int(ident) if ident.isdigit() else ra_clients.c.fingerprint == ident.lower()
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             removed = conn.execute(ra_clients.delete().where(where)).rowcount > 0
             _insert_audit(conn, audit if removed else None)
             return removed
@@ -234,26 +247,25 @@ class Store:
         Raises :class:`DeviceExists` under ``reject`` when the device is known.
         """
 
-        def write(conn: Connection) -> int:
-            row = conn.execute(
-                devices.select().where(devices.c.label == record.label, devices.c.device_key == device_key)
-            ).first()
+        def write(conn: Connection) -> Device:
+            row = conn.execute(_DEVICE_BY_KEY, {"label": record.label, "device_key": device_key}).first()
             if row is not None and policy == "reject":
                 raise DeviceExists(Device(**row._mapping))
             values = {"last_enrolled": utcnow(), "current_serial": record.serial, "requester": record.requester, "client_address": client_address}
             if row is None:
+                first_enrolled = values["last_enrolled"]
                 device_id = conn.execute(
-                    devices.insert().values(label=record.label, device_key=device_key, first_enrolled=values["last_enrolled"], **values)
+                    devices.insert(), {"label": record.label, "device_key": device_key, "first_enrolled": first_enrolled, **values}
                 ).inserted_primary_key[0]
             else:
-                device_id = row.id
+                device_id, first_enrolled = row.id, row.first_enrolled
                 _supersede(conn, row.current_serial)
-                conn.execute(devices.update().where(devices.c.id == device_id).values(**values))
+                conn.execute(_DEVICE_UPDATE, {"device_id": device_id, **values})
             _insert_certificate(conn, record, device_id)
             _insert_audit(conn, audit)
-            return device_id
+            return Device(id=device_id, label=record.label, device_key=device_key, first_enrolled=first_enrolled, **values)
 
-        return self.get_device(self._write_certificate(write, record.serial))
+        return self._write_certificate(write, record.serial)
 
     def replace_certificate(
         self, old_serial: str, record: CertificateRecord, client_address: str, audit: Optional[AuditEvent] = None
@@ -279,7 +291,7 @@ class Store:
     def _write_certificate(self, write, serial: str):
         for _attempt in range(3):
             try:
-                with self._writer.begin() as conn:
+                with self._write() as conn:
                     return write(conn)
             except sa.exc.IntegrityError:
                 if self.get_certificate(serial) is not None:
@@ -328,7 +340,7 @@ class Store:
 
     def delete_device(self, device_id: int, audit: Optional[AuditEvent] = None) -> bool:
         """Forget a device so its id can enroll again; its certificates stay on record."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             conn.execute(certificates.update().where(certificates.c.device_id == device_id).values(device_id=None))
             deleted = conn.execute(devices.delete().where(devices.c.id == device_id)).rowcount > 0
             _insert_audit(conn, audit if deleted else None)
@@ -338,7 +350,7 @@ class Store:
 
     def revoke(self, serial: str, reason: str, audit: Optional[AuditEvent] = None) -> CertificateRecord:
         """Mark a certificate revoked now; raises NotFound or AlreadyRevoked."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             row = conn.execute(certificates.select().where(certificates.c.serial == serial)).first()
             if row is None:
                 raise NotFound(serial)
@@ -378,7 +390,7 @@ class Store:
             number = (self.current_crl_number() or 0) + 1
             this_update, next_update, der = build(number)
             try:
-                with self._writer.begin() as conn:
+                with self._write() as conn:
                     conn.execute(crls.insert().values(number=number, this_update=_naive_utc(this_update), next_update=_naive_utc(next_update), der=der))
             except sa.exc.IntegrityError:
                 continue
@@ -388,7 +400,7 @@ class Store:
     # audit trail
 
     def add_audit(self, event: AuditEvent) -> None:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             _insert_audit(conn, event)
 
     def audit_events(self, since: Optional[datetime] = None, device: Optional[str] = None, limit: Optional[int] = None) -> list[AuditEvent]:
@@ -407,7 +419,7 @@ class Store:
 
     def secret(self, name: str, make) -> bytes:
         """The secret called ``name``, created with ``make()`` by whichever worker asks first."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             value = conn.execute(sa.select(app_secrets.c.value).where(app_secrets.c.name == name)).scalar()
             if value is None:
                 value = make()
@@ -415,31 +427,39 @@ class Store:
             return value
 
 
+# Statements on every enrollment (and OCSP request), built once: building a Core statement
+# and its cache key per call costs more CPU than SQLite spends executing it.
+_USER_BY_NAME = users.select().where(users.c.name == sa.bindparam("name"))
+_DEVICE_BY_KEY = devices.select().where(devices.c.label == sa.bindparam("label"), devices.c.device_key == sa.bindparam("device_key"))
+_DEVICE_UPDATE = devices.update().where(devices.c.id == sa.bindparam("device_id"))
+_SUPERSEDE = (
+    certificates.update()
+    .where(certificates.c.serial == sa.bindparam("serial_"), certificates.c.status == "valid")
+    .values(status="superseded")
+)
 _STATUS_BY_SERIAL = sa.select(certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason).where(
     certificates.c.serial == sa.bindparam("serial")
 )
 
 
 def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: Optional[int] = None) -> None:
-    values = asdict(record)
+    values = dict(vars(record))  # shallow: asdict() deep-copies every field
     values.update(
         device_id=device_id if device_id is not None else record.device_id,
         not_before=_naive_utc(record.not_before),
         not_after=_naive_utc(record.not_after),
         issued_at=_naive_utc(record.issued_at) or utcnow(),
     )
-    conn.execute(certificates.insert().values(**values))
+    conn.execute(certificates.insert(), values)
 
 
 def _insert_audit(conn: Connection, event: Optional[AuditEvent]) -> None:
     if event is not None:
-        values = asdict(event)
+        values = dict(vars(event))
         values.pop("id")
         values["at"] = _naive_utc(event.at) or utcnow()
-        conn.execute(audit_events.insert().values(**values))
+        conn.execute(audit_events.insert(), values)
 
 
 def _supersede(conn: Connection, serial: str) -> None:
-    conn.execute(
-        certificates.update().where(certificates.c.serial == serial, certificates.c.status == "valid").values(status="superseded")
-    )
+    conn.execute(_SUPERSEDE, {"serial_": serial})
