@@ -6,6 +6,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from cryptography import x509
 
 from .pki import pem
@@ -82,3 +83,8 @@ def pkcs7_certs(der: bytes) -> list[x509.Certificate]:
 
 def openssl_verify(cert: x509.Certificate, ca_file: Path) -> bytes:
     return openssl("verify", "-CAfile", ca_file, input=pem(cert))
+
+
+def response_format(server) -> str:
+    """The ``response_format`` a running server (tests.server.RunningServer) was started with."""
+    return yaml.safe_load(server.config.read_text())["response_format"]

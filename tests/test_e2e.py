@@ -11,12 +11,11 @@ from __future__ import annotations
 import base64
 
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from .conftest import PASSWORD, USER, run_cli
-from .e2e_clients import Reply, call, openssl, openssl_csr, openssl_verify, pkcs7_certs, pki
+from .e2e_clients import Reply, call, openssl, openssl_csr, openssl_verify, pkcs7_certs, pki, response_format
 from .pki import der, make_csr, rsa_key
 from .server import RunningServer, start_server
 
@@ -75,9 +74,6 @@ def root(pki_dir) -> x509.Certificate:
 def enroll(server: RunningServer, body: bytes, *curl_args: str, path: str = "simpleenroll") -> Reply:
     return call(server, path, *AUTH, *PKCS10, *curl_args, body=body)
 
-
-def response_format(server: RunningServer) -> str:
-    return yaml.safe_load(server.config.read_text())["response_format"]
 
 
 def payload(reply: Reply, fmt: str) -> bytes:

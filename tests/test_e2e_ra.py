@@ -32,7 +32,7 @@ from est_app.auth import fingerprint
 from est_app.store import Store
 
 from .conftest import PASSWORD, USER, run_cli
-from .e2e_clients import Reply, call, openssl, openssl_csr, openssl_verify, pkcs7_certs, pki
+from .e2e_clients import Reply, call, openssl, openssl_csr, openssl_verify, pkcs7_certs, pki, response_format
 from .pki import der, make_csr, pem, rsa_key
 from .server import RunningServer, start_server
 
@@ -130,9 +130,6 @@ def servers(pki_dir, tmp_path_factory, client_certs):
 def server(request, servers) -> RunningServer:
     return servers(request.param)
 
-
-def fmt_of(server: RunningServer) -> str:
-    return yaml.safe_load(server.config.read_text())["response_format"]
 
 
 _stores: dict[Path, Store] = {}
@@ -238,7 +235,7 @@ def test_strongswan_reenrolls_over_mutual_tls(servers, tmp_path):
 
 def test_curl_reenrolls_over_mutual_tls(server, tmp_path):
     """The same with curl --cert/--key, in base64 and DER: renew keeps the key, rekey brings a new one."""
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     cn = f"NPPRE02{fmt.upper()}"
     old_key, old_csr = strongswan_key_and_csr(tmp_path, "old", cn)
     old = issued(enroll(server, old_csr.read_bytes(), *AUTH), fmt, server.ca_file)
@@ -258,7 +255,7 @@ def test_curl_reenrolls_over_mutual_tls(server, tmp_path):
 
 
 def test_reenroll_refuses_another_subject_and_a_missing_certificate(server, tmp_path):
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     key, csr = strongswan_key_and_csr(tmp_path, "dev", f"NPPRE03{fmt.upper()}")
     cert_pem = tmp_path / "dev.pem"
     cert_pem.write_bytes(pem(issued(enroll(server, csr.read_bytes(), *AUTH), fmt, server.ca_file)))
@@ -305,7 +302,7 @@ def test_strongswan_cannot_reach_a_label(servers, tmp_path):
     ids=["registered-ra", "ra-other-label", "unregistered-cert", "no-cert", "password-only"],
 )
 def test_ra_enrolls_a_pump_with_its_client_certificate(server, client_certs, label, who, status, phrase):
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     cn = f"NPPRA{fmt.upper()}"
     csr = openssl_csr("ec", cn)
     if who in client_certs:
@@ -330,7 +327,7 @@ def ra_enrolled_device(server: RunningServer, client_certs, tmp_path: Path, cn: 
     key, csr = strongswan_key_and_csr(tmp_path, cn, cn)
     ra_cert, ra_key = client_certs["ra"]
     reply = enroll(server, csr.read_bytes(), "--cert", str(ra_cert), "--key", str(ra_key), path="pumps/simpleenroll")
-    cert = issued(reply, fmt_of(server), server.ca_file)
+    cert = issued(reply, response_format(server), server.ca_file)
     cert_pem = tmp_path / f"{cn}.pem"
     cert_pem.write_bytes(pem(cert))
     return cert, cert_pem, key, csr.read_bytes()
@@ -338,7 +335,7 @@ def ra_enrolled_device(server: RunningServer, client_certs, tmp_path: Path, cn: 
 
 def test_pump_reenrolls_itself_on_its_label(server, client_certs, tmp_path):
     """The pump's own certificate (not the RA's) renews it on ``pumps``, a label that takes no passwords."""
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     old, old_pem, key, csr = ra_enrolled_device(server, client_certs, tmp_path, f"NPPRAD{fmt.upper()}")
     new = issued(enroll(server, csr, "--cert", str(old_pem), "--key", str(key), path="pumps/simplereenroll"), fmt, server.ca_file)
     store = store_of(server)
@@ -385,7 +382,7 @@ def multipart(reply: Reply) -> list[tuple[dict[str, str], bytes]]:
     ids=["ec-p256", "rsa-2048"],
 )
 def test_serverkeygen_returns_a_pkcs8_key_and_its_certificate(server, key, pkey_type, tmp_path):
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     cn = f"NPPKG{fmt.upper()}"
     reply = enroll(server, openssl_csr(key, cn), *AUTH, path="serverkeygen")
     assert reply.status == 200, reply.body
@@ -420,7 +417,7 @@ def test_serverkeygen_refuses_a_key_type_outside_the_catalogue(server):
 def test_csrattrs_lists_the_labels_attributes(server):
     reply = call(server, "attrs/csrattrs")
     assert reply.headers["Content-Type"] == "application/csrattrs"
-    parsed = openssl("asn1parse", "-inform", "DER", input=payload(reply, fmt_of(server))).decode()
+    parsed = openssl("asn1parse", "-inform", "DER", input=payload(reply, response_format(server))).decode()
     oids = re.findall(r"prim: OBJECT\s+:(\S+)", parsed)
     assert oids == ["challengePassword", "1.3.6.1.1.1.1.22"]
     assert "d=0" in parsed and "cons: SEQUENCE" in parsed.splitlines()[0]
@@ -507,7 +504,7 @@ def pop_csr(cn: str, password: str, server: RunningServer | None = None):
     ids=["linked", "wrong-binding", "other-sessions-binding", "tls13-not-required", "pop-linked", "pop-missing", "pop-tls13"],
 )
 def test_tls_unique_proof_of_possession(server, label, tls, password, status, phrase):
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     cn = f"NPPPOP{fmt.upper()}"
     got, version, body, _ = post_on_one_connection(server, f"{label}simpleenroll", tls, pop_csr(cn, password, server))
     assert version == f"TLSv{tls}"
@@ -543,7 +540,7 @@ def test_bootstrap_is_404_unless_enabled(servers):
 
 
 def test_bootstrap_issues_a_30_day_client_certificate_once(server):
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     cn = f"NPPBOOT{fmt.upper()}"
     cert = issued(enroll(server, openssl_csr("ec", cn), *AUTH, path="bootstrap"), fmt, server.ca_file)
     assert common_name(cert) == cn
@@ -605,7 +602,7 @@ def store_rows(store: Store, label: str, cn: str):
 
 def test_concurrent_first_enrollments_renew(server):
     """40 at once for one CN and 40 for distinct CNs, on 3 workers: one device per CN, every answer on record."""
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     distinct = [f"NPPPAR{i:02d}" for i in range(40)]
     cns = ["NPPDUP1"] * 40 + distinct
     key = ec.generate_private_key(ec.SECP256R1())
@@ -633,7 +630,7 @@ def test_concurrent_first_enrollments_renew(server):
 
 def test_concurrent_first_enrollments_reject(server):
     """40 at once for one CN on a ``duplicate_policy: reject`` label: one 200, 39 409s, one device, one certificate."""
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     results = fire(server, [("unique/simpleenroll", der(make_csr("NPPDUP2")))] * 40)
     statuses = sorted(status for status, _ in results)
     assert statuses == [200] + [409] * 39, statuses
@@ -650,7 +647,7 @@ def test_concurrent_first_enrollments_reject(server):
 
 def test_concurrent_reenrollments_with_one_certificate(server, tmp_path):
     """20 re-enrollments at once with the same current certificate: one wins, 19 are told it is superseded."""
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     cn = f"NPPRACE{fmt.upper()}"
     key, csr = strongswan_key_and_csr(tmp_path, "race", cn)
     old = issued(enroll(server, csr.read_bytes(), *AUTH), fmt, server.ca_file)

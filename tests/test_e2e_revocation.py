@@ -34,7 +34,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -42,7 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import server as server_module
 from .conftest import PASSWORD, USER, run_cli
-from .e2e_clients import Reply, call, curl, openssl, run
+from .e2e_clients import Reply, call, curl, openssl, run, response_format
 from .server import RunningServer, free_port, start_server
 
 pytestmark = pytest.mark.e2e
@@ -87,9 +86,6 @@ def server(request, servers) -> RunningServer:
     return servers(request.param)
 
 
-def fmt_of(server: RunningServer) -> str:
-    return yaml.safe_load(server.config.read_text())["response_format"]
-
 
 def get(server: RunningServer, path: str, *curl_args: str) -> Reply:
     reply = curl(f"{server.url}{path}", server.ca_file, *curl_args)
@@ -104,7 +100,7 @@ def enroll_pump(server: RunningServer, directory: Path, name: str) -> tuple[Path
             "-subj", f"/CN={name}", "-outform", "DER", "-out", csr)
     reply = call(server, "simpleenroll", *AUTH, *PKCS10, body=csr.read_bytes())
     assert reply.status == 200, reply.body
-    if fmt_of(server) == "der":
+    if response_format(server) == "der":
         assert "Content-Transfer-Encoding" not in reply.headers and reply.body[:1] == b"\x30"
         pkcs7 = reply.body
     else:
@@ -147,7 +143,7 @@ def ocsp_status(server: RunningServer, cert: Path, *how: str) -> str:
 
 
 def test_revoked_pump_fails_crl_and_ocsp_checks_and_cannot_reenroll(server, tmp_path):
-    fmt = fmt_of(server)
+    fmt = response_format(server)
     good, good_key, good_csr = enroll_pump(server, tmp_path, f"NPPGOOD{fmt.upper()}")
     stolen, stolen_key, stolen_csr = enroll_pump(server, tmp_path, f"NPPSTOLE{fmt.upper()}")
 
@@ -211,7 +207,7 @@ def test_revoked_pump_fails_crl_and_ocsp_checks_and_cannot_reenroll(server, tmp_
 
 def test_every_worker_serves_the_new_crl_at_once(server, tmp_path):
     """Fresh connections land on different workers: right after a revocation by the CLI, all serve the same new CRL."""
-    cert, _, _ = enroll_pump(server, tmp_path, f"NPPXW{fmt_of(server).upper()}")
+    cert, _, _ = enroll_pump(server, tmp_path, f"NPPXW{response_format(server).upper()}")
     before = {get(server, "/crl").body for _ in range(6)}
     assert len(before) == 1
     number = x509.load_der_x509_crl(before.pop()).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
