@@ -51,18 +51,11 @@ class Reports:
         """Devices by id (newest first), with their current certificate's status and expiry."""
         current = certificates.alias("current")
         joined = devices.outerjoin(current, current.c.serial == devices.c.current_serial)
-        where = []
+        where = _filters(devices.c.label, current, label, status, expires_within_days)
         if search:
             term = search.strip()
             match = devices.c.device_key.contains(term, autoescape=True)
             where.append(sa.or_(match, devices.c.id == int(term)) if term.isascii() and term.isdigit() and len(term) <= 18 else match)
-        if label:
-            where.append(devices.c.label == label)
-        if status:
-            where.append(current.c.status == status)
-        if expires_within_days is not None:
-            now = utcnow()
-            where.append(current.c.not_after.between(now, now + timedelta(days=expires_within_days)))
         columns = [*devices.c, current.c.status, current.c.not_after]
         query = sa.select(*columns).select_from(joined).where(*where).order_by(devices.c.id.desc()).limit(limit + 1)
         if after is not None:
@@ -70,12 +63,7 @@ class Reports:
         # The join cannot change the total unless a filter looks at the current certificate.
         count_from = joined if (status or expires_within_days is not None) else devices
         count = sa.select(sa.func.count()).select_from(count_from).where(*where)
-        with self.engine.connect() as conn:
-            rows = [DeviceSummary(**row._mapping) for row in conn.execute(query)]
-            total = conn.execute(count).scalar_one()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, str(rows[-1].id) if more else None, total)
+        return self._page(query, count, limit, DeviceSummary, lambda d: str(d.id))
 
     def certificates(
         self,
@@ -88,17 +76,10 @@ class Reports:
         limit: int = 50,
     ) -> Page:
         """Certificates, newest issue first (``after`` is the last serial of the previous page)."""
-        where = []
+        where = _filters(certificates.c.label, certificates, label, status, expires_within_days)
         if search:
             term = search.strip()
             where.append(sa.or_(certificates.c.common_name.contains(term, autoescape=True), certificates.c.serial == term.lower()))
-        if label:
-            where.append(certificates.c.label == label)
-        if status:
-            where.append(certificates.c.status == status)
-        if expires_within_days is not None:
-            now = utcnow()
-            where.append(certificates.c.not_after.between(now, now + timedelta(days=expires_within_days)))
         order = (certificates.c.issued_at.desc(), certificates.c.serial.desc())
         query = certificates.select().where(*where).order_by(*order).limit(limit + 1)
         if after is not None:
@@ -107,12 +88,14 @@ class Reports:
                 sa.or_(certificates.c.issued_at < anchor, sa.and_(certificates.c.issued_at == anchor, certificates.c.serial < after))
             )
         count = sa.select(sa.func.count()).select_from(certificates).where(*where)
+        return self._page(query, count, limit, CertificateRecord, lambda c: c.serial)
+
+    def _page(self, query, count, limit: int, row_type, cursor) -> Page:
+        """Run a list query fetched with ``limit + 1`` rows and its count; the extra row says there is more."""
         with self.engine.connect() as conn:
-            rows = [CertificateRecord(**row._mapping) for row in conn.execute(query)]
+            rows = [row_type(**row._mapping) for row in conn.execute(query)]
             total = conn.execute(count).scalar_one()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, rows[-1].serial if more else None, total)
+        return Page(rows[:limit], cursor(rows[limit - 1]) if len(rows) > limit else None, total)
 
     def statistics(self, days: int = 30) -> dict:
         """Counts for the overview: devices, certificates by status, issued per day, expiring soon."""
@@ -159,3 +142,16 @@ class Reports:
             query = query.where(audit_events.c.device == device)
         with self.engine.connect() as conn:
             return [AuditEvent(**row._mapping) for row in conn.execute(query)]
+
+
+def _filters(label_column, certificate, label: Optional[str], status: Optional[str], expires_within_days: Optional[int]) -> list:
+    """The label, status and expiry-window conditions both lists share (``certificate``: the table or its alias)."""
+    where = []
+    if label:
+        where.append(label_column == label)
+    if status:
+        where.append(certificate.c.status == status)
+    if expires_within_days is not None:
+        now = utcnow()
+        where.append(certificate.c.not_after.between(now, now + timedelta(days=expires_within_days)))
+    return where
