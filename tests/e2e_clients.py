@@ -12,9 +12,11 @@ from cryptography import x509
 from .pki import pem
 
 
-def run(*cmd: str | Path, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    *cmd: str | Path, input: bytes | None = None, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """Run a command; with ``check``, a failure is an assertion naming the command and its stderr."""
-    result = subprocess.run([str(c) for c in cmd], input=input, capture_output=True, timeout=60)
+    result = subprocess.run([str(c) for c in cmd], input=input, capture_output=True, timeout=timeout)
     if check:
         command = " ".join(map(str, cmd))
         assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stderr.decode(errors='replace')}"

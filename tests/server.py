@@ -64,17 +64,23 @@ def write_config(pki_dir: Path, path: Path, port: int, **overrides) -> Path:
     return path
 
 
-def start_server(pki_dir: Path, workdir: Path, *, use_gunicorn_conf: bool = False, **overrides) -> RunningServer:
-    """Start the server on a free port; ``overrides`` are merged into `est init`'s config."""
+def start_server(
+    pki_dir: Path, workdir: Path, *, use_gunicorn_conf: bool = False, venv: Path | None = None, **overrides
+) -> RunningServer:
+    """Start the server on a free port; ``overrides`` are merged into `est init`'s config.
+
+    With ``venv``, that virtualenv's ``est-server`` runs in ``workdir``, away from the checkout.
+    """
     port = free_port()
     config = write_config(pki_dir, workdir / f"config-{port}.yaml", port, **overrides)
     env = {**os.environ, "EST_CONFIG": str(config)}
+    bin_dir, cwd = (venv / "bin", workdir) if venv else (BIN, REPO)
     if use_gunicorn_conf:
-        cmd = [str(BIN / "gunicorn"), "-c", str(REPO / "deploy" / "gunicorn.conf.py"), "wsgi:app"]
+        cmd = [str(bin_dir / "gunicorn"), "-c", str(REPO / "deploy" / "gunicorn.conf.py"), "wsgi:app"]
     else:
-        cmd = [str(BIN / "est-server"), "--config", str(config)]
+        cmd = [str(bin_dir / "est-server"), "--config", str(config)]
     log = workdir / f"server-{port}.log"
-    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     server = RunningServer(f"https://127.0.0.1:{port}", port, config, pki_dir / "ca.pem", process, log)
     context = ssl.create_default_context(cafile=str(server.ca_file))
     deadline = time.monotonic() + 30
