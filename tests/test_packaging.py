@@ -131,6 +131,7 @@ def test_runtime_set_alone_serves_and_enrolls(tmp_path):
     run(python, "-m", "pip", "install", "-q", "--require-hashes", "-r", RUNTIME_LOCK, timeout=300)
     run(python, "-m", "pip", "install", "-q", "--no-deps", source, timeout=300)
 
+    run(python, "-m", "pip", "check")  # as docs/DEPLOYMENT.md has the operator do
     freeze = run(python, "-m", "pip", "freeze").stdout.decode().splitlines()
     assert names([Requirement(line) for line in freeze]) == lock_pins(RUNTIME_LOCK).keys() | {"est-app"}
     # -I: neither the current directory (the checkout) nor PYTHONPATH on sys.path
