@@ -89,12 +89,8 @@ def refused_config(make_config, pump_ca_dir):
 
 @pytest.fixture
 def app(make_label_app):
+    """The label app; conftest's ``client`` fixture serves it."""
     return make_label_app()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def issued(response) -> x509.Certificate:
