@@ -1,8 +1,9 @@
 """est_app: an EST (RFC 7030 / RFC 8951) certificate server on Flask.
 
 :func:`create_app` is the application factory: it reads the YAML
-configuration, loads the CAs (the top-level one and the labels' own), opens the store and registers the EST
-blueprint, the error catalogue, rate limiting and the ``est`` CLI group.
+configuration, loads the CAs (the top-level one and the labels' own), opens
+the store and registers the EST blueprint, the error catalogue, rate limiting
+and the ``est`` CLI group.
 """
 
 from __future__ import annotations
