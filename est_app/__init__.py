@@ -1,8 +1,9 @@
 """est_app: an EST (RFC 7030 / RFC 8951) certificate server on Flask.
 
 :func:`create_app` is the application factory: it reads the YAML
-configuration, loads the CA, opens the store and registers the EST
-blueprint, the error catalogue, rate limiting and the ``est`` CLI group.
+configuration, loads the CAs (the top-level one and the labels' own), opens
+the store and registers the EST blueprint, the error catalogue, rate limiting
+and the ``est`` CLI group.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .admin import init_admin
 from .revocation import CRLCache
 from .revocation import views as revocation_views
 from .auth import ClientCertificateVerifier, VerifiedCredentials
-from .ca import load_authority
+from .ca import load_authorities
 from .ca.ocsp import OCSPResponder, load_signer
 from .config import ConfigError, Settings, load_config
 from .profiles import build_profiles
@@ -55,24 +56,30 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
     except SchemaOutdated as exc:
         raise ConfigError(f"database {store.engine.url.render_as_string(hide_password=True)}: {exc}; back it up, then migrate (docs/DEPLOYMENT.md)") from None
 
-    authority = load_authority(settings.ca)
-    anchors = list(authority.chain)
+    authorities = load_authorities(settings)
+    # Client certificates may come from any CA issuing here (device re-enrollment) or from tls.client_ca_file (RAs).
+    anchors = list(dict.fromkeys(c for authority in authorities for c in authority.chain))
     if settings.tls.client_ca_file:
         anchors += x509.load_pem_x509_certificates(settings.tls.client_ca_file.read_bytes())
-    ca = settings.ca
-    signer = load_signer(ca.ocsp_responder_cert_file, ca.ocsp_responder_key_file, authority) if ca.ocsp_responder_cert_file else None
+    signers, crls = {}, {}
+    for authority in authorities:
+        ca = authorities.settings[authority.issuer_id]
+        if ca.ocsp_responder_cert_file:
+            signers[authority.issuer_id] = load_signer(ca.ocsp_responder_cert_file, ca.ocsp_responder_key_file, authority)
+        lifetime = timedelta(hours=ca.crl_lifetime_hours)
+        crls[authority.issuer_id] = CRLCache(authority, store, lifetime, top_level=authority is authorities.default)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     proxies = TrustedProxies(app.wsgi_app, settings.trusted_proxies)
     app.wsgi_app = proxies
     app.extensions["est_app"] = AppState(
         settings=settings,
-        authority=authority,
+        authorities=authorities,
         store=store,
         profiles=build_profiles(settings),
         credentials=VerifiedCredentials(ttl_seconds=settings.auth_cache_seconds),
         verifier=ClientCertificateVerifier(anchors, store),
-        crl=CRLCache(authority, store, timedelta(hours=ca.crl_lifetime_hours)),
-        ocsp=OCSPResponder(authority, store.certificate_status, signer),
+        crls=crls,
+        ocsp=OCSPResponder(authorities, store.certificate_status, signers),
         proxies=proxies,
     )
     errors.register(app)

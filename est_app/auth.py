@@ -252,13 +252,13 @@ def enroller_required(view: Callable) -> Callable:
 
 
 def device_identity() -> Identity:
-    """The device behind a re-enrollment: its own certificate, issued by this CA."""
+    """The device behind a re-enrollment: its own certificate, issued by one of this server's CAs."""
     certificate = client_certificate()
     if certificate is None:
         raise Unauthorized("re-enrollment needs the current certificate as TLS client certificate")
     issuer = state().verifier.verify(certificate)
-    if issuer != state().authority.certificate:
-        raise Unauthorized(f"client certificate {describe(certificate)} was not issued by this CA")
+    if all(issuer != authority.certificate for authority in state().authorities):
+        raise Unauthorized(f"client certificate {describe(certificate)} was not issued by this CA or a label's own CA")
     return Identity("device", format(certificate.serial_number, "x"), certificate)
 
 

@@ -156,6 +156,8 @@ class LabelSettings:
     require_csr_attributes: Optional[bool] = None
     require_pop: Optional[bool] = None
     serverkeygen_key_types: Optional[tuple[KeygenKeyType, ...]] = None
+    # The label's own issuing CA (same keys as the top-level ``ca``); None: the top-level CA.
+    ca: Optional[CASettings] = None
 
     def __post_init__(self) -> None:
         _check_profile(self)
@@ -299,8 +301,9 @@ def _build(tp: object, value: object, key: str, base_dir: Path) -> object:
 
 
 def _check_files_exist(settings: Settings, source: str) -> None:
-    for section in ("ca", "tls"):
-        obj = getattr(settings, section)
+    sections = {"ca": settings.ca, "tls": settings.tls}
+    sections.update({f"labels.{name}.ca": label.ca for name, label in settings.labels.items() if label.ca})
+    for section, obj in sections.items():
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if isinstance(value, Path) and not value.is_file():

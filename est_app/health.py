@@ -2,10 +2,11 @@
 
 ``/healthz`` answers 200 ``ok`` whenever the process can answer at all; it
 touches nothing. ``/readyz`` answers 200 ``ready`` only when this worker can
-issue: the store answers a query on its certificates table, the CA key signs
-a fresh payload that the CA certificate verifies, and the CRL in the store is
-current (when there is none yet, or it has expired, the probe signs one, as
-serving the CRL would). Otherwise 503 with one line naming what failed; the
+issue: the store answers a query on its certificates table, and for every CA
+(the top-level ``ca`` and each label's own) the key signs a fresh payload
+that the CA certificate verifies, the certificate is within its validity, and
+its CRL in the store is current (when there is none yet, or it has expired,
+the probe signs one, as serving the CRL would). Otherwise 503 with one line naming what failed; the
 details go to the log, not to the unauthenticated caller.
 
 Neither is rate limited nor behind the admin network gate; neither says
@@ -16,14 +17,17 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from flask import Blueprint, Flask, Response
 
+from .ca import CertificateAuthority
 from .errors import text_response
 from .ratelimit import exempt
+from .revocation import CRLCache
 from .state import state
 from .store.schema import certificates
 
@@ -47,10 +51,14 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response:
     failures = []
+    app_state = state()
     store_ok = _check("store", failures, _store_answers)
-    _check("ca key", failures, _ca_key_signs)
-    if store_ok:  # the CRL lives in the store; one cause is enough to name
-        _check("crl", failures, _crl_is_fresh)
+    for authority in app_state.authorities:
+        _check(f"{authority.name} key", failures, partial(_ca_key_signs, authority))
+        _check(f"{authority.name} certificate", failures, authority.validity_problem)
+        if store_ok:  # the CRL lives in the store; one cause is enough to name
+            crl_name = "crl" if authority is app_state.authority else f"{authority.name} crl"
+            _check(crl_name, failures, partial(_crl_is_fresh, app_state.crls[authority.issuer_id]))
     if failures:
         return text_response(503, "not ready: " + "; ".join(failures), NO_STORE)
     return text_response(200, "ready", NO_STORE)
@@ -74,9 +82,8 @@ def _store_answers() -> str | None:
     return None
 
 
-def _ca_key_signs() -> str | None:
+def _ca_key_signs(authority: CertificateAuthority) -> str | None:
     """The CA key signs a fresh payload and the CA certificate's public key verifies it."""
-    authority = state().authority
     key, public_key = authority.private_key, authority.certificate.public_key()
     payload = b"est_app readiness " + os.urandom(16)
     if isinstance(key, rsa.RSAPrivateKey):
@@ -97,8 +104,7 @@ def _ca_key_signs() -> str | None:
     return None
 
 
-def _crl_is_fresh() -> str | None:
-    crl = state().crl
+def _crl_is_fresh(crl: CRLCache) -> str | None:
     if not crl.is_fresh():
         # None yet, or the newest in the store is past its nextUpdate: sign one now, as the next
         # CRL request would (current() could trust this worker's cached copy instead of the store).

@@ -51,12 +51,13 @@ def _resolve(name: Optional[str], label: LabelSettings, settings: Settings) -> E
         return getattr(settings, key) if default is None else default
 
     attributes = tuple(x509.ObjectIdentifier(CSR_ATTRIBUTE_NAMES.get(a, a)) for a in pick("csr_attributes"))
+    ca = label.ca or settings.ca  # the issuing CA's section gives the certificate defaults
     return EnrollmentProfile(
         label=name,
         encoding=response_encoding(pick("response_format"), pick("base64_line_length")),
         certificate=CertificateProfile(
-            validity_days=pick("cert_validity_days", settings.ca.cert_validity_days),
-            extended_key_usage=pick("extended_key_usage", settings.ca.extended_key_usage),
+            validity_days=pick("cert_validity_days", ca.cert_validity_days),
+            extended_key_usage=pick("extended_key_usage", ca.extended_key_usage),
             include_chain=pick("include_chain"),
         ),
         csr_policy=CSRPolicy(

@@ -15,7 +15,7 @@ from pathlib import Path
 from gunicorn.app.base import BaseApplication
 
 from . import metrics
-from .ca import load_authority
+from .ca import load_authorities
 from .config import ConfigError, Settings, load_config
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -42,8 +42,10 @@ def gunicorn_options(settings: Settings) -> dict:
     if tls.cert_file:
         minimum = TLS_VERSIONS[tls.min_version]
         # Client certificates are requested, never required (Basic-auth clients have none), and
-        # must chain to this CA (device re-enrollment) or to tls.client_ca_file (RA certificates).
-        anchors = [p for p in (settings.ca.cert_file, settings.ca.chain_file, tls.client_ca_file) if p]
+        # must chain to a CA issuing here, a label's own too (device re-enrollment), or to
+        # tls.client_ca_file (RA certificates).
+        cas = [settings.ca, *(label.ca for label in settings.labels.values() if label.ca)]
+        anchors = [p for p in (*(f for ca in cas for f in (ca.cert_file, ca.chain_file)), tls.client_ca_file) if p]
 
         contexts: dict[int, ssl.SSLContext] = {}
 
@@ -70,7 +72,7 @@ class ESTServer(BaseApplication):
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
         self.settings = load_config(config_path)
-        load_authority(self.settings.ca)  # fail here, once, rather than in every worker
+        load_authorities(self.settings)  # fail here, once, rather than in every worker
         super().__init__()
 
     def load_config(self) -> None:

@@ -1,4 +1,4 @@
-"""What one app instance holds for its requests: settings, CA, store, profiles."""
+"""What one app instance holds for its requests: settings, CAs, store, profiles."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 from flask import current_app
 
-from .ca import CertificateAuthority
+from .ca import Authorities, CertificateAuthority
 from .ca.ocsp import OCSPResponder
 from .config import Settings
 from .profiles import EnrollmentProfile
@@ -22,14 +22,33 @@ if TYPE_CHECKING:
 @dataclass
 class AppState:
     settings: Settings
-    authority: CertificateAuthority
+    authorities: Authorities
     store: Store
     profiles: dict[Optional[str], EnrollmentProfile]
     credentials: "VerifiedCredentials"
     verifier: "ClientCertificateVerifier"
-    crl: "CRLCache"
+    crls: dict[str, "CRLCache"]  # by issuer id, one per CA
     ocsp: OCSPResponder
     proxies: TrustedProxies
+
+    @property
+    def authority(self) -> CertificateAuthority:
+        """The top-level CA (``ca``): the unlabelled path's, and every label's without its own."""
+        return self.authorities.default
+
+    @property
+    def crl(self) -> "CRLCache":
+        """The top-level CA's CRL (``/crl``)."""
+        return self.crls[self.authorities.default.issuer_id]
+
+    def authority_for(self, profile: EnrollmentProfile) -> CertificateAuthority:
+        """The CA that issues on ``profile``'s label."""
+        return self.authorities.for_label(profile.label)
+
+    def crl_of(self, issuer: Optional[str]) -> Optional["CRLCache"]:
+        """The CRL of the CA a certificate record names (None when that CA is no longer configured)."""
+        authority = self.authorities.issuer_of(issuer)
+        return self.crls[authority.issuer_id] if authority is not None else None
 
     def profile_named(self, name: str) -> Optional[EnrollmentProfile]:
         """The profile recorded as ``name`` on certificates ('default' for the unlabelled path)."""

@@ -10,6 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from est_app import create_app
+from est_app.ca.development import create_root_ca, write_certificate, write_private_key
 from est_app.cli import est
 
 USER = "gateway"
@@ -79,3 +80,13 @@ def client(app):
 def basic_auth(user: str = USER, password: str = PASSWORD) -> dict[str, str]:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
+
+
+@pytest.fixture(scope="session")
+def pump_ca_dir(tmp_path_factory) -> Path:
+    """A second CA, for a label of its own (``labels.pumps.ca``): pump-ca.pem and pump-ca.key."""
+    directory = tmp_path_factory.mktemp("pump-ca")
+    key, certificate = create_root_ca("est_app test pump CA")
+    write_private_key(directory / "pump-ca.key", key)
+    write_certificate(directory / "pump-ca.pem", certificate)
+    return directory

@@ -93,12 +93,12 @@ def get(server: RunningServer, path: str, *curl_args: str) -> Reply:
     return reply
 
 
-def enroll_pump(server: RunningServer, directory: Path, name: str) -> tuple[Path, Path, Path]:
-    """Key and DER CSR from openssl, enrolled with curl and Basic credentials: (cert.pem, key.pem, csr.der)."""
+def enroll_pump(server: RunningServer, directory: Path, name: str, op: str = "simpleenroll") -> tuple[Path, Path, Path]:
+    """Key and DER CSR from openssl, enrolled with curl and Basic credentials at ``op`` (maybe ``LABEL/simpleenroll``): (cert.pem, key.pem, csr.der)."""
     key, csr = directory / f"{name}.key", directory / f"{name}.csr"
     openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key,
             "-subj", f"/CN={name}", "-outform", "DER", "-out", csr)
-    reply = call(server, "simpleenroll", *AUTH, *PKCS10, body=csr.read_bytes())
+    reply = call(server, op, *AUTH, *PKCS10, body=csr.read_bytes())
     assert reply.status == 200, reply.body
     if response_format(server) == "der":
         assert "Content-Transfer-Encoding" not in reply.headers and reply.body[:1] == b"\x30"

@@ -556,13 +556,12 @@ def test_ocsp_unknown_serial(env, ca):
     assert response.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
 
 
-def test_ocsp_unknown_for_another_issuer(env):
-    """A known serial asked about under another CA's name and key hashes: not ours to vouch for."""
+def test_ocsp_unauthorized_for_another_issuer(env):
+    """A known serial asked about under another CA's name and key hashes: not ours to vouch for (RFC 6960 2.3)."""
     cert, _ = enroll(env.client)
     _, foreign = create_root_ca("Some other hospital CA")
     response = ocsp_post(env.client, ocsp_request(cert, foreign))
-    assert response.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
-    assert response.serial_number == cert.serial_number
+    assert response.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
 
 
 def test_ocsp_superseded_certificates_stay_good(env, ca):

@@ -1,7 +1,7 @@
 """The CA service: CSR checks, certificate profiles and issuing. No HTTP here."""
 
-from .authority import CertificateAuthority, issued_subject, load_authority
+from .authority import Authorities, CertificateAuthority, issued_subject, load_authorities, load_authority
 from .csr import CSRPolicy, check_policy, load_csr
 from .profile import CertificateProfile
 
-__all__ = ["issued_subject", "CertificateAuthority", "CertificateProfile", "CSRPolicy", "check_policy", "load_authority", "load_csr"]
+__all__ = ["Authorities", "issued_subject", "CertificateAuthority", "load_authorities", "CertificateProfile", "CSRPolicy", "check_policy", "load_authority", "load_csr"]

@@ -1,16 +1,20 @@
-"""The certificate authority: its key, certificate and chain, and issuing.
+"""The certificate authorities: each one's key, certificate and chain, and issuing.
 
-:func:`load_authority` reads the CA from the files the configuration names
-and refuses to start on anything inconsistent (a key that does not match, a
-certificate that is not a CA, a chain that does not reach a self-signed root).
+:func:`load_authority` reads a CA from the files a ``ca`` section names and
+refuses to start on anything inconsistent (a key that does not match, a
+certificate that is not a CA or not valid now, a chain that does not reach a
+self-signed root). :func:`load_authorities` loads the top-level ``ca`` and
+every label's own ``labels.<name>.ca`` into :class:`Authorities`.
 :class:`CertificateAuthority` knows nothing of HTTP or storage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
-from ..config import CASettings, ConfigError
+from ..config import CASettings, ConfigError, Settings
 from .profile import CertificateProfile
 
 # Backdating absorbs clock skew on devices whose clocks drift.
@@ -38,8 +42,21 @@ SUBJECT_ATTRIBUTES = frozenset(
 DIGESTS = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 
 
+def issuer_id(certificate: x509.Certificate) -> str:
+    """How records name the CA that issued them: SHA-256 (hex) of its subject and public key, DER.
+
+    Name and key are what relying parties match a CRL or OCSP answer on, so a CA
+    certificate renewed with the same name and key keeps its id and its revocations.
+    """
+    spki = certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(certificate.subject.public_bytes() + spki).hexdigest()
+
+
 class CertificateAuthority:
-    """An issuing CA: ``chain`` runs from its own certificate to the self-signed root."""
+    """An issuing CA: ``chain`` runs from its own certificate to the self-signed root.
+
+    ``name`` is the configuration section it came from (``ca``, ``labels.pumps.ca``), for messages.
+    """
 
     def __init__(
         self,
@@ -48,10 +65,13 @@ class CertificateAuthority:
         digest: str = "sha256",
         crl_url: str | None = None,
         ocsp_url: str | None = None,
+        name: str = "ca",
     ) -> None:
         self.private_key = private_key
         self.chain = chain
         self.certificate = chain[0]
+        self.name = name
+        self.issuer_id = issuer_id(self.certificate)
         signs_without_digest = isinstance(private_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
         self._digest = None if signs_without_digest else DIGESTS[digest]()
         try:
@@ -72,6 +92,15 @@ class CertificateAuthority:
     def digest(self) -> hashes.HashAlgorithm | None:
         """The hash the CA signs with (None for Ed25519/Ed448 keys)."""
         return self._digest
+
+    def validity_problem(self, now: datetime | None = None) -> str | None:
+        """None while the CA certificate is within its validity period; otherwise what is wrong."""
+        now = now or datetime.now(timezone.utc)
+        if now < self.certificate.not_valid_before_utc:
+            return f"is not valid before {self.certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        if now >= self.certificate.not_valid_after_utc:
+            return f"expired on {self.certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
+        return None
 
     def issue(
         self,
@@ -130,31 +159,74 @@ def issued_subject(subject: x509.Name) -> x509.Name:
     return x509.Name(rdns)
 
 
-def load_authority(settings: CASettings) -> CertificateAuthority:
-    """Load and cross-check the CA named by the ``ca`` settings."""
-    certificate = _load_certificates(settings.cert_file, "ca.cert_file")[0]
-    key = _load_private_key(settings)
+class Authorities:
+    """Every CA this server issues from, each once: the top-level ``ca`` and the labels' own."""
+
+    def __init__(self, default: CertificateAuthority, labels: dict[str, CertificateAuthority], settings: dict[str, CASettings]) -> None:
+        self.default = default
+        self._labels = labels
+        self._by_issuer = {default.issuer_id: default, **{a.issuer_id: a for a in labels.values()}}
+        self.settings = settings  # issuer id -> the section it was loaded from
+
+    def __iter__(self) -> Iterator[CertificateAuthority]:
+        return iter(self._by_issuer.values())
+
+    def for_label(self, label: Optional[str]) -> CertificateAuthority:
+        """The CA that issues on ``label`` (None: the unlabelled path)."""
+        return self._labels.get(label, self.default) if label else self.default
+
+    def issuer_of(self, issuer: Optional[str]) -> Optional[CertificateAuthority]:
+        """The CA a certificate record names; records from before issuers were recorded (None) are the top-level CA's."""
+        return self.default if issuer is None else self._by_issuer.get(issuer)
+
+
+def load_authorities(settings: Settings) -> Authorities:
+    """Load the top-level CA and each label's own; a CA named twice must be named alike, and is loaded once."""
+    loaded: dict[str, tuple[CASettings, CertificateAuthority]] = {}
+
+    def load(section: CASettings, where: str) -> CertificateAuthority:
+        authority = load_authority(section, where)
+        first_settings, first = loaded.setdefault(authority.issuer_id, (section, authority))
+        if first_settings != section:
+            raise ConfigError(f"{where} names the same CA as {first.name} with other settings: make them equal, or leave {where} out")
+        return first
+
+    default = load(settings.ca, "ca")
+    labels = {name: load(label.ca, f"labels.{name}.ca") for name, label in settings.labels.items() if label.ca is not None}
+    return Authorities(default, labels, {issuer: section for issuer, (section, _) in loaded.items()})
+
+
+def load_authority(settings: CASettings, where: str = "ca") -> CertificateAuthority:
+    """Load and cross-check the CA named by a ``ca`` section (``where``: its key, for messages)."""
+    certificate = _load_certificates(settings.cert_file, f"{where}.cert_file")[0]
+    key = _load_private_key(settings, where)
     if key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ) != certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
-        raise ConfigError(f"ca.key_file {settings.key_file} does not belong to ca.cert_file {settings.cert_file}")
+        raise ConfigError(f"{where}.key_file {settings.key_file} does not belong to {where}.cert_file {settings.cert_file}")
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         constraints = None
     if constraints is None or not constraints.ca:
-        raise ConfigError(f"ca.cert_file {settings.cert_file} is not a CA certificate (basicConstraints CA:TRUE missing)")
-    pool = _load_certificates(settings.chain_file, "ca.chain_file") if settings.chain_file else []
-    return CertificateAuthority(key, _chain_to_root(certificate, pool), settings.digest, settings.crl_url, settings.ocsp_url)
+        raise ConfigError(f"{where}.cert_file {settings.cert_file} is not a CA certificate (basicConstraints CA:TRUE missing)")
+    pool = _load_certificates(settings.chain_file, f"{where}.chain_file") if settings.chain_file else []
+    authority = CertificateAuthority(
+        key, _chain_to_root(certificate, pool, where), settings.digest, settings.crl_url, settings.ocsp_url, where
+    )
+    problem = authority.validity_problem()
+    if problem:
+        raise ConfigError(f"{where}.cert_file {settings.cert_file} {problem}")
+    return authority
 
 
-def _chain_to_root(certificate: x509.Certificate, pool: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+def _chain_to_root(certificate: x509.Certificate, pool: list[x509.Certificate], where: str) -> tuple[x509.Certificate, ...]:
     chain = [certificate]
     while chain[-1].issuer != chain[-1].subject:
         issuer = next((c for c in pool if c.subject == chain[-1].issuer and c not in chain), None)
         if issuer is None:
             raise ConfigError(
-                f"ca.chain_file must hold every certificate up to a self-signed root; missing the issuer {chain[-1].issuer.rfc4514_string()}"
+                f"{where}.chain_file must hold every certificate up to a self-signed root; missing the issuer {chain[-1].issuer.rfc4514_string()}"
             )
         chain.append(issuer)
     return tuple(chain)
@@ -168,18 +240,18 @@ def _load_certificates(path: Path, key: str) -> list[x509.Certificate]:
         raise ConfigError(f"{key} {path}: not a PEM or DER certificate ({exc})") from None
 
 
-def _load_private_key(settings: CASettings):
+def _load_private_key(settings: CASettings, where: str):
     passphrase = None
     if settings.key_passphrase_env:
         value = os.environ.get(settings.key_passphrase_env)
         if value is None:
-            raise ConfigError(f"ca.key_passphrase_env: environment variable {settings.key_passphrase_env} is not set")
+            raise ConfigError(f"{where}.key_passphrase_env: environment variable {settings.key_passphrase_env} is not set")
         passphrase = value.encode()
     elif settings.key_passphrase_file:
         passphrase = settings.key_passphrase_file.read_bytes().rstrip(b"\r\n")
     try:
         return serialization.load_pem_private_key(settings.key_file.read_bytes(), passphrase)
     except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
-        raise ConfigError(f"ca.key_file {settings.key_file}: {exc}") from None
+        raise ConfigError(f"{where}.key_file {settings.key_file}: {exc}") from None
     except ValueError:
-        raise ConfigError(f"ca.key_file {settings.key_file}: not a PEM private key, or the passphrase is wrong") from None
+        raise ConfigError(f"{where}.key_file {settings.key_file}: not a PEM private key, or the passphrase is wrong") from None

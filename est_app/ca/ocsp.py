@@ -1,8 +1,11 @@
 """An RFC 6960 OCSP responder over the store's view of certificate status.
 
-Signed by the CA itself or by a delegated responder certificate (issued by
-the CA, EKU OCSPSigning). Anything unparsable gets a ``malformedRequest``
-response, never an exception.
+One responder for every configured CA: the request's issuerNameHash and
+issuerKeyHash choose the CA, and the answer is about certificates that CA
+issued, signed by it or by its own delegated responder certificate (issued
+by it, EKU OCSPSigning). A request about any other issuer gets
+``unauthorized``; anything unparsable gets ``malformedRequest``, never an
+exception.
 """
 
 from __future__ import annotations
@@ -19,31 +22,34 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..config import ConfigError
-from .authority import CertificateAuthority
+from .authority import Authorities, CertificateAuthority
 from .crl import REASONS
 
-# status lookup: serial (hex) -> (status, revoked_at, reason) or None when unknown
-Lookup = Callable[[str], Optional[tuple[str, Optional[datetime], Optional[str]]]]
+# status lookup: serial (hex) -> (status, revoked_at, reason, issuer id) or None when unknown
+Lookup = Callable[[str], Optional[tuple[str, Optional[datetime], Optional[str], Optional[str]]]]
 HASHES = (hashes.SHA1, hashes.SHA256, hashes.SHA384, hashes.SHA512)
+Signer = tuple[x509.Certificate, object]
 
 
 class OCSPResponder:
     def __init__(
         self,
-        authority: CertificateAuthority,
+        authorities: Authorities,
         lookup: Lookup,
-        signer: Optional[tuple[x509.Certificate, object]] = None,
+        signers: Optional[dict[str, Signer]] = None,
         validity: timedelta = timedelta(hours=1),
     ) -> None:
-        self.authority = authority
+        """``signers``: delegated responders by the issuer id of the CA that certified each; the other CAs sign themselves."""
+        self.authorities = authorities
         self.lookup = lookup
-        self.signer_certificate, self.signer_key = signer or (authority.certificate, authority.private_key)
         self.validity = validity
-        # (hash name, issuer name hash, issuer key hash) that identify this CA in a request
-        self._ours = set()
-        for algorithm in HASHES:
-            probe = ocsp.OCSPRequestBuilder().add_certificate(authority.certificate, authority.certificate, algorithm()).build()
-            self._ours.add((algorithm.name, probe.issuer_name_hash, probe.issuer_key_hash))
+        # (hash name, issuer name hash, issuer key hash) that identify a CA in a request -> (CA, signer)
+        self._issuers: dict[tuple[str, bytes, bytes], tuple[CertificateAuthority, Signer]] = {}
+        for authority in authorities:
+            signer = (signers or {}).get(authority.issuer_id) or (authority.certificate, authority.private_key)
+            for algorithm in HASHES:
+                probe = ocsp.OCSPRequestBuilder().add_certificate(authority.certificate, authority.certificate, algorithm()).build()
+                self._issuers[(algorithm.name, probe.issuer_name_hash, probe.issuer_key_hash)] = (authority, signer)
 
     def respond(self, request_der: bytes, now: datetime) -> bytes:
         try:
@@ -54,9 +60,13 @@ class OCSPResponder:
             extensions = list(request.extensions)
         except Exception:  # unparsable, several requests, unsupported hash: all malformed to the client
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        found = self.lookup(format(serial, "x")) if key in self._ours else None
+        issuer = self._issuers.get(key)
+        if issuer is None:
+            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        authority, (signer_certificate, signer_key) = issuer
+        found = self.lookup(format(serial, "x"))
         revoked_at = reason = None
-        if found is None:
+        if found is None or self.authorities.issuer_of(found[3]) is not authority:
             status = ocsp.OCSPCertStatus.UNKNOWN
         elif found[0] == "revoked":
             status, revoked_at = ocsp.OCSPCertStatus.REVOKED, found[1]
@@ -68,20 +78,20 @@ class OCSPResponder:
         )
         # The signer's certificate rides along even when it is the CA's: FreeRADIUS (OpenSSL's
         # OCSP_basic_verify without extra certificates) looks for the signer only in the response.
-        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self.signer_certificate)
-        builder = builder.certificates([self.signer_certificate])
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, signer_certificate)
+        builder = builder.certificates([signer_certificate])
         for extension in extensions:
             if isinstance(extension.value, x509.OCSPNonce):
                 builder = builder.add_extension(extension.value, critical=False)
-        digest = None if isinstance(self.signer_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else hashes.SHA256()
-        return builder.sign(self.signer_key, digest).public_bytes(serialization.Encoding.DER)
+        digest = None if isinstance(signer_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else hashes.SHA256()
+        return builder.sign(signer_key, digest).public_bytes(serialization.Encoding.DER)
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
     return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER)
 
 
-def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority) -> tuple[x509.Certificate, object]:
+def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority) -> Signer:
     """A delegated responder: issued by the CA, with EKU OCSPSigning; its key unencrypted PEM."""
     certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
     key = serialization.load_pem_private_key(key_path.read_bytes(), None)
@@ -91,8 +101,9 @@ def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority
     except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
         usages = []
     if ExtendedKeyUsageOID.OCSP_SIGNING not in usages:
-        raise ConfigError(f"ca.ocsp_responder_cert_file {cert_path}: must be issued by the CA with EKU OCSPSigning")
+        raise ConfigError(f"{authority.name}.ocsp_responder_cert_file {cert_path}: must be issued by the CA with EKU OCSPSigning")
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(serialization.Encoding.DER, spki) != certificate.public_key().public_bytes(serialization.Encoding.DER, spki):
-        raise ConfigError(f"ca.ocsp_responder_key_file {key_path} does not belong to ca.ocsp_responder_cert_file {cert_path}")
+        where = authority.name
+        raise ConfigError(f"{where}.ocsp_responder_key_file {key_path} does not belong to {where}.ocsp_responder_cert_file {cert_path}")
     return certificate, key

@@ -53,6 +53,10 @@ rate_limit:
 #   pumps:
 #     response_format: der
 #     cert_validity_days: 365
+#     ca:                      # its own issuing CA (the keys of ca: above), e.g. for a pump-only SSID
+#       cert_file: /etc/est/pump-ca.pem
+#       key_file: /etc/est/pump-ca.key
+#       crl_url: "https://est.hospital.example:8445/crl/pumps"
 """
 
 

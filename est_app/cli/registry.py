@@ -105,10 +105,20 @@ def cert_expiring(days: int) -> None:
 
 
 @est.command("crl")
-def crl_refresh() -> None:
-    """Re-sign and store the CRL now (for a timer; the server also refreshes it at half-life)."""
-    record = state().crl.regenerate()
-    click.echo(f"CRL {record.number} valid until {record.next_update:%Y-%m-%d %H:%M} UTC")
+@click.option("--label", help="Only the CA that issues on this label (default: every CA).")
+def crl_refresh(label: str | None) -> None:
+    """Re-sign and store each CA's CRL now (for a timer; the server also refreshes them at half-life)."""
+    app_state = state()
+    if label is None:
+        authorities = list(app_state.authorities)
+    elif label in app_state.settings.labels:
+        authorities = [app_state.authorities.for_label(label)]
+    else:
+        raise click.ClickException(f"no label {label!r} in the configuration")
+    for authority in authorities:
+        record = app_state.crls[authority.issuer_id].regenerate()
+        subject = authority.certificate.subject.rfc4514_string()
+        click.echo(f"CRL {record.number} valid until {record.next_update:%Y-%m-%d %H:%M} UTC ({authority.name}: {subject})")
 
 
 @est.command("audit")

@@ -71,7 +71,7 @@ def issue_for_device(
     policy = profile.duplicate_policy or default_policy
     app_state = state()
     while True:
-        certificate = app_state.authority.issue(csr, certificate_profile or profile.certificate, public_key)
+        certificate = app_state.authority_for(profile).issue(csr, certificate_profile or profile.certificate, public_key)
         record = _record(certificate, profile, identity, operation)
         audit = request_event(EVENTS[operation], device=key, serial=record.serial)
         try:
@@ -93,7 +93,7 @@ def issue_replacement(csr: x509.CertificateSigningRequest, profile: EnrollmentPr
     old_serial = format(identity.certificate.serial_number, "x")
     app_state = state()
     while True:
-        certificate = app_state.authority.issue(csr, profile.certificate)
+        certificate = app_state.authority_for(profile).issue(csr, profile.certificate)
         record = _record(certificate, profile, identity, "simplereenroll")
         audit = request_event("reenroll", device=record.common_name, serial=record.serial, detail=f"supersedes {old_serial}")
         try:
@@ -108,7 +108,7 @@ def issue_replacement(csr: x509.CertificateSigningRequest, profile: EnrollmentPr
 
 
 def certs_only_response(certificate: x509.Certificate, profile: EnrollmentProfile) -> ESTResponse:
-    return ESTResponse([(CERTS_ONLY, state().authority.certs_only(certificate, profile.certificate))])
+    return ESTResponse([(CERTS_ONLY, state().authority_for(profile).certs_only(certificate, profile.certificate))])
 
 
 def _record(certificate: x509.Certificate, profile: EnrollmentProfile, identity: Identity, operation: str) -> CertificateRecord:
@@ -123,6 +123,7 @@ def _record(certificate: x509.Certificate, profile: EnrollmentProfile, identity:
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
         der=certificate.public_bytes(Encoding.DER),
+        issuer=state().authority_for(profile).issuer_id,
     )
 
 

@@ -32,4 +32,4 @@ def serverkeygen() -> ESTResponse:
     private_key = generate_key(wanted)
     certificate = issue_for_device(csr, g.profile, g.identity, "serverkeygen", public_key=private_key.public_key())
     pkcs8 = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return ESTResponse([(PKCS8, pkcs8), (CERTS_ONLY, state().authority.certs_only(certificate, g.profile.certificate))])
+    return ESTResponse([(PKCS8, pkcs8), (CERTS_ONLY, state().authority_for(g.profile).certs_only(certificate, g.profile.certificate))])

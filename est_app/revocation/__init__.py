@@ -1,13 +1,16 @@
-"""Revocation: revoking certificates, and the CRL every worker serves from its cache.
+"""Revocation: revoking certificates, and the CRLs every worker serves from its cache.
 
-The CRL lives in the store, numbered. It is re-signed on every revocation
-(by whichever process revoked) and when half its lifetime has passed; each
-worker keeps the DER of the newest number it has seen and only re-reads the
-store when that number moves. Nothing is rebuilt per request.
+Each CA has its own CRL, listing exactly the revoked certificates it issued.
+CRLs live in the store, numbered. A CA's CRL is re-signed on every revocation
+of one of its certificates (by whichever process revoked) and when half its
+lifetime has passed; each worker keeps the DER of the newest number it has
+seen and only re-reads the store when that number moves. Nothing is rebuilt
+per request.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import datetime, timedelta, timezone
 from typing import Optional
@@ -17,31 +20,39 @@ from ..ca.crl import build_crl
 from ..state import state
 from ..store import AuditEvent, CertificateRecord, CRLRecord, NotFound, Store
 
+log = logging.getLogger(__name__)
+
 
 class CRLCache:
-    def __init__(self, authority: CertificateAuthority, store: Store, lifetime: timedelta) -> None:
+    """One CA's CRL. ``top_level``: the top-level CA, which also answers for records that name no issuer."""
+
+    def __init__(self, authority: CertificateAuthority, store: Store, lifetime: timedelta, top_level: bool = False) -> None:
         self.authority = authority
         self.store = store
         self.lifetime = lifetime
+        self._scope = (authority.issuer_id, top_level)
         self._current: Optional[CRLRecord] = None
         self._lock = threading.Lock()
 
     def regenerate(self, now: Optional[datetime] = None) -> CRLRecord:
-        """Sign and store a new CRL of everything revoked now."""
+        """Sign and store a new CRL of everything this CA has revoked now."""
         now = now or datetime.now(timezone.utc)
         # The revoked list is read after the number is chosen (see Store.save_crl).
-        record = self.store.save_crl(lambda number: build_crl(self.authority, self.store.revoked_certificates(), number, now, self.lifetime))
+        record = self.store.save_crl(
+            lambda number: build_crl(self.authority, self.store.revoked_certificates(*self._scope), number, now, self.lifetime),
+            self.authority.issuer_id,
+        )
         with self._lock:
             self._current = record
         return record
 
     def current(self, now: Optional[datetime] = None) -> CRLRecord:
-        """The newest CRL, re-signed first when none exists or half its lifetime has gone."""
+        """The CA's newest CRL, re-signed first when none exists or half its lifetime has gone."""
         now = (now or datetime.now(timezone.utc)).replace(tzinfo=None)
-        number = self.store.current_crl_number()
+        number = self.store.current_crl_number(*self._scope)
         cached = self._current
         if cached is None or cached.number != number:
-            cached = self.store.current_crl() if number is not None else None
+            cached = self.store.current_crl(*self._scope) if number is not None else None
         if cached is None or now >= cached.this_update + (cached.next_update - cached.this_update) / 2:
             return self.regenerate()
         with self._lock:
@@ -50,12 +61,12 @@ class CRLCache:
 
     def is_fresh(self, now: Optional[datetime] = None) -> bool:
         now = (now or datetime.now(timezone.utc)).replace(tzinfo=None)
-        latest = self.store.current_crl()
+        latest = self.store.current_crl(*self._scope)
         return latest is not None and now < latest.next_update
 
 
 def revoke(serial: str, reason: str, actor: str, client_address: str = "") -> CertificateRecord:
-    """Revoke ``serial`` (audited as ``actor``) and publish a new CRL.
+    """Revoke ``serial`` (audited as ``actor``) and publish a new CRL of the CA that issued it.
 
     Every worker refuses the certificate from its next request on; raises the
     store's NotFound or AlreadyRevoked.
@@ -71,5 +82,9 @@ def revoke(serial: str, reason: str, actor: str, client_address: str = "") -> Ce
         device=device.device_key if device else record.common_name, serial=serial, detail=reason,
     )
     revoked = store.revoke(serial, reason, audit)
-    app_state.crl.regenerate()
+    crl = app_state.crl_of(record.issuer)
+    if crl is None:  # recorded all the same: OCSP and EST refuse it, and the CA's CRL lists it once configured again
+        log.warning("revoked %s, issued by a CA no longer configured (%s): no CRL re-signed", serial, record.issuer)
+    else:
+        crl.regenerate()
     return revoked

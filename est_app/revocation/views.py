@@ -1,4 +1,9 @@
-"""``GET /crl`` (DER), ``GET /crl.pem`` and the OCSP responder at ``/ocsp`` (POST, and GET per RFC 6960 A.1)."""
+"""The CRLs and the OCSP responder, without authentication.
+
+``GET /crl`` (DER) and ``GET /crl.pem``: the top-level CA's CRL.
+``GET /crl/<label>`` and ``GET /crl/<label>.pem``: the CRL of the CA that issues on that label
+(its own ``ca``, or the top-level CA's). ``/ocsp`` (POST, and GET per RFC 6960 A.1) answers for every CA.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from datetime import datetime, timezone
 from flask import Blueprint, Response
 
 from ..encoding import Base64Encoding, read_body
+from ..errors import NotFound
+from ..revocation import CRLCache
 from ..state import state
 
 bp = Blueprint("revocation", __name__)
@@ -18,12 +25,37 @@ PEM_LINES = Base64Encoding(64)
 
 @bp.get("/crl")
 def crl_der() -> Response:
-    return Response(state().crl.current().der, content_type="application/pkix-crl")
+    return _der(state().crl)
 
 
 @bp.get("/crl.pem")
 def crl_pem() -> Response:
-    body = PEM_LINES.encode(state().crl.current().der)
+    return _pem(state().crl)
+
+
+@bp.get("/crl/<label>")
+def label_crl_der(label: str) -> Response:
+    return _der(_label_crl(label))
+
+
+@bp.get("/crl/<label>.pem")
+def label_crl_pem(label: str) -> Response:
+    return _pem(_label_crl(label))
+
+
+def _label_crl(label: str) -> CRLCache:
+    app_state = state()
+    if label not in app_state.settings.labels:
+        raise NotFound(f"unknown EST label {label!r}: /crl/<label> serves the CRL of a configured label's CA")
+    return app_state.crls[app_state.authorities.for_label(label).issuer_id]
+
+
+def _der(crl: CRLCache) -> Response:
+    return Response(crl.current().der, content_type="application/pkix-crl")
+
+
+def _pem(crl: CRLCache) -> Response:
+    body = PEM_LINES.encode(crl.current().der)
     return Response(b"-----BEGIN X509 CRL-----\n" + body + b"\n-----END X509 CRL-----\n", content_type="application/x-pem-file")
 
 

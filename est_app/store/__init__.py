@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from .engine import create_engine
 
-from .schema import app_secrets, audit_events, certificates, crls, devices, metadata, ra_clients, users
+from .schema import ADDED_COLUMNS, app_secrets, audit_events, certificates, crls, devices, metadata, ra_clients, users
 
 
 class UserExists(Exception):
@@ -94,6 +94,7 @@ class CRLRecord:
     this_update: datetime
     next_update: datetime
     der: bytes
+    issuer: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class CertificateRecord:
     issued_at: Optional[datetime] = None
     revoked_at: Optional[datetime] = None
     revocation_reason: Optional[str] = None
+    issuer: Optional[str] = None  # the issuing CA's id; None on records from before it was kept
 
 
 def utcnow() -> datetime:
@@ -162,15 +164,18 @@ class Store:
             yield conn
 
     def create_schema(self) -> None:
-        """Create what is missing; refuse (SchemaOutdated) a database made by an older version."""
+        """Create what is missing, add the ADDED_COLUMNS in place; refuse (SchemaOutdated) a database made by an older version."""
         with self._write() as conn:  # serialised, so workers starting together do not race
             metadata.create_all(conn)
             inspector = sa.inspect(conn)
             for table in metadata.sorted_tables:
                 present = {column["name"] for column in inspector.get_columns(table.name)}
                 missing = [column.name for column in table.columns if column.name not in present]
-                if missing:
-                    raise SchemaOutdated(f"table {table.name} lacks column(s) {', '.join(missing)}")
+                refused = [name for name in missing if (table.name, name) not in ADDED_COLUMNS]
+                if refused:
+                    raise SchemaOutdated(f"table {table.name} lacks column(s) {', '.join(refused)}")
+                for name in missing:
+                    _add_column(conn, table.c[name])
                 for index in table.indexes:
                     index.create(conn, checkfirst=True)
 
@@ -302,8 +307,8 @@ class Store:
     def get_certificate(self, serial: str) -> Optional[CertificateRecord]:
         return self._one(certificates.select().where(certificates.c.serial == serial), CertificateRecord)
 
-    def certificate_status(self, serial: str) -> Optional[tuple[str, Optional[datetime], Optional[str]]]:
-        """(status, revoked_at, reason) of a certificate, or None when unknown (every OCSP request: built once)."""
+    def certificate_status(self, serial: str) -> Optional[tuple[str, Optional[datetime], Optional[str], Optional[str]]]:
+        """(status, revoked_at, reason, issuer) of a certificate, or None when unknown (every OCSP request: built once)."""
         with self.engine.connect() as conn:
             row = conn.execute(_STATUS_BY_SERIAL, {"serial": serial}).first()
         return tuple(row) if row else None
@@ -364,23 +369,27 @@ class Store:
             _insert_audit(conn, audit)
         return self.get_certificate(serial)
 
-    def revoked_certificates(self) -> list[tuple[str, datetime, str]]:
-        """(serial, revoked_at, reason) of every revoked certificate still within its validity."""
+    # Revocation lists are per CA: ``issuer`` is its id (None: any CA); ``or_unrecorded`` (the
+    # top-level CA) also counts the rows written before issuers were recorded.
+
+    def revoked_certificates(self, issuer: Optional[str] = None, or_unrecorded: bool = False) -> list[tuple[str, datetime, str]]:
+        """(serial, revoked_at, reason) of every certificate the CA revoked that is still within its validity."""
         query = sa.select(certificates.c.serial, certificates.c.revoked_at, certificates.c.revocation_reason).where(
-            certificates.c.status == "revoked", certificates.c.not_after > utcnow()
+            certificates.c.status == "revoked", certificates.c.not_after > utcnow(), _issued_by(certificates.c.issuer, issuer, or_unrecorded)
         )
         with self.engine.connect() as conn:
             return [tuple(row) for row in conn.execute(query)]
 
-    def current_crl(self) -> Optional[CRLRecord]:
-        return self._one(crls.select().order_by(crls.c.number.desc()).limit(1), CRLRecord)
+    def current_crl(self, issuer: Optional[str] = None, or_unrecorded: bool = False) -> Optional[CRLRecord]:
+        query = crls.select().where(_issued_by(crls.c.issuer, issuer, or_unrecorded)).order_by(crls.c.number.desc()).limit(1)
+        return self._one(query, CRLRecord)
 
-    def current_crl_number(self) -> Optional[int]:
+    def current_crl_number(self, issuer: Optional[str] = None, or_unrecorded: bool = False) -> Optional[int]:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.max(crls.c.number))).scalar()
+            return conn.execute(sa.select(sa.func.max(crls.c.number)).where(_issued_by(crls.c.issuer, issuer, or_unrecorded))).scalar()
 
-    def save_crl(self, build) -> CRLRecord:
-        """Store the CRL ``build(number)`` makes, numbered one past the current.
+    def save_crl(self, build, issuer: str) -> CRLRecord:
+        """Store the CRL ``build(number)`` makes for the CA ``issuer``, numbered one past the newest of any CA.
 
         Built outside the write lock (a big CRL takes a while to sign; enrollments must not
         wait for it). ``build`` reads the revoked list itself, after the number is chosen; if
@@ -389,12 +398,13 @@ class Store:
         for _ in range(5):
             number = (self.current_crl_number() or 0) + 1
             this_update, next_update, der = build(number)
+            values = {"number": number, "this_update": _naive_utc(this_update), "next_update": _naive_utc(next_update), "der": der, "issuer": issuer}
             try:
                 with self._write() as conn:
-                    conn.execute(crls.insert().values(number=number, this_update=_naive_utc(this_update), next_update=_naive_utc(next_update), der=der))
+                    conn.execute(crls.insert().values(**values))
             except sa.exc.IntegrityError:
                 continue
-            return CRLRecord(number, _naive_utc(this_update), _naive_utc(next_update), der)
+            return CRLRecord(**values)
         raise RuntimeError("could not store a new CRL: other processes kept taking its number")
 
     # audit trail
@@ -437,9 +447,24 @@ _SUPERSEDE = (
     .where(certificates.c.serial == sa.bindparam("serial_"), certificates.c.status == "valid")
     .values(status="superseded")
 )
-_STATUS_BY_SERIAL = sa.select(certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason).where(
-    certificates.c.serial == sa.bindparam("serial")
-)
+_STATUS_BY_SERIAL = sa.select(
+    certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason, certificates.c.issuer
+).where(certificates.c.serial == sa.bindparam("serial"))
+
+
+def _issued_by(column: sa.Column, issuer: Optional[str], or_unrecorded: bool):
+    if issuer is None:
+        return sa.true()
+    return sa.or_(column == issuer, column.is_(None)) if or_unrecorded else column == issuer
+
+
+def _add_column(conn: Connection, column: sa.Column) -> None:
+    """ALTER TABLE ... ADD COLUMN for one of the schema's ADDED_COLUMNS (nullable, so old rows stay as they are)."""
+    preparer = conn.dialect.identifier_preparer
+    # PostgreSQL: another server may add it between our look and our ALTER.
+    guard = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
+    spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+    conn.execute(sa.text(f"ALTER TABLE {preparer.format_table(column.table)} ADD COLUMN{guard} {spec}"))
 
 
 def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: Optional[int] = None) -> None:

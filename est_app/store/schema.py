@@ -57,6 +57,8 @@ certificates = sa.Table(
     sa.Column("revocation_reason", sa.String(32)),
     sa.Column("issued_at", sa.DateTime, nullable=False, index=True),
     sa.Column("der", sa.LargeBinary, nullable=False),
+    # The issuing CA (est_app.ca.authority.issuer_id); NULL on rows written before it was recorded: the top-level CA.
+    sa.Column("issuer", sa.String(64)),
     # Counts by status and expiry (overview, metrics, `cert expiring`) without reading certificate bodies.
     sa.Index("ix_certificates_status_not_after_serial", "status", "not_after", "serial"),
 )
@@ -77,7 +79,8 @@ audit_events = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),
 )
 
-# Every CRL issued; the highest number is the current one.
+# Every CRL issued; a CA's highest number is its current one. The numbers are one sequence shared
+# by all CAs: each CA's CRL numbers still only increase (RFC 5280 5.2.3 allows the gaps).
 crls = sa.Table(
     "crls",
     metadata,
@@ -85,7 +88,14 @@ crls = sa.Table(
     sa.Column("this_update", sa.DateTime, nullable=False),
     sa.Column("next_update", sa.DateTime, nullable=False),
     sa.Column("der", sa.LargeBinary, nullable=False),
+    # The signing CA, as certificates.issuer (NULL: the top-level CA, before it was recorded).
+    sa.Column("issuer", sa.String(64)),
+    sa.Index("ix_crls_issuer_number", "issuer", "number"),
 )
+
+# Nullable columns that Store.create_schema() adds in place to an older database (a bridge until
+# Alembic migrations); any other missing column is refused.
+ADDED_COLUMNS = frozenset({("certificates", "issuer"), ("crls", "issuer")})
 
 # Secrets the workers must share (the dashboard's session key), generated on first start.
 app_secrets = sa.Table(

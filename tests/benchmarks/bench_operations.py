@@ -649,7 +649,7 @@ def bench_ocsp(args, report: Report, workdir: Path, server: RunningServer, app, 
     # The in-process floor: with the store lookup as served, and with signing alone.
     now = datetime.now(timezone.utc)
     respond = app_state.ocsp.respond
-    signing_only = OCSPResponder(app_state.authority, lambda serial: ("valid", None, None))
+    signing_only = OCSPResponder(app_state.authorities, lambda serial: ("valid", None, None, None))
     floors = {}
     for name, fn in (("respond() with store lookup", respond), ("respond() signing only (no lookup)", signing_only.respond)):
         for _ in range(50):
