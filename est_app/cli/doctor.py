@@ -63,6 +63,7 @@ CLIENTS = {
     "openssl": "openssl base64 -d",
     "der": "a gateway set to DER",
 }
+CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 TIMEOUT = 10
 
 
@@ -171,7 +172,7 @@ def _check_config(report: Report, path: Path) -> Optional[Settings]:
         settings = parse_config(data, base_dir=path.resolve().parent, source=str(path))
     except ConfigError as exc:
         todo = "fix the key it names; est-server refuses to start with this same line"
-        if re.search(r"passphrase|password|secret", str(exc), re.I):
+        if re.search(r"[\w.]*(passphrase|password|secret)[\w.]*: unknown key", str(exc), re.I):
             todo = "secrets never go in the YAML: name them with ca.key_passphrase_env or ca.key_passphrase_file"
         report.fail("config", str(exc), todo)
         return None
@@ -397,32 +398,37 @@ class BodyForm:
     longest_line: int = 0
     crlf: bool = False
     trailing_newline: bool = False
+    extra: str = ""  # the PEM label, or what follows a DER structure
 
     def __str__(self) -> str:
         if self.kind == "DER":
-            return "raw DER"
+            return "raw DER" + (f" followed by {self.extra}" if self.extra else "")
         if self.kind == "other":
             return "neither DER, PEM nor base64"
         if self.lines == 1:
             shape = f"on one line of {self.longest_line} characters"
         else:
             shape = f"wrapped at {self.longest_line} columns ({self.lines} lines, {'CRLF' if self.crlf else 'LF'})"
-        return f"{self.kind} {shape}, {'with a' if self.trailing_newline else 'no'} trailing newline"
+        label = f" ({self.extra})" if self.extra else ""
+        return f"{self.kind}{label} {shape}, {'with a' if self.trailing_newline else 'no'} trailing newline"
 
 
 def body_form(data: bytes) -> BodyForm:
     if data[:1] == b"\x30":
-        return BodyForm("DER")
-    text = data.strip(b" \t")
-    if not re.fullmatch(rb"[A-Za-z0-9+/=\s]+|-----BEGIN.*", text, re.S):
+        extra = len(data) - _der_length(data)
+        return BodyForm("DER", extra=f"{extra} more byte(s) {_shown(repr(data[-extra:]))[:40]}" if extra > 0 else "")
+    pem = re.match(rb"\s*-----BEGIN ([A-Z0-9 ]+)-----", data)
+    text = re.sub(rb"-----(BEGIN|END) [A-Z0-9 ]+-----", b"", data).strip(b"\r\n")
+    if not re.fullmatch(rb"[A-Za-z0-9+/]+={0,2}", re.sub(rb"\s", b"", text)):
         return BodyForm("other")
-    lines = [line.rstrip(b"\r") for line in text.rstrip(b"\r\n").split(b"\n") if not line.startswith(b"-----")]
+    lines = [line.rstrip(b"\r") for line in text.split(b"\n")]
     return BodyForm(
-        "PEM" if text.startswith(b"-----BEGIN") else "base64",
+        "PEM" if pem else "base64",
         lines=len(lines),
-        longest_line=max((len(line) for line in lines), default=0),
-        crlf=b"\r\n" in text,
-        trailing_newline=text.endswith(b"\n"),
+        longest_line=max(len(line) for line in lines),
+        crlf=b"\r\n" in data,
+        trailing_newline=data.endswith(b"\n"),
+        extra=pem.group(1).decode() if pem else "",
     )
 
 
@@ -541,26 +547,24 @@ def _check_cacerts(report: Report, connection, profile: EnrollmentProfile, chain
     _report_readers(report, subject, what, verdicts, required)
 
 
-def _check_enrollment_answer(report: Report, settings: Settings, profile: EnrollmentProfile, chain, required: tuple[str, ...]) -> None:
-    """Render the label's enrollment answer with the server's own code, for two pump key types, and read it."""
-    subject = f"label {profile.name}"
-    stand_in = CertificateAuthority(_key_like(chain[0].public_key()), chain, settings.ca.digest, settings.ca.crl_url, settings.ca.ocsp_url)
+def _check_enrollment_answer(report: Report, stand_in: CertificateAuthority, pump_keys: dict, profile: EnrollmentProfile, required: tuple[str, ...]) -> None:
+    """Render the label's enrollment answer with the server's own code, for each pump key type, and read it."""
+    count = 1 + len(stand_in.chain) if profile.certificate.include_chain else 1
     verdicts: dict[str, Optional[str]] = dict.fromkeys(CLIENTS)
     sizes = []
-    for name, key in (("P-256", ec.generate_private_key(ec.SECP256R1())), ("RSA-2048", rsa.generate_private_key(65537, 2048))):
+    for name, key in pump_keys.items():
         csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "NPPBBB4")])).sign(key, hashes.SHA256())
         response = ESTResponse([(CERTS_ONLY, stand_in.certs_only(stand_in.issue(csr, profile.certificate), profile.certificate))])
         profile.encoding.apply(response)
         body = response.get_data()
         form, cte = body_form(body), response.headers.get(CTE, "").lower() == "base64"
-        count = 1 + len(chain) if profile.certificate.include_chain else 1
         sizes.append(f"{len(body):,} bytes ({name} pump key)")
         for client in CLIENTS:
             why = unreadable(client, form, cte, count, True, enrollment=True)
             if why and verdicts[client] is None:
-                verdicts[client] = why if name == "P-256" else f"{why} with RSA-2048 pump keys"
+                verdicts[client] = why if not sizes[:-1] else f"{why} with {name} pump keys"
     what = f"enrollment answer (rendered from the label's settings; nothing enrolled) is {form.kind}, {_count(count, 'certificate')}, {' or '.join(sizes)}"
-    _report_readers(report, subject, what, verdicts, required)
+    _report_readers(report, f"label {profile.name}", what, verdicts, required)
 
 
 def _check_deployment(report: Report, settings: Settings, profiles: list[EnrollmentProfile], hosts, clients, tls_ca) -> None:
@@ -568,11 +572,16 @@ def _check_deployment(report: Report, settings: Settings, profiles: list[Enrollm
     tls_certificate = _check_tls(report, settings, hosts)
     store = _check_database(report, settings, chain)
     connection = _check_server(report, settings, tls_certificate, tls_ca)
+    stand_in = None
+    if chain and chain[0].not_valid_after_utc > datetime.now(timezone.utc):
+        # Same issuer, extensions and signature length as the CA's certificates; the key is thrown away.
+        stand_in = CertificateAuthority(_key_like(chain[0].public_key()), chain, settings.ca.digest, settings.ca.crl_url, settings.ca.ocsp_url)
+        pump_keys = {"P-256": ec.generate_private_key(ec.SECP256R1()), "RSA-2048": rsa.generate_private_key(65537, 2048)}
     for profile in profiles:
         if connection is not None:
             _check_cacerts(report, connection, profile, chain, clients)
-        if chain and chain[0].not_valid_after_utc > datetime.now(timezone.utc):
-            _check_enrollment_answer(report, settings, profile, chain, clients)
+        if stand_in is not None:
+            _check_enrollment_answer(report, stand_in, pump_keys, profile, clients)
         if store is not None:
             _check_access(report, store, profile)
     if connection is not None:
@@ -605,7 +614,10 @@ def _check_request(report: Report, settings: Settings, profile: EnrollmentProfil
     try:
         csr = load_csr(der)
     except ESTError as exc:
-        report.fail(subject, f"would answer {exc.status}: {exc.message}", "make the CSR again with a supported key, signed by that key")
+        todo = "make the CSR again with a supported key, signed by that key"
+        if form.extra and form.kind == "DER":
+            todo = "the gateway adds bytes after the DER: send the file unchanged (curl --data-binary @FILE)"
+        report.fail(subject, f"would answer {exc.status}: {exc.message}", todo)
         return
     try:
         check_policy(csr, profile.csr_policy)
@@ -655,6 +667,14 @@ def _bind(bind: str) -> Optional[tuple[str, int]]:
     return host.strip("[]"), int(port)
 
 
+def _der_length(data: bytes) -> int:
+    """Length of the DER element at the start of ``data``, header included."""
+    if len(data) < 2 or data[1] < 0x80:
+        return 2 + (data[1] if len(data) > 1 else 0)
+    size = data[1] & 0x7F
+    return 2 + size + int.from_bytes(data[2 : 2 + size], "big")
+
+
 def _wildcard(host: str) -> bool:
     return host in ("", "0.0.0.0", "::")
 
@@ -697,7 +717,7 @@ def _key_name(csr: x509.CertificateSigningRequest) -> str:
     if isinstance(key, rsa.RSAPublicKey):
         return f"RSA {key.key_size} bits, exponent {key.public_numbers().e}"
     if isinstance(key, ec.EllipticCurvePublicKey):
-        return f"EC {key.curve.name}"
+        return f"EC {CURVES.get(key.curve.name, key.curve.name)}"
     return type(key).__name__.removeprefix("_").replace("PublicKey", "")
 
 
