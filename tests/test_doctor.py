@@ -204,6 +204,27 @@ def test_ca_key_that_does_not_match(deployment, tmp_path):
     assert has_line(result, "FAIL", "ca key", "does not belong to")
 
 
+def test_encrypted_ca_key_is_checked_only_with_its_passphrase(deployment, tmp_path, monkeypatch):
+    key, _ = dev_ca(deployment)
+    (deployment / "ca.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"long passphrase"))
+    )
+    config = offline_config(deployment, tmp_path, ca={"key_passphrase_env": "EST_TEST_CA_PASSPHRASE"})
+    monkeypatch.delenv("EST_TEST_CA_PASSPHRASE", raising=False)
+    assert has_line(doctor(config), "WARN", "ca key", "not checked against the CA certificate: EST_TEST_CA_PASSPHRASE is not set here")
+    monkeypatch.setenv("EST_TEST_CA_PASSPHRASE", "long passphrase")
+    assert has_line(doctor(config), "OK", "ca key", "matches the CA certificate")
+    monkeypatch.setenv("EST_TEST_CA_PASSPHRASE", "wrong passphrase")
+    wrong = doctor(config)
+    assert wrong.exit_code == 1 and has_line(wrong, "FAIL", "ca key", "the passphrase is wrong")
+
+    # The production layout: a systemd credential that exists only while the service runs.
+    absent = offline_config(deployment, tmp_path, ca={"key_passphrase_file": "/run/credentials/est.service/ca-key-passphrase"})
+    result = doctor(absent)
+    assert has_line(result, "WARN", "ca key", "not checked against the CA certificate: /run/credentials/est.service/ca-key-passphrase exists only while est.service runs")
+    assert not lines(result, "FAIL", "ca key") and not lines(result, "FAIL", "config")
+
+
 def test_stale_crl(deployment, tmp_path):
     config = offline_config(deployment, tmp_path)
     settings = load_config(config)

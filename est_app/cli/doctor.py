@@ -19,12 +19,11 @@ needs no passphrase or the passphrase is at hand.
 
 from __future__ import annotations
 
-import base64
-import getpass
 import http.client
 import ipaddress
 import json
 import os
+import pwd
 import re
 import ssl
 import stat
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 import click
+import yaml
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -119,7 +119,7 @@ def doctor_command(
     Exit status 1 when anything is FAIL; WARN alone exits 0.
     """
     report = Report()
-    settings = _check_config(report, _config_path(ctx))
+    settings, credential = _check_config(report, _config_path(ctx))
     if settings is not None:
         profiles = build_profiles(settings)
         wanted = None if label_name in (None, DEFAULT_LABEL) else label_name
@@ -129,7 +129,7 @@ def doctor_command(
             _check_request(report, settings, profiles[wanted], request_file)
         else:
             selected = [profiles[wanted]] if label_name else list(profiles.values())
-            _check_deployment(report, settings, selected, hosts, clients, tls_ca)
+            _check_deployment(report, settings, credential, selected, hosts, clients, tls_ca)
     if as_json:
         click.echo(json.dumps({"failed": report.failed, "findings": [asdict(f) for f in report.findings]}, indent=2))
     else:
@@ -150,24 +150,24 @@ def _config_path(ctx: click.Context) -> Path:
 # --- inside: configuration and files -----------------------------------------------------------
 
 
-def _check_config(report: Report, path: Path) -> Optional[Settings]:
-    import yaml
-
+def _check_config(report: Report, path: Path) -> tuple[Optional[Settings], Optional[str]]:
+    """The settings (None when unusable), and the systemd credential left out because it is absent."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         report.fail("config", f"cannot read {path}: {exc.strerror}", "pass --config FILE or set EST_CONFIG")
-        return None
+        return None, None
     except yaml.YAMLError as exc:
         report.fail("config", f"{path} is not valid YAML: {_one_line(str(exc))}", "fix the line it names")
-        return None
+        return None, None
     _check_file(report, "config", path, secret=False)
     ca = data.get("ca") if isinstance(data, dict) else None
     credential = ca.get("key_passphrase_file") if isinstance(ca, dict) else None
     if isinstance(credential, str) and credential.startswith("/run/credentials/") and not Path(credential).exists():
         # systemd's LoadCredential= file exists only while the service runs: check the rest.
-        report.warn("ca key", f"ca.key_passphrase_file {credential} exists only while est.service runs", "start est.service to check that the passphrase opens the key")
         data = {**data, "ca": {k: v for k, v in ca.items() if k != "key_passphrase_file"}}
+    else:
+        credential = None
     try:
         settings = parse_config(data, base_dir=path.resolve().parent, source=str(path))
     except ConfigError as exc:
@@ -175,9 +175,9 @@ def _check_config(report: Report, path: Path) -> Optional[Settings]:
         if re.search(r"[\w.]*(passphrase|password|secret)[\w.]*: unknown key", str(exc), re.I):
             todo = "secrets never go in the YAML: name them with ca.key_passphrase_env or ca.key_passphrase_file"
         report.fail("config", str(exc), todo)
-        return None
+        return None, None
     report.ok("config", f"{path} is valid")
-    return settings
+    return settings, credential
 
 
 def _check_file(report: Report, subject: str, path: Path, secret: bool = True) -> bool:
@@ -187,7 +187,7 @@ def _check_file(report: Report, subject: str, path: Path, secret: bool = True) -
     except OSError as exc:
         report.fail(subject, f"{path}: {exc.strerror}", "create it, or fix the path in the configuration")
         return False
-    mode, me = stat.S_IMODE(st.st_mode), getpass.getuser()
+    mode, me = stat.S_IMODE(st.st_mode), pwd.getpwuid(os.geteuid()).pw_name
     if secret and mode & 0o004:
         report.fail(subject, f"{path} is readable by every user (mode {mode:04o})", f"chmod 600 {path}")
     elif secret and mode & 0o040:
@@ -221,7 +221,7 @@ def _check_lifetime(report: Report, subject: str, certificate: x509.Certificate,
     return True
 
 
-def _check_ca(report: Report, settings: Settings) -> tuple[x509.Certificate, ...]:
+def _check_ca(report: Report, settings: Settings, credential: Optional[str]) -> tuple[x509.Certificate, ...]:
     ca = settings.ca
     try:
         chain = _chain_to_root(_load_certificates(ca.cert_file, "ca.cert_file")[0], _load_certificates(ca.chain_file, "ca.chain_file") if ca.chain_file else [])
@@ -242,17 +242,20 @@ def _check_ca(report: Report, settings: Settings) -> tuple[x509.Certificate, ...
     for issuer in chain[1:]:
         _check_lifetime(report, "ca chain", issuer, "renew it, and ca.chain_file with it")
     if _check_file(report, "ca key", ca.key_file):
-        _check_ca_key(report, settings, chain[0])
+        _check_ca_key(report, settings, chain[0], credential)
     if ca.key_passphrase_file:
         _check_file(report, "ca key passphrase", ca.key_passphrase_file)
     return chain
 
 
-def _check_ca_key(report: Report, settings: Settings, certificate: x509.Certificate) -> None:
+def _check_ca_key(report: Report, settings: Settings, certificate: x509.Certificate, credential: Optional[str]) -> None:
     ca = settings.ca
     encrypted = b"ENCRYPTED" in ca.key_file.read_bytes()
     if not encrypted:
         report.warn("ca key", f"{ca.key_file} is not encrypted", "encrypt it and give the passphrase as a systemd credential (DEPLOYMENT.md 3b)")
+    elif credential:
+        report.warn("ca key", f"not checked against the CA certificate: {credential} exists only while est.service runs", "run doctor while est.service runs")
+        return
     elif ca.key_passphrase_env and ca.key_passphrase_env not in os.environ:
         report.warn("ca key", f"not checked against the CA certificate: {ca.key_passphrase_env} is not set here", f"export {ca.key_passphrase_env} to check it")
         return
@@ -308,8 +311,10 @@ def _check_tls(report: Report, settings: Settings, hosts: tuple[str, ...]) -> Op
             key = load_pem_private_key(tls.key_file.read_bytes(), None)
             if _spki(key.public_key()) != _spki(certificate.public_key()):
                 report.fail("tls key", f"{tls.key_file} does not belong to {tls.cert_file}", "configure the matching pair")
-        except (TypeError, ValueError) as exc:
-            report.fail("tls key", f"{tls.key_file} cannot be loaded without a password ({exc})", "gunicorn needs an unencrypted PEM key (mode 0600)")
+        except TypeError:
+            report.fail("tls key", f"{tls.key_file} is encrypted", "gunicorn needs it unencrypted (mode 0600)")
+        except ValueError:
+            report.fail("tls key", f"{tls.key_file} is not a PEM private key", "configure the key of tls.cert_file")
     if tls.min_version == "1.3":
         report.warn("tls", "min_version 1.3: libest's estclient speaks TLS 1.2 at most", "set tls.min_version: \"1.2\" if a libest-based gateway enrolls here")
     return certificate
@@ -567,8 +572,8 @@ def _check_enrollment_answer(report: Report, stand_in: CertificateAuthority, pum
     _report_readers(report, f"label {profile.name}", what, verdicts, required)
 
 
-def _check_deployment(report: Report, settings: Settings, profiles: list[EnrollmentProfile], hosts, clients, tls_ca) -> None:
-    chain = _check_ca(report, settings)
+def _check_deployment(report: Report, settings: Settings, credential, profiles: list[EnrollmentProfile], hosts, clients, tls_ca) -> None:
+    chain = _check_ca(report, settings, credential)
     tls_certificate = _check_tls(report, settings, hosts)
     store = _check_database(report, settings, chain)
     connection = _check_server(report, settings, tls_certificate, tls_ca)
