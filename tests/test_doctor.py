@@ -149,7 +149,7 @@ def test_server_not_running_is_a_fail_line_not_a_traceback(deployment, tmp_path)
     assert json.loads(doctor(config, "--json").output)["failed"] is True
 
 
-def test_tls_certificate_lacking_the_bind_host_and_a_dialled_name(deployment, serve):
+def test_tls_certificate_lacking_the_bind_host_and_a_dialled_name(deployment, serve, tmp_path):
     server = serve(server={"workers": 1})  # its one worker has loaded the TLS files by the time serve() returns
     # Replaced on disk under the running server, which serves the old pair until restarted.
     ca_key, ca_cert = dev_ca(deployment)
@@ -162,6 +162,15 @@ def test_tls_certificate_lacking_the_bind_host_and_a_dialled_name(deployment, se
     assert has_line(result, "FAIL", "tls", "does not name 10.1.2.3")
     assert has_line(result, "OK", "tls", "the certificate names est.hospital.example")
     assert has_line(result, "WARN", "server", "serves another TLS certificate", "restart est"), result.output
+
+    # Clients that trust another root refuse the server; the labels are still read, without verification.
+    other_root = tmp_path / "other-root.pem"
+    other_key = ec_key()
+    other_root.write_bytes(pem(certificate(other_key, other_key, "Another root", ca=True)))
+    untrusted = doctor(server.config, "--tls-ca", str(other_root))
+    assert untrusted.exit_code == 1
+    assert has_line(untrusted, "FAIL", "server", f"does not verify against {other_root}: "), untrusted.output
+    assert has_line(untrusted, "OK", "label default", "cacerts is base64 wrapped at 64 columns")
 
 
 def test_expired_tls_certificate(deployment, tmp_path):
@@ -241,6 +250,8 @@ def test_database_missing_or_outdated(deployment, tmp_path):
     assert missing.exit_code == 1
     assert has_line(missing, "FAIL", "database", "nowhere.db: no such file")
     assert not (tmp_path / "nowhere.db").exists()  # the doctor never creates one
+    driverless = doctor(offline_config(deployment, tmp_path, database={"url": "nosuchdb://localhost/est"}))
+    assert has_line(driverless, "FAIL", "database", "database.url cannot be used")
 
     with sqlite3.connect(deployment / "est.db") as conn:
         conn.execute("ALTER TABLE certificates DROP COLUMN revocation_reason")
@@ -338,7 +349,7 @@ def test_request_of_each_shape_is_accepted(deployment, tmp_path, shape, body, fo
     assert not lines(result, "OK", "server")  # --request checks the body, not the deployment
 
 
-def test_request_garbage_and_der_with_a_newline(deployment, tmp_path):
+def test_request_garbage_and_damaged_der(deployment, tmp_path):
     config = offline_config(deployment, tmp_path)
     garbage = tmp_path / "form.txt"
     garbage.write_bytes(b"csr=MIIB%2Bz")
@@ -353,6 +364,11 @@ def test_request_garbage_and_der_with_a_newline(deployment, tmp_path):
     assert result.exit_code == 1
     assert has_line(result, "OK", "request", "raw DER followed by 1 more byte(s)")
     assert has_line(result, "FAIL", "label default", "would answer 400", "send the file unchanged")
+
+    newline.write_bytes(der(make_csr("NPPBBB4"))[:-20])
+    result = doctor(config, "--request", str(newline))
+    assert has_line(result, "OK", "request", "raw DER, truncated: 20 byte(s) missing at the end")
+    assert has_line(result, "FAIL", "label default", "would answer 400", "the body was cut short")
 
 
 def test_request_refused_by_the_labels_cn_pattern(deployment, tmp_path):

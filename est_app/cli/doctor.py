@@ -327,15 +327,19 @@ def _check_database(report: Report, settings: Settings, chain: tuple[x509.Certif
     from .. import instance_path
 
     url = settings.database.url or f"sqlite:///{instance_path() / 'est.db'}"
-    parsed = sa.engine.make_url(url)
-    shown = parsed.render_as_string(hide_password=True)
-    if parsed.get_backend_name() == "sqlite" and parsed.database:
-        path = Path(parsed.database)
-        if not path.exists():
-            report.fail("database", f"{shown}: no such file", "point database.url at the server's database; est-admin init or est-server creates it")
-            return None
-        _check_file(report, "database", path)
-    store = Store(url)
+    try:
+        parsed = sa.engine.make_url(url)
+        shown = parsed.render_as_string(hide_password=True)
+        if parsed.get_backend_name() == "sqlite" and parsed.database:
+            path = Path(parsed.database)
+            if not path.exists():
+                report.fail("database", f"{shown}: no such file", "point database.url at the server's database; est-admin init or est-server creates it")
+                return None
+            _check_file(report, "database", path)
+        store = Store(url)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        report.fail("database", f"database.url cannot be used: {_one_line(str(exc))}", "fix database.url, or install its driver (PostgreSQL: psycopg)")
+        return None
     try:
         with store.engine.connect() as conn:
             inspector = sa.inspect(conn)
@@ -403,11 +407,14 @@ class BodyForm:
     longest_line: int = 0
     crlf: bool = False
     trailing_newline: bool = False
-    extra: str = ""  # the PEM label, or what follows a DER structure
+    excess: int = 0  # DER: bytes after the structure (negative: missing from it)
+    extra: str = ""  # the PEM label, or the bytes after a DER structure
 
     def __str__(self) -> str:
+        if self.kind == "DER" and self.excess < 0:
+            return f"raw DER, truncated: {-self.excess} byte(s) missing at the end"
         if self.kind == "DER":
-            return "raw DER" + (f" followed by {self.extra}" if self.extra else "")
+            return "raw DER" + (f" followed by {self.excess} more byte(s) {self.extra}" if self.excess else "")
         if self.kind == "other":
             return "neither DER, PEM nor base64"
         if self.lines == 1:
@@ -420,8 +427,8 @@ class BodyForm:
 
 def body_form(data: bytes) -> BodyForm:
     if data[:1] == b"\x30":
-        extra = len(data) - _der_length(data)
-        return BodyForm("DER", extra=f"{extra} more byte(s) {_shown(repr(data[-extra:]))[:40]}" if extra > 0 else "")
+        excess = len(data) - _der_length(data)
+        return BodyForm("DER", excess=excess, extra=_shown(repr(data[-excess:]))[:40] if excess > 0 else "")
     pem = re.match(rb"\s*-----BEGIN ([A-Z0-9 ]+)-----", data)
     text = re.sub(rb"-----(BEGIN|END) [A-Z0-9 ]+-----", b"", data).strip(b"\r\n")
     if not re.fullmatch(rb"[A-Za-z0-9+/]+={0,2}", re.sub(rb"\s", b"", text)):
@@ -495,7 +502,7 @@ def _check_server(report: Report, settings: Settings, tls_certificate, tls_ca: O
             "clients trusting that root refuse it: renew or reissue tls.cert_file (or pass --tls-ca with the root gateways trust)",
         )
         context.verify_mode = ssl.CERT_NONE  # go on, to read what the labels answer
-        connection = _connect(report, http.client.HTTPSConnection(target, port, timeout=TIMEOUT, context=context), " over TLS")
+        connection = _connect(report, http.client.HTTPSConnection(target, port, timeout=TIMEOUT, context=context), " over TLS, without verifying its certificate")
     if connection is not None:
         served = x509.load_der_x509_certificate(connection.sock.getpeercert(binary_form=True))
         if tls_certificate is not None and served != tls_certificate:
@@ -620,8 +627,10 @@ def _check_request(report: Report, settings: Settings, profile: EnrollmentProfil
         csr = load_csr(der)
     except ESTError as exc:
         todo = "make the CSR again with a supported key, signed by that key"
-        if form.extra and form.kind == "DER":
+        if form.excess > 0:
             todo = "the gateway adds bytes after the DER: send the file unchanged (curl --data-binary @FILE)"
+        elif form.excess < 0:
+            todo = "the body was cut short: capture or send the whole file"
         report.fail(subject, f"would answer {exc.status}: {exc.message}", todo)
         return
     try:
