@@ -325,6 +325,14 @@ def test_label_formats_and_the_clients_that_read_them(deployment, serve, tmp_pat
     assert not lines(strict, r"\w+", "label default")  # --label: only that label
     assert doctor(server.config, "--label", "default", "--client", "strongswan").exit_code == 0
 
+    # A label added to the file but not yet loaded by the running server.
+    data = yaml.safe_load(server.config.read_text())
+    data["labels"]["pumps-b64"] = {"response_format": "base64"}
+    server.config.write_text(yaml.safe_dump(data))
+    stale = doctor(server.config, "--label", "pumps-b64")
+    assert stale.exit_code == 1
+    assert has_line(stale, "FAIL", "label pumps-b64", "answered 404: unknown EST label 'pumps-b64'", "restart est")
+
 
 # --- --request: a captured body, and the label's verdict --------------------------------------------
 

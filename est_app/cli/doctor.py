@@ -539,7 +539,8 @@ def _check_cacerts(report: Report, connection, profile: EnrollmentProfile, chain
         connection.close()
         return
     if reply.status != 200:
-        report.fail(subject, f"GET {path} answered {reply.status}: {_one_line(body.decode('utf-8', 'replace'))}", "see the server's log (journalctl -u est)")
+        todo = "restart est: it runs with an older configuration" if reply.status == 404 else "see the server's log (journalctl -u est)"
+        report.fail(subject, f"GET {path} answered {reply.status}: {_shown(_one_line(body.decode('utf-8', 'replace')))}", todo)
         return
     if "Content-Length" not in headers:
         report.fail(subject, f"GET {path}: no Content-Length header (libest needs it)", "serve with est-server, not behind a proxy that chunks")
