@@ -39,5 +39,6 @@ def _create_app(config: Path | None = None):
 
 
 from . import accounts, initialise, registry  # noqa: E402  (they attach their commands to ``est``)
+from . import doctor  # noqa: E402,F401
 
 __all__ = ["est", "main", "accounts", "initialise", "registry"]
