@@ -32,6 +32,12 @@ def lint(tool: str, *files: Path, accepted: frozenset[str] = frozenset()) -> Non
 
 SAN = x509.SubjectAlternativeName([x509.DNSName("pump-17.ward3.example"), x509.RFC822Name("biomed@example.org")])
 
+@pytest.fixture
+def app(make_app):
+    """SAN types and domains allowed for the case that carries them (none are by default)."""
+    return make_app(san_types=["dns", "email"], san_dns_suffixes=["ward3.example", "example.org"])
+
+
 CASES = {
     "ec-p256": dict(cn="NPPBBB4"),
     "rsa-2048-with-san": dict(cn="NPPBBB5", key=rsa_key(2048), extensions=[(SAN, False)]),

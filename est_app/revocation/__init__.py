@@ -1,4 +1,4 @@
-"""Revocation: revoking certificates, and the CRL every worker serves from its cache.
+"""Revocation: revoking certificates, deleting devices, and the CRL every worker serves from its cache.
 
 The CRL lives in the store, numbered. It is re-signed on every revocation
 (by whichever process revoked) and when half its lifetime has passed; each
@@ -15,7 +15,10 @@ from typing import Optional
 from ..ca import CertificateAuthority
 from ..ca.crl import build_crl
 from ..state import state
-from ..store import AuditEvent, CertificateRecord, CRLRecord, NotFound, Store
+from ..store import AuditEvent, CertificateRecord, CRLRecord, Device, NotFound, Store
+
+# A deleted device is taken out of service: its certificate must stop opening the network.
+DELETE_REASON = "cessationOfOperation"
 
 
 class CRLCache:
@@ -73,3 +76,22 @@ def revoke(serial: str, reason: str, actor: str, client_address: str = "") -> Ce
     revoked = store.revoke(serial, reason, audit)
     app_state.crl.regenerate()
     return revoked
+
+
+def delete_device(device: Device, actor: str, client_address: str = "", *, keep_certificate: bool = False) -> Optional[Device]:
+    """Forget ``device`` (audited as ``actor``); unless ``keep_certificate``, revoke its current
+    certificate (``cessationOfOperation``) in the same transaction and publish a new CRL.
+
+    Returns the device as deleted, or None when it was gone already. A kept certificate
+    stays valid until it expires but can no longer re-enroll (it belongs to no device).
+    """
+    app_state = state()
+    kept = "kept valid at the operator's request" if keep_certificate else "revoked"
+    audit = AuditEvent(
+        "device-delete", actor=actor, client_address=client_address, label=device.label,
+        device=device.device_key, serial=device.current_serial, detail=f"device {device.id}; its certificate {kept}",
+    )
+    deleted = app_state.store.delete_device(device.id, audit, None if keep_certificate else DELETE_REASON)
+    if deleted is not None and not keep_certificate:
+        app_state.crl.regenerate()
+    return deleted
