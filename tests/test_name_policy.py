@@ -15,16 +15,18 @@ import warnings
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from pyasn1.codec.der import decoder, encoder
+from pyasn1.type import univ
 from pyasn1_modules import rfc2986, rfc5280
 
 from est_app import create_app
 from est_app.config import ConfigError
 
-from .pki import make_csr, rsa_key
+from .pki import ec_key, make_csr, rsa_key
 from .test_protocol import cases, issued, post, refused, store
 
 DNS_LABEL = {"san_types": ["dns"], "san_dns_suffixes": ["pumps.example"]}
@@ -48,6 +50,17 @@ def with_public_key(csr: x509.CertificateSigningRequest, public_key) -> bytes:
     request, _ = decoder.decode(csr.public_bytes(Encoding.DER), asn1Spec=rfc2986.CertificationRequest())
     spki = public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     request["certificationRequestInfo"]["subjectPKInfo"], _ = decoder.decode(spki, asn1Spec=rfc5280.SubjectPublicKeyInfo())
+    return encoder.encode(request)
+
+
+def resigned(old: bytes, new: bytes) -> bytes:
+    """A CSR for ``NPPBBB44`` with ``old`` bytes of its request info replaced by ``new`` (same length),
+    then signed again: well signed, yet holding encodings cryptography's builder never writes."""
+    key = ec_key()
+    request, _ = decoder.decode(make_csr("NPPBBB44", key=key).public_bytes(Encoding.DER), asn1Spec=rfc2986.CertificationRequest())
+    info = encoder.encode(request["certificationRequestInfo"]).replace(old, new)
+    request["certificationRequestInfo"], _ = decoder.decode(info, asn1Spec=rfc2986.CertificationRequestInfo())
+    request["signature"] = univ.BitString.fromOctetString(key.sign(info, ec.ECDSA(hashes.SHA256())))
     return encoder.encode(request)
 
 
@@ -96,6 +109,8 @@ REFUSALS = [
     ("commonName with a C1 control", subject_csr((CN, "NPP\x85BBB4")), None, "U+0085"),
     ("commonName with a newline", subject_csr((CN, "NPPBBB4\nforged log line")), None, "U+000A"),
     ("commonName with a bidi override", subject_csr((CN, "NPP\u202e4BBB")), None, "U+202E"),
+    ("commonName not valid UTF-8", RawCSR(resigned(b"\x0c\x08NPPBBB44", b"\x0c\x08NPP\xff\xfe\xfd44")), None, "CSR subject is malformed"),
+    ("BMPString commonName with a NUL", RawCSR(resigned(b"\x0c\x08NPPBBB44", b"\x1e\x08\x00N\x00\x00\x00P\x00Q")), None, "commonName 'N\\x00PQ' contains the control or formatting character U+0000"),
     ("organizationName with a tab", subject_csr((CN, "NPPBBB4"), (NameOID.ORGANIZATION_NAME, "Ward\t3")), None, "subject organizationName 'Ward\\t3' contains"),
     ("organizationName of 65 characters", subject_csr((CN, "NPPBBB4"), (NameOID.ORGANIZATION_NAME, "O" * 65)), None, "subject organizationName is 65 characters long; at most 64"),
     ("countryName of three letters", subject_csr((CN, "NPPBBB4"), (NameOID.COUNTRY_NAME, "USA")), None, "subject countryName 'USA' must be a two-letter ISO 3166 code"),

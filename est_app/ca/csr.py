@@ -78,8 +78,12 @@ def _check_key(key: object) -> None:
 
 def check_policy(csr: x509.CertificateSigningRequest, policy: CSRPolicy) -> None:
     """Refuse a CSR whose subject or subjectAltName the label does not accept."""
-    check_subject(csr.subject)
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        subject = csr.subject  # parsed on first use: a signed CSR may still hold a malformed name
+    except ValueError as exc:
+        raise BadRequest(f"CSR subject is malformed: {exc}") from None
+    check_subject(subject)
+    cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or not str(cns[0].value).strip():
         raise BadRequest("CSR subject must carry exactly one non-empty commonName (the device id)")
     cn = str(cns[0].value)
