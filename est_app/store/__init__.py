@@ -287,7 +287,10 @@ class Store:
     def replace_certificate(
         self, old_serial: str, record: CertificateRecord, client_address: str, audit: Optional[AuditEvent] = None
     ) -> None:
-        """Re-enrollment: ``record`` supersedes the valid certificate ``old_serial`` (and its device's pointer)."""
+        """Re-enrollment: ``record`` supersedes the valid certificate ``old_serial`` (and its device's pointer).
+
+        Raises :class:`NotCurrent` when that certificate is not valid, :class:`Orphaned` when its device was deleted.
+        """
 
         def write(conn: Connection) -> None:
             old = conn.execute(certificates.select().where(certificates.c.serial == old_serial)).first()
@@ -297,12 +300,11 @@ class Store:
                 raise Orphaned(old_serial)
             _supersede(conn, old_serial)
             _insert_certificate(conn, record, old.device_id)
-            if old.device_id is not None:
-                conn.execute(
-                    devices.update()
-                    .where(devices.c.id == old.device_id)
-                    .values(last_enrolled=utcnow(), current_serial=record.serial, requester=record.requester, client_address=client_address)
-                )
+            conn.execute(
+                devices.update()
+                .where(devices.c.id == old.device_id)
+                .values(last_enrolled=utcnow(), current_serial=record.serial, requester=record.requester, client_address=client_address)
+            )
             _insert_audit(conn, audit)
 
         self._write_certificate(write, record.serial)
