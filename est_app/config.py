@@ -47,6 +47,9 @@ DeviceId = Literal["cn", "serialNumber", "san"]
 DuplicatePolicy = Literal["reject", "renew"]
 KeygenKeyType = Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"]
 OID_PATTERN = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+SanType = Literal["dns", "email", "ip", "uri"]
+# A DNS name in preferred name syntax (RFC 1034 3.5, RFC 5280 4.2.1.6): LDH labels of 1 to 63, at most 253 in all.
+DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,9 @@ class LabelSettings:
     serverkeygen_key_types: Optional[tuple[KeygenKeyType, ...]] = None
     # The label's own issuing CA (same keys as the top-level ``ca``); None: the top-level CA.
     ca: Optional[CASettings] = None
+    san_types: Optional[tuple[SanType, ...]] = None
+    san_dns_suffixes: Optional[tuple[str, ...]] = None
+    max_san_count: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_profile(self)
@@ -186,6 +192,10 @@ class Settings:
     require_csr_attributes: bool = False
     require_pop: bool = False
     serverkeygen_key_types: tuple[KeygenKeyType, ...] = ("ec-p256", "rsa-2048", "rsa-3072")
+    # Name policy: the subjectAltName types a CSR may carry, the DNS domains its names must fall under, how many.
+    san_types: tuple[SanType, ...] = ()
+    san_dns_suffixes: tuple[str, ...] = ()
+    max_san_count: int = 10
     bootstrap_enabled: bool = False
     bootstrap_validity_days: int = 30
     # Client certificates forwarded in this header are believed only from these addresses/networks.
@@ -336,6 +346,11 @@ def _check_profile(obj: "Settings | LabelSettings") -> None:
     for name in ("auth", "serverkeygen_key_types"):
         if getattr(obj, name) == ():
             raise ValueError(f"{name} may not be empty")
+    if obj.max_san_count is not None:
+        _positive(obj, "max_san_count")
+    for suffix in obj.san_dns_suffixes or ():
+        if not DNS_NAME.fullmatch(suffix):
+            raise ValueError(f"san_dns_suffixes: {suffix!r} is not a DNS domain such as pumps.hospital.example (no wildcard, no leading dot)")
     for attribute in obj.csr_attributes or ():
         if attribute not in CSR_ATTRIBUTE_NAMES and not OID_PATTERN.fullmatch(attribute):
             known = ", ".join(CSR_ATTRIBUTE_NAMES)

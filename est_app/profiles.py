@@ -15,7 +15,8 @@ from typing import Optional
 from cryptography import x509
 
 from .ca import CertificateProfile, CSRPolicy
-from .config import CSR_ATTRIBUTE_NAMES, DEFAULT_LABEL, LabelSettings, Settings
+from .ca.names import NamePolicy
+from .config import CSR_ATTRIBUTE_NAMES, DEFAULT_LABEL, ConfigError, LabelSettings, Settings
 from .encoding import ResponseEncoding, response_encoding
 
 
@@ -38,12 +39,14 @@ class EnrollmentProfile:
 
 
 def build_profiles(settings: Settings) -> dict[Optional[str], EnrollmentProfile]:
-    profiles = {None: _resolve(None, LabelSettings(), settings)}
-    profiles.update({name: _resolve(name, label, settings) for name, label in settings.labels.items()})
+    """Every label's profile; a label's ``subject_cn_pattern`` reserves the names it matches against every other label."""
+    patterns = {name: re.compile(label.subject_cn_pattern) for name, label in settings.labels.items() if label.subject_cn_pattern}
+    profiles = {None: _resolve(None, LabelSettings(), settings, patterns)}
+    profiles.update({name: _resolve(name, label, settings, patterns) for name, label in settings.labels.items()})
     return profiles
 
 
-def _resolve(name: Optional[str], label: LabelSettings, settings: Settings) -> EnrollmentProfile:
+def _resolve(name: Optional[str], label: LabelSettings, settings: Settings, patterns: dict[str, re.Pattern[str]]) -> EnrollmentProfile:
     def pick(key: str, default=None):
         value = getattr(label, key)
         if value is not None:
@@ -51,6 +54,16 @@ def _resolve(name: Optional[str], label: LabelSettings, settings: Settings) -> E
         return getattr(settings, key) if default is None else default
 
     attributes = tuple(x509.ObjectIdentifier(CSR_ATTRIBUTE_NAMES.get(a, a)) for a in pick("csr_attributes"))
+    names = NamePolicy(
+        label=name or DEFAULT_LABEL,
+        san_types=frozenset(pick("san_types")),
+        san_dns_suffixes=tuple(suffix.lower() for suffix in pick("san_dns_suffixes")),
+        max_san_count=pick("max_san_count"),
+        reserved_cn_patterns=tuple((owner, pattern) for owner, pattern in patterns.items() if owner != name),
+    )
+    if names.san_types & {"dns", "email"} and not names.san_dns_suffixes:
+        where = f"labels.{name}" if name else "top level"
+        raise ConfigError(f"{where}: san_types allows DNS or e-mail names but san_dns_suffixes is empty; list the domains they may fall under")
     ca = label.ca or settings.ca  # the issuing CA's section gives the certificate defaults
     return EnrollmentProfile(
         label=name,
@@ -61,9 +74,10 @@ def _resolve(name: Optional[str], label: LabelSettings, settings: Settings) -> E
             include_chain=pick("include_chain"),
         ),
         csr_policy=CSRPolicy(
-            subject_cn_pattern=re.compile(label.subject_cn_pattern) if label.subject_cn_pattern else None,
+            subject_cn_pattern=patterns.get(name) if name else None,
             attributes=attributes,
             require_attributes=pick("require_csr_attributes"),
+            names=names,
         ),
         auth=frozenset(pick("auth")),
         device_id=pick("device_id"),

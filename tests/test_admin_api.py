@@ -407,6 +407,8 @@ def test_device_history_revoke_crl_delete_and_audit(api):
     assert crl.get_revoked_certificate_by_serial_number(first.serial_number) is not None
 
     # delete: 204, then gone; the same CN enrolls again as a new device; the certificates stay on record
+    assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}?keep_certificate=yes"), 400, "keep_certificate must be true or false, not 'yes'")
+    assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}?keep=true"), 400, "unknown query parameter(s) keep; this route takes: keep_certificate")
     deleted = api.call("DELETE", f"/api/v1/devices/{device.id}")
     assert deleted.status_code == 204 and deleted.get_data() == b""
     assert_error(api.call("GET", f"/api/v1/devices/{device.id}"), 404, f"no device {device.id}")
@@ -423,8 +425,31 @@ def test_device_history_revoke_crl_delete_and_audit(api):
     assert [(e.event, e.actor, e.client_address, e.label, e.device, e.serial, e.detail) for e in trail] == [
         ("revoke", f"admin:{ADMIN}", "127.0.0.1", "default", "NPPBBB4", serial_of(second), "keyCompromise"),
         ("revoke", f"admin:{ADMIN}", "127.0.0.1", "default", "NPPBBB4", serial_of(first), "unspecified"),
-        ("device-delete", f"admin:{ADMIN}", "127.0.0.1", "default", "NPPBBB4", serial_of(second), ""),
-    ]
+        ("device-delete", f"admin:{ADMIN}", "127.0.0.1", "default", "NPPBBB4", serial_of(second), f"device {device.id}; its certificate revoked"),
+    ]  # no second revoke event: the current certificate was revoked already (keyCompromise stays its reason)
+    assert api.get(f"/api/v1/certificates/{serial_of(second)}")["revocation_reason"] == "keyCompromise"
+
+
+# (id, query string, status and reason of the certificate after the delete, in the CRL?)
+DELETE_CASES = [
+    ("default revokes", "", "revoked", "cessationOfOperation", True),
+    ("keep_certificate=false revokes", "?keep_certificate=false", "revoked", "cessationOfOperation", True),
+    ("keep_certificate=true keeps it valid", "?keep_certificate=true", "valid", None, False),
+]
+
+
+@pytest.mark.parametrize("query, status, reason, listed", [pytest.param(*c[1:], id=c[0]) for c in DELETE_CASES])
+def test_delete_revokes_the_current_certificate_unless_kept(api, query, status, reason, listed):
+    cert = enroll(api.client, "NPPBBB4")
+    (device,) = api.store().find_devices()
+    assert api.call("DELETE", f"/api/v1/devices/{device.id}{query}").status_code == 204
+    shown = api.get(f"/api/v1/certificates/{serial_of(cert)}")
+    assert (shown["status"], shown["revocation_reason"], shown["device"]) == (status, reason, None)
+    crl = x509.load_der_x509_crl(api.client.get("/crl").get_data())  # re-signed at once, not at half-life
+    assert (crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None) == listed
+    events = [(e.event, e.detail) for e in api.store().audit_events() if e.actor == f"admin:{ADMIN}"]
+    kept = "kept valid at the operator's request" if status == "valid" else "revoked"
+    assert events == ([("revoke", reason)] if listed else []) + [("device-delete", f"device {device.id}; its certificate {kept}")]
 
 
 def test_certificate_detail_has_the_pem_and_nothing_private(api, pki_dir):
@@ -440,9 +465,11 @@ def test_certificate_detail_has_the_pem_and_nothing_private(api, pki_dir):
 
 
 def test_device_detail_events_belong_to_its_label(make_api):
-    """The same CN on two labels is two devices; each detail shows only its own events."""
+    """A device moved to another label (deleted, enrolled again there) shows only the new label's events."""
     api = make_api(labels={"pumps": {}})
     enroll(api.client, "NPPBBB4")
+    (old,) = api.store().find_devices()
+    assert api.call("DELETE", f"/api/v1/devices/{old.id}").status_code == 204
     pump_cert = enroll(api.client, "NPPBBB4", "pumps")
     pump = next(d for d in api.store().find_devices() if d.label == "pumps")
     events = api.get(f"/api/v1/devices/{pump.id}")["events"]

@@ -412,7 +412,8 @@ def test_revoke_never_hits_a_certificate_the_admin_did_not_see(app, admin):
 def test_delete_needs_confirmation_and_the_token(app, admin):
     device = enroll_device(app, "NPPBBB4")
     confirm = admin.get(f"/admin/devices/{device.id}/delete")
-    assert confirm.status_code == 200 and "the current one stays valid" in text(confirm)
+    assert confirm.status_code == 200 and "the current one is revoked" in text(confirm)
+    assert 'name="keep_certificate"' in text(confirm) and "checked" not in text(confirm)  # revoking is the default
     with app.app_context():
         assert state().store.get_device(device.id) is not None
 
@@ -424,13 +425,25 @@ def test_delete_needs_confirmation_and_the_token(app, admin):
 
     done = admin.post(path, {"csrf": field(confirm, "csrf")})
     assert done.status_code == 302 and done.headers["Location"] == "/admin/devices"
-    assert "is deleted; it may enroll again" in text(admin.get("/admin/devices"))
+    assert f"is deleted; it may enroll again. Its certificate {device.current_serial} is revoked" in text(admin.get("/admin/devices"))
     with app.app_context():
         assert state().store.get_device(device.id) is None
-    assert certificate(app, device.current_serial).status == "valid"  # stays on record
+    record = certificate(app, device.current_serial)  # stays on record, revoked
+    assert (record.status, record.revocation_reason) == ("revoked", "cessationOfOperation")
     (event,) = audit(app, "device-delete")
     assert (event.actor, event.client_address, event.device, event.label) == (f"admin:{ADMIN}", "127.0.0.1", "NPPBBB4", "default")
+    (revoked,) = audit(app, "revoke")
+    assert (revoked.actor, revoked.serial, revoked.detail) == (f"admin:{ADMIN}", device.current_serial, "cessationOfOperation")
     assert admin.get(f"/admin/devices/{device.id}").status_code == 404
+
+
+def test_delete_can_keep_the_certificate(app, admin):
+    device = enroll_device(app, "NPPBBB4")
+    done = admin.post(f"/admin/devices/{device.id}/delete", {"csrf": admin.csrf(), "keep_certificate": "yes"})
+    assert done.status_code == 302
+    assert f"Its certificate {device.current_serial} stays valid until it expires" in text(admin.get("/admin/devices"))
+    assert certificate(app, device.current_serial).status == "valid"
+    assert audit(app, "revoke") == []
 
 
 def test_device_supplied_text_is_escaped_everywhere(app, admin):

@@ -317,7 +317,7 @@ def test_iqe_config_serves_der_over_tls(iqe_settings_data, pki_dir, tmp_path):
 
         # The gateway's way: base64 CSR with a Content-Transfer-Encoding header, Basic credentials.
         request = urllib.request.Request(
-            f"{server.url}/.well-known/est/simpleenroll",
+            f"{server.url}/.well-known/est/pumps/simpleenroll",  # pump names are reserved to the pumps label
             data=base64.encodebytes(der(make_csr("NPPBBB4"))),
             headers={"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64", **basic_auth()},
             method="POST",

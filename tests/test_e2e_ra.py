@@ -505,7 +505,7 @@ def pop_csr(cn: str, password: str, server: RunningServer | None = None):
 )
 def test_tls_unique_proof_of_possession(server, label, tls, password, status, phrase):
     fmt = response_format(server)
-    cn = f"NPPPOP{fmt.upper()}"
+    cn = f"NPPPOP{fmt.upper()}{label.rstrip('/').upper()}"  # a device has one label
     got, version, body, _ = post_on_one_connection(server, f"{label}simpleenroll", tls, pop_csr(cn, password, server))
     assert version == f"TLSv{tls}"
     assert got == status, body

@@ -86,7 +86,7 @@ def test_label_overrides_format_validity_eku_and_chain(make_app):
     with app.app_context():
         assert state().store.get_certificate(format(cert.serial_number, "x")).label == "pumps"
 
-    response = enroll(client, der(make_csr()), "/.well-known/est/servers/simpleenroll")
+    response = enroll(client, der(make_csr("NPPBBB5")), "/.well-known/est/servers/simpleenroll")  # a device has one label
     assert response.get_data().count(b"\n") == 1
     (cert,) = certs_from(response)
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -94,7 +94,7 @@ def test_label_overrides_format_validity_eku_and_chain(make_app):
 
     labelled_cacerts = client.get("/.well-known/est/pumps/cacerts")
     assert labelled_cacerts.status_code == 200 and "Content-Transfer-Encoding" not in labelled_cacerts.headers
-    default = enroll(client, der(make_csr()))
+    default = enroll(client, der(make_csr("NPPBBB6")))
     assert default.headers["Content-Transfer-Encoding"] == "base64"
     (cert,) = certs_from(default)
     assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 365
@@ -107,7 +107,8 @@ def test_label_cn_pattern(make_app):
     assert refused.status_code == 400 and "does not match" in refused.get_data(as_text=True)
 
 
-def test_rsa_subject_gets_key_encipherment_and_san_is_copied(client):
+def test_rsa_subject_gets_key_encipherment_and_san_is_copied(make_app):
+    client = make_app(san_types=["dns"], san_dns_suffixes=["ward3.example"]).test_client()
     san = x509.SubjectAlternativeName([x509.DNSName("pump-17.ward3.example")])
     (cert,) = certs_from(enroll(client, pem(make_csr("NPPBBB4", key=rsa_key(2048), extensions=[(san, False)]))))
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value

@@ -8,6 +8,7 @@ says which RFC 5280 method derived the key identifier; it is not a defect.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import subprocess
 import sys
@@ -31,10 +32,23 @@ def lint(tool: str, *files: Path, accepted: frozenset[str] = frozenset()) -> Non
 
 
 SAN = x509.SubjectAlternativeName([x509.DNSName("pump-17.ward3.example"), x509.RFC822Name("biomed@example.org")])
+ALL_SAN_TYPES = x509.SubjectAlternativeName([
+    x509.DNSName("pump-18.ward3.example"),
+    x509.RFC822Name("biomed@example.org"),
+    x509.IPAddress(ipaddress.ip_address("192.0.2.18")),
+    x509.UniformResourceIdentifier("https://pump-18.ward3.example/device"),  # pkilint checks URIs as web URLs: no urn: here
+])
+
+@pytest.fixture
+def app(make_app):
+    """SAN types and domains allowed for the case that carries them (none are by default)."""
+    return make_app(san_types=["dns", "email", "ip", "uri"], san_dns_suffixes=["ward3.example", "example.org"])
+
 
 CASES = {
     "ec-p256": dict(cn="NPPBBB4"),
     "rsa-2048-with-san": dict(cn="NPPBBB5", key=rsa_key(2048), extensions=[(SAN, False)]),
+    "every-allowed-san-type": dict(cn="NPPBBB6", extensions=[(ALL_SAN_TYPES, False)]),
 }
 
 

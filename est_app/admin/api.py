@@ -36,6 +36,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..ca.crl import REASONS
 from ..errors import BadRequest, Conflict, ESTError, NotFound, UnsupportedMediaType
+from .. import revocation
 from ..revocation import revoke
 from ..state import state
 from ..store import AlreadyRevoked, AuditEvent, CertificateRecord, Device
@@ -219,14 +220,11 @@ def show_device(device_id: int) -> Response:
 @bp.delete(f"/devices/{DEVICE_ID}")
 @api_admin_required
 def delete_device(device_id: int) -> Response:
-    query_params(())
-    store = state().store
+    keep = query_params(("keep_certificate",)).get("keep_certificate", "false")
+    if keep not in ("true", "false"):
+        raise BadRequest(f"keep_certificate must be true or false, not {keep!r}")
     d = _device(device_id)
-    audit = AuditEvent(
-        "device-delete", actor=_actor(), client_address=request.remote_addr or "", label=d.label, device=d.device_key,
-        serial=d.current_serial,
-    )
-    if not store.delete_device(d.id, audit):
+    if revocation.delete_device(d, _actor(), request.remote_addr or "", keep_certificate=keep == "true") is None:
         raise NotFound(f"no device {device_id}")
     response = Response(status=204)
     response.headers.pop("Content-Type", None)

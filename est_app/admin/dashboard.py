@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from ..ca.crl import REASONS
+from .. import revocation
 from ..revocation import revoke
 from ..state import state
 from ..store import AlreadyRevoked, AuditEvent, CertificateRecord, Device
@@ -407,18 +408,16 @@ def delete_confirm(device_id: int):
 def delete_device(device_id: int):
     _require_csrf()
     d = _device_or_404(device_id)
-    audit = AuditEvent(
-        "device-delete",
-        actor=f"admin:{g.admin.name}",
-        client_address=request.remote_addr or "",
-        label=d.label,
-        device=d.device_key,
-        serial=d.current_serial,
-        detail=f"device {d.id}",
-    )
-    if not state().store.delete_device(d.id, audit):
+    keep = request.form.get("keep_certificate") == "yes"
+    deleted = revocation.delete_device(d, f"admin:{g.admin.name}", request.remote_addr or "", keep_certificate=keep)
+    if deleted is None:
         abort(404, f"There is no device {d.id}. It may have been deleted already.")
-    flash(f"Device {d.device_key} (id {d.id}) is deleted; it may enroll again. Its certificates stay on record.", "success")
+    certificate = (
+        f"Its certificate {deleted.current_serial} stays valid until it expires, but cannot re-enroll."
+        if keep
+        else f"Its certificate {deleted.current_serial} is revoked and the CRL has been re-signed."
+    )
+    flash(f"Device {d.device_key} (id {d.id}) is deleted; it may enroll again. {certificate}", "success")
     return redirect(url_for(".devices"))
 
 

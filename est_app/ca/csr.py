@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from cryptography import x509
@@ -12,10 +12,15 @@ from cryptography.x509.oid import NameOID
 
 from ..config import CSR_ATTRIBUTE_NAMES
 from ..errors import BadRequest
+from .names import NamePolicy, check_reserved, check_subject, check_subject_alt_names
 
 ATTRIBUTE_NAMES = {oid: name for name, oid in CSR_ATTRIBUTE_NAMES.items()}
 ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 MIN_RSA_BITS = 2048
+# Larger keys buy nothing a pump needs and cost every verifier; the exponent bounds are
+# NIST SP 800-89 / FIPS 186-4's (odd, 65537 <= e < 2**256), as RFC 4055 recommends 65537.
+MAX_RSA_BITS = 4096
+RSA_EXPONENT_RANGE = (65537, 2**256)
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class CSRPolicy:
     # What csrattrs tells clients to include; enforced when require_attributes is set.
     attributes: tuple[x509.ObjectIdentifier, ...] = ()
     require_attributes: bool = False
+    names: NamePolicy = field(default_factory=NamePolicy)
 
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:
@@ -56,6 +62,13 @@ def _check_key(key: object) -> None:
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             raise BadRequest(f"RSA key of {key.key_size} bits is too weak: at least {MIN_RSA_BITS} required")
+        if key.key_size > MAX_RSA_BITS:
+            raise BadRequest(f"RSA key of {key.key_size} bits is too large: at most {MAX_RSA_BITS} accepted")
+        exponent = key.public_numbers().e
+        low, high = RSA_EXPONENT_RANGE
+        if exponent % 2 == 0 or not low <= exponent < high:
+            shown = exponent if exponent < 2**64 else f"of {exponent.bit_length()} bits"
+            raise BadRequest(f"RSA public exponent {shown} is not accepted: it must be odd, at least 65537 and below 2**256 (use 65537)")
     elif isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ALLOWED_CURVES):
             raise BadRequest(f"EC curve {key.curve.name} is not allowed: use P-256, P-384 or P-521")
@@ -64,13 +77,20 @@ def _check_key(key: object) -> None:
 
 
 def check_policy(csr: x509.CertificateSigningRequest, policy: CSRPolicy) -> None:
-    """Refuse a CSR whose subject the label does not accept."""
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    """Refuse a CSR whose subject or subjectAltName the label does not accept."""
+    try:
+        subject = csr.subject  # parsed on first use: a signed CSR may still hold a malformed name
+    except ValueError as exc:
+        raise BadRequest(f"CSR subject is malformed: {exc}") from None
+    check_subject(subject)
+    cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or not str(cns[0].value).strip():
         raise BadRequest("CSR subject must carry exactly one non-empty commonName (the device id)")
     cn = str(cns[0].value)
     if policy.subject_cn_pattern is not None and not policy.subject_cn_pattern.fullmatch(cn):
         raise BadRequest(f"CSR commonName {cn!r} does not match this label's pattern {policy.subject_cn_pattern.pattern!r}")
+    check_reserved(cn, policy.subject_cn_pattern, policy.names)
+    check_subject_alt_names(csr, policy.names)
     if policy.require_attributes:
         present = _carried_oids(csr)
         for oid in policy.attributes:

@@ -10,9 +10,9 @@ import click
 
 from ..audit import cli_actor
 from ..ca.crl import REASONS
-from ..revocation import revoke
+from ..revocation import delete_device, revoke
 from ..state import state
-from ..store import AlreadyRevoked, AuditEvent, NotFound
+from ..store import AlreadyRevoked, NotFound
 from . import est
 
 REASON_CHOICE = click.Choice(sorted(REASONS), case_sensitive=True)
@@ -52,14 +52,17 @@ def device_show(device_id: int) -> None:
 
 @device.command("delete")
 @click.argument("device_id", type=int)
-def device_delete(device_id: int) -> None:
-    """Forget a device so its id can enroll again (its certificates stay on record and valid)."""
+@click.option("--keep-certificate", is_flag=True, help="Leave its current certificate valid (until it expires; it cannot re-enroll).")
+def device_delete(device_id: int, keep_certificate: bool) -> None:
+    """Forget a device so its id can enroll again; its current certificate is revoked (cessationOfOperation)."""
     store = state().store
     d = store.get_device(device_id)
-    audit = AuditEvent("device-delete", actor=cli_actor(), label=d.label if d else "", device=d.device_key if d else "")
-    if d is None or not store.delete_device(device_id, audit):
+    deleted = delete_device(d, cli_actor(), keep_certificate=keep_certificate) if d else None
+    if deleted is None:
         raise click.ClickException(f"no device {device_id}")
-    click.echo(f"deleted device {device_id}; it may enroll again")
+    c = store.get_certificate(deleted.current_serial)
+    status = f"revoked ({c.revocation_reason}); CRL re-signed" if c.status == "revoked" else f"{c.status} (--keep-certificate)"
+    click.echo(f"deleted device {device_id}; it may enroll again; its certificate {c.serial} is {status}")
 
 
 @device.command("revoke")

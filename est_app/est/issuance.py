@@ -23,7 +23,7 @@ from ..encoding import CERTS_ONLY, PKCS10, ESTResponse, decode_body, read_body
 from ..errors import BadRequest, Conflict, Forbidden, UnsupportedMediaType
 from ..profiles import EnrollmentProfile
 from ..state import state
-from ..store import CertificateRecord, DeviceExists, NotCurrent, SerialTaken
+from ..store import CertificateRecord, DeviceExists, DeviceOnOtherLabel, NotCurrent, Orphaned, SerialTaken
 
 
 def read_csr(profile: EnrollmentProfile) -> x509.CertificateSigningRequest:
@@ -86,6 +86,12 @@ def issue_for_device(
                 f"device {d.device_key!r} (id {d.id}) is already enrolled on label {d.label!r}; "
                 f"re-enroll with its current certificate, or have an operator free the id with `est-admin device delete {d.id}`"
             ) from None
+        except DeviceOnOtherLabel as exc:
+            d = exc.device
+            raise Conflict(
+                f"device {d.device_key!r} is enrolled on label {d.label!r} (id {d.id}), and a device has one label; "
+                f"to move it here, an operator runs `est-admin device delete {d.id}` (revokes its certificate), then enroll again"
+            ) from None
 
 
 def issue_replacement(csr: x509.CertificateSigningRequest, profile: EnrollmentProfile, identity: Identity) -> x509.Certificate:
@@ -105,6 +111,12 @@ def issue_replacement(csr: x509.CertificateSigningRequest, profile: EnrollmentPr
         except NotCurrent as exc:
             state_word = exc.status or "unknown to this server"
             raise Forbidden(f"certificate {old_serial} is {state_word}; re-enroll with the device's current certificate") from None
+        except Orphaned:
+            raise Forbidden(orphan_message(old_serial)) from None
+
+
+def orphan_message(serial: str) -> str:
+    return f"certificate {serial} belongs to no device (the device was deleted); a deleted device must enroll afresh"
 
 
 def certs_only_response(certificate: x509.Certificate, profile: EnrollmentProfile) -> ESTResponse:

@@ -2,6 +2,9 @@
 
 The CSR must name the same subject and subjectAltName as the certificate the
 device authenticated with over TLS; the old certificate is marked superseded.
+A certificate whose device was deleted (kept valid with ``--keep-certificate``,
+or left valid by a deletion before deleting revoked) is refused: it would mint
+certificates no device list shows.
 The new certificate follows the profile of the label the old one was issued
 on, whatever path the request came in on (clients such as strongSwan cannot
 reach labelled paths); only the response encoding is the path's.
@@ -15,7 +18,7 @@ from ..ca import issued_subject
 from ..encoding import ESTResponse
 from ..errors import Forbidden
 from ..state import state
-from .issuance import certs_only_response, issue_replacement, read_csr
+from .issuance import certs_only_response, issue_replacement, orphan_message, read_csr
 
 bp = Blueprint("simplereenroll", __name__)
 
@@ -38,6 +41,8 @@ def simplereenroll() -> ESTResponse:
         raise Forbidden(f"certificate {identity.name} was issued {where}; enroll afresh")
     if record.status != "valid":  # checked again under the write lock; this spares a signature
         raise Forbidden(f"certificate {identity.name} is {record.status}; re-enroll with the device's current certificate")
+    if record.device_id is None:  # likewise
+        raise Forbidden(orphan_message(identity.name))
     csr = read_csr(profile)
     current = identity.certificate
     if issued_subject(csr.subject) != current.subject:

@@ -1,4 +1,4 @@
-"""Revocation: revoking certificates, and the CRLs every worker serves from its cache.
+"""Revocation: revoking certificates, deleting devices, and the CRLs every worker serves from its cache.
 
 Each CA has its own CRL, listing exactly the revoked certificates it issued.
 CRLs live in the store, numbered. A CA's CRL is re-signed on every revocation
@@ -18,7 +18,10 @@ from typing import Optional
 from ..ca import CertificateAuthority
 from ..ca.crl import build_crl
 from ..state import state
-from ..store import AuditEvent, CertificateRecord, CRLRecord, NotFound, Store
+from ..store import AuditEvent, CertificateRecord, CRLRecord, Device, NotFound, Store
+
+# A deleted device is taken out of service: its certificate must stop opening the network.
+DELETE_REASON = "cessationOfOperation"
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +85,35 @@ def revoke(serial: str, reason: str, actor: str, client_address: str = "") -> Ce
         device=device.device_key if device else record.common_name, serial=serial, detail=reason,
     )
     revoked = store.revoke(serial, reason, audit)
-    crl = app_state.crl_of(record.issuer)
+    _publish_crl(revoked)
+    return revoked
+
+
+def _publish_crl(record: CertificateRecord) -> None:
+    """Re-sign the CRL of the CA that issued the just-revoked ``record``."""
+    crl = state().crl_of(record.issuer)
     if crl is None:  # recorded all the same: OCSP and EST refuse it, and the CA's CRL lists it once configured again
-        log.warning("revoked %s, issued by a CA no longer configured (%s): no CRL re-signed", serial, record.issuer)
+        log.warning("revoked %s, issued by a CA no longer configured (%s): no CRL re-signed", record.serial, record.issuer)
     else:
         crl.regenerate()
-    return revoked
+
+
+def delete_device(device: Device, actor: str, client_address: str = "", *, keep_certificate: bool = False) -> Optional[Device]:
+    """Forget ``device`` (audited as ``actor``); unless ``keep_certificate``, revoke its current
+    certificate (``cessationOfOperation``) in the same transaction and publish a new CRL.
+
+    Returns the device as deleted, or None when it was gone already. A kept certificate
+    stays valid until it expires but can no longer re-enroll (it belongs to no device).
+    """
+    app_state = state()
+    kept = "kept valid at the operator's request" if keep_certificate else "revoked"
+    audit = AuditEvent(
+        "device-delete", actor=actor, client_address=client_address, label=device.label,
+        device=device.device_key, serial=device.current_serial, detail=f"device {device.id}; its certificate {kept}",
+    )
+    deleted = app_state.store.delete_device(device.id, audit, None if keep_certificate else DELETE_REASON)
+    if deleted is not None and not keep_certificate:
+        record = app_state.store.get_certificate(deleted.current_serial)
+        if record is not None:
+            _publish_crl(record)
+    return deleted

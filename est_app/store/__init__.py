@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Iterator, Literal, Optional
 
@@ -41,6 +41,18 @@ class DeviceExists(Exception):
     def __init__(self, device: "Device") -> None:
         super().__init__(device.device_key)
         self.device = device
+
+
+class DeviceOnOtherLabel(Exception):
+    """The device id is enrolled on another label: one identity has one owner."""
+
+    def __init__(self, device: "Device") -> None:
+        super().__init__(device.device_key)
+        self.device = device
+
+
+class Orphaned(Exception):
+    """The certificate to be replaced belongs to no device (the device was deleted)."""
 
 
 class NotCurrent(Exception):
@@ -249,11 +261,16 @@ class Store:
     ) -> Device:
         """Commit ``record`` as the device's current certificate, superseding the previous one.
 
-        Raises :class:`DeviceExists` under ``reject`` when the device is known.
+        Raises :class:`DeviceExists` under ``reject`` when the device is known, and
+        :class:`DeviceOnOtherLabel` when the id is enrolled on another label only. (A
+        device recorded on several labels before that check existed renews on each.)
         """
 
         def write(conn: Connection) -> Device:
-            row = conn.execute(_DEVICE_BY_KEY, {"label": record.label, "device_key": device_key}).first()
+            rows = conn.execute(_DEVICES_BY_KEY, {"device_key": device_key}).all()
+            row = next((r for r in rows if r.label == record.label), None)
+            if row is None and rows:
+                raise DeviceOnOtherLabel(Device(**rows[0]._mapping))
             if row is not None and policy == "reject":
                 raise DeviceExists(Device(**row._mapping))
             values = {"last_enrolled": utcnow(), "current_serial": record.serial, "requester": record.requester, "client_address": client_address}
@@ -275,20 +292,24 @@ class Store:
     def replace_certificate(
         self, old_serial: str, record: CertificateRecord, client_address: str, audit: Optional[AuditEvent] = None
     ) -> None:
-        """Re-enrollment: ``record`` supersedes the valid certificate ``old_serial`` (and its device's pointer)."""
+        """Re-enrollment: ``record`` supersedes the valid certificate ``old_serial`` (and its device's pointer).
+
+        Raises :class:`NotCurrent` when that certificate is not valid, :class:`Orphaned` when its device was deleted.
+        """
 
         def write(conn: Connection) -> None:
             old = conn.execute(certificates.select().where(certificates.c.serial == old_serial)).first()
             if old is None or old.status != "valid":
                 raise NotCurrent(old.status if old else None)
+            if old.device_id is None:
+                raise Orphaned(old_serial)
             _supersede(conn, old_serial)
             _insert_certificate(conn, record, old.device_id)
-            if old.device_id is not None:
-                conn.execute(
-                    devices.update()
-                    .where(devices.c.id == old.device_id)
-                    .values(last_enrolled=utcnow(), current_serial=record.serial, requester=record.requester, client_address=client_address)
-                )
+            conn.execute(
+                devices.update()
+                .where(devices.c.id == old.device_id)
+                .values(last_enrolled=utcnow(), current_serial=record.serial, requester=record.requester, client_address=client_address)
+            )
             _insert_audit(conn, audit)
 
         self._write_certificate(write, record.serial)
@@ -343,13 +364,25 @@ class Store:
         with self.engine.connect() as conn:
             return [CertificateRecord(**row._mapping) for row in conn.execute(query)]
 
-    def delete_device(self, device_id: int, audit: Optional[AuditEvent] = None) -> bool:
-        """Forget a device so its id can enroll again; its certificates stay on record."""
+    def delete_device(self, device_id: int, audit: Optional[AuditEvent] = None, revoke_reason: Optional[str] = None) -> Optional[Device]:
+        """Forget a device so its id can enroll again; its certificates stay on record.
+
+        With ``revoke_reason`` its current certificate, unless revoked already, is revoked
+        in the same transaction (audited as ``revoke``; the caller re-signs the CRL).
+        Returns the device as it was, or None when there is none.
+        """
         with self._write() as conn:
+            row = conn.execute(devices.select().where(devices.c.id == device_id)).first()
+            if row is None:
+                return None
+            if revoke_reason is not None:
+                revoked = conn.execute(_REVOKE, {"serial_": row.current_serial, "reason": revoke_reason, "now": utcnow()}).rowcount
+                if revoked and audit is not None:
+                    _insert_audit(conn, replace(audit, event="revoke", serial=row.current_serial, detail=revoke_reason))
             conn.execute(certificates.update().where(certificates.c.device_id == device_id).values(device_id=None))
-            deleted = conn.execute(devices.delete().where(devices.c.id == device_id)).rowcount > 0
-            _insert_audit(conn, audit if deleted else None)
-            return deleted
+            conn.execute(devices.delete().where(devices.c.id == device_id))
+            _insert_audit(conn, replace(audit, serial=row.current_serial) if audit else None)
+            return Device(**row._mapping)
 
     # revocation and CRLs
 
@@ -361,11 +394,7 @@ class Store:
                 raise NotFound(serial)
             if row.status == "revoked":
                 raise AlreadyRevoked(serial)
-            conn.execute(
-                certificates.update()
-                .where(certificates.c.serial == serial)
-                .values(status="revoked", revoked_at=utcnow(), revocation_reason=reason)
-            )
+            conn.execute(_REVOKE, {"serial_": serial, "reason": reason, "now": utcnow()})
             _insert_audit(conn, audit)
         return self.get_certificate(serial)
 
@@ -440,12 +469,18 @@ class Store:
 # Statements on every enrollment (and OCSP request), built once: building a Core statement
 # and its cache key per call costs more CPU than SQLite spends executing it.
 _USER_BY_NAME = users.select().where(users.c.name == sa.bindparam("name"))
-_DEVICE_BY_KEY = devices.select().where(devices.c.label == sa.bindparam("label"), devices.c.device_key == sa.bindparam("device_key"))
+# A device id on every label it is recorded on (one, unless recorded before one identity had one owner).
+_DEVICES_BY_KEY = devices.select().where(devices.c.device_key == sa.bindparam("device_key")).order_by(devices.c.id)
 _DEVICE_UPDATE = devices.update().where(devices.c.id == sa.bindparam("device_id"))
 _SUPERSEDE = (
     certificates.update()
     .where(certificates.c.serial == sa.bindparam("serial_"), certificates.c.status == "valid")
     .values(status="superseded")
+)
+_REVOKE = (
+    certificates.update()
+    .where(certificates.c.serial == sa.bindparam("serial_"), certificates.c.status != "revoked")
+    .values(status="revoked", revoked_at=sa.bindparam("now"), revocation_reason=sa.bindparam("reason"))
 )
 _STATUS_BY_SERIAL = sa.select(
     certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason, certificates.c.issuer

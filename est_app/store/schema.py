@@ -37,6 +37,7 @@ devices = sa.Table(
     sa.Column("requester", sa.String(256), nullable=False),
     sa.Column("client_address", sa.String(64), nullable=False),
     sa.UniqueConstraint("label", "device_key", name="uq_devices_label_key"),
+    sa.Index("ix_devices_device_key", "device_key"),  # one identity, one owner: looked up across labels
     sqlite_autoincrement=True,  # a deleted device's id is never given to another
 )
 
