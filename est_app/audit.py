@@ -50,5 +50,10 @@ def record_refusal(operation: str, status: int, message: str) -> None:
         log.exception("could not write the audit event for a refused %s", operation)
 
 
+def clipped_name(name: str, limit: int = 128) -> str:
+    """A user name as the trail records it: whole up to ``limit`` characters, else clipped with a marker."""
+    return name if len(name) <= limit else f"{name[:limit]}...[{len(name)} characters]"
+
+
 def cli_actor() -> str:
     return f"cli:{getpass.getuser()}"

@@ -39,10 +39,12 @@ from flask import current_app, g, request
 from flask_httpauth import HTTPBasicAuth
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from . import throttle
+from .audit import clipped_name
 from .errors import REALM, BadRequest, Forbidden, Unauthorized
 from .profiles import EnrollmentProfile
 from .state import state
-from .store import User
+from .store import MAX_USER_NAME, User
 
 basic = HTTPBasicAuth(realm=REALM)
 
@@ -81,47 +83,61 @@ class VerifiedCredentials:
         self._entries: dict[bytes, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
+    def _digest(self, user: User, password: str) -> bytes:
+        name = user.name.encode()
+        return hmac.new(self._key, len(name).to_bytes(4, "big") + name + password.encode(), hashlib.sha256).digest()
+
+    def remembered(self, user: User, password: str) -> bool:
+        """True when this pair matched the user's current hash a short while ago (no hash computed)."""
+        entry = self._entries.get(self._digest(user, password))
+        return entry is not None and entry[0] == user.password_hash and entry[1] > time.monotonic()
+
     def check(self, user: User, password: str) -> bool:
         """True when ``password`` is the user's; remembered only while the stored hash is unchanged."""
-        name = user.name.encode()
-        digest = hmac.new(self._key, len(name).to_bytes(4, "big") + name + password.encode(), hashlib.sha256).digest()
-        now = time.monotonic()
-        entry = self._entries.get(digest)
-        if entry is not None and entry[0] == user.password_hash and entry[1] > now:
+        if self.remembered(user, password):
             return True
         if not check_password_hash(user.password_hash, password):
             return False
         if self.ttl > 0:
+            now = time.monotonic()
             with self._lock:
                 if len(self._entries) >= self.max_entries:
                     self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
                     if len(self._entries) >= self.max_entries:
                         self._entries.clear()
-                self._entries[digest] = (user.password_hash, now + self.ttl)
+                self._entries[self._digest(user, password)] = (user.password_hash, now + self.ttl)
         return True
 
 
 _dummy_hash: Optional[str] = None
 
 
-def _equalise_timing(password: str) -> None:
-    """Spend what a real check costs, so response time does not reveal which names exist."""
+def password_matches(user: Optional[User], password: str) -> bool:
+    """Whether ``password`` is the user's; for no user, as slow as a real check, so names stay secret."""
     global _dummy_hash
+    if user is not None:
+        return state().credentials.check(user, password)
     if _dummy_hash is None:
         _dummy_hash = generate_password_hash(secrets.token_hex(16))
     check_password_hash(_dummy_hash, password)
+    return False
 
 
 @basic.verify_password
 def _verify(name: str, password: str) -> Optional[User]:
+    """EST Basic auth: a failing client address backs off before any password is hashed."""
     if not name or not password:
         return None
     app_state = state()
-    user = app_state.store.get_user(name)
-    if user is None:
-        _equalise_timing(password)
+    address = request.remote_addr or ""
+    user = app_state.store.get_user(name) if len(name) <= MAX_USER_NAME else None
+    if user is not None and app_state.credentials.remembered(user, password):
+        return user  # verified a moment ago: nothing to hash, nothing to throttle
+    throttle.check("est", address)
+    if len(name) > MAX_USER_NAME or not password_matches(user, password):
+        throttle.failed("est", address, actor=f"user:{clipped_name(name)}")
         return None
-    return user if app_state.credentials.check(user, password) else None
+    return user
 
 
 # --- client certificates -----------------------------------------------------
