@@ -162,23 +162,33 @@ class ClientCertificateVerifier:
 
     def verify(self, certificate: x509.Certificate) -> x509.Certificate:
         """Return the issuing anchor, or raise 401 saying what is wrong."""
-        who = describe(certificate)
         issuer = self.issuer_of(certificate)
         if issuer is None:
-            raise Unauthorized(f"client certificate {who} is not issued by a CA this server trusts")
+            raise Unauthorized(f"client certificate {describe(certificate)} is not issued by a CA this server trusts")
+        problem = self.problem(certificate)
+        if problem:
+            raise Unauthorized(f"client certificate {describe(certificate)} {problem}")
+        return issuer
+
+    def problem(self, certificate: x509.Certificate) -> Optional[str]:
+        """What makes the certificate unusable whoever issued it, or None: validity, EKU, revocation.
+
+        Revocation is the store's status of the certificates this server issued. For RAs from an
+        external CA (``tls.client_ca_file``) no CRL is fetched: withdraw one with ``est-admin ra remove``.
+        """
         now = datetime.now(timezone.utc)
         if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
-            raise Unauthorized(f"client certificate {who} is expired or not yet valid")
+            return "is expired or not yet valid"
         try:
             usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
             usages = []
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-            raise Unauthorized(f"client certificate {who} lacks the clientAuth extended key usage")
+            return "lacks the clientAuth extended key usage"
         record = self.store.get_certificate(format(certificate.serial_number, "x"))
         if record is not None and record.der == certificate.public_bytes(Encoding.DER) and record.status == "revoked":
-            raise Unauthorized(f"client certificate {who} is revoked")
-        return issuer
+            return "is revoked"
+        return None
 
 
 def client_certificate() -> Optional[x509.Certificate]:
