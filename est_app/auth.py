@@ -83,29 +83,23 @@ class VerifiedCredentials:
         self._entries: dict[bytes, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
-    def _digest(self, user: User, password: str) -> bytes:
-        name = user.name.encode()
-        return hmac.new(self._key, len(name).to_bytes(4, "big") + name + password.encode(), hashlib.sha256).digest()
-
-    def remembered(self, user: User, password: str) -> bool:
-        """True when this pair matched the user's current hash a short while ago (no hash computed)."""
-        entry = self._entries.get(self._digest(user, password))
-        return entry is not None and entry[0] == user.password_hash and entry[1] > time.monotonic()
-
     def check(self, user: User, password: str) -> bool:
         """True when ``password`` is the user's; remembered only while the stored hash is unchanged."""
-        if self.remembered(user, password):
+        name = user.name.encode()
+        digest = hmac.new(self._key, len(name).to_bytes(4, "big") + name + password.encode(), hashlib.sha256).digest()
+        now = time.monotonic()
+        entry = self._entries.get(digest)
+        if entry is not None and entry[0] == user.password_hash and entry[1] > now:
             return True
         if not check_password_hash(user.password_hash, password):
             return False
         if self.ttl > 0:
-            now = time.monotonic()
             with self._lock:
                 if len(self._entries) >= self.max_entries:
                     self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
                     if len(self._entries) >= self.max_entries:
                         self._entries.clear()
-                self._entries[self._digest(user, password)] = (user.password_hash, now + self.ttl)
+                self._entries[digest] = (user.password_hash, now + self.ttl)
         return True
 
 
@@ -125,15 +119,15 @@ def password_matches(user: Optional[User], password: str) -> bool:
 
 @basic.verify_password
 def _verify(name: str, password: str) -> Optional[User]:
-    """EST Basic auth: a failing client address backs off before any password is hashed."""
+    """EST Basic auth: a client address that keeps failing backs off before any password is checked.
+
+    Even a remembered pair waits: otherwise a blocked client could test guesses against the memory.
+    """
     if not name or not password:
         return None
-    app_state = state()
     address = request.remote_addr or ""
-    user = app_state.store.get_user(name) if len(name) <= MAX_USER_NAME else None
-    if user is not None and app_state.credentials.remembered(user, password):
-        return user  # verified a moment ago: nothing to hash, nothing to throttle
     throttle.check("est", address)
+    user = state().store.get_user(name) if len(name) <= MAX_USER_NAME else None
     if len(name) > MAX_USER_NAME or not password_matches(user, password):
         throttle.failed("est", address, actor=f"user:{clipped_name(name)}")
         return None
