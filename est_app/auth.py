@@ -13,7 +13,8 @@ throughput, a successful verification is remembered for a short while, keyed
 by an HMAC (with a per-process random key) of the name and password, and
 bound to the stored hash it matched: a removed user or a changed password
 stops matching on the next request, in every worker, because the user row is
-read on every request.
+read on every request. Before any of this, a client address that keeps
+failing waits (:mod:`est_app.throttle`): 429, nothing hashed, nothing looked up.
 """
 
 from __future__ import annotations

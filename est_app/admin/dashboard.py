@@ -3,8 +3,8 @@
 Sign-in is a form for admin accounts, backing off after failures
 (:mod:`est_app.throttle`), and a server-side session (:mod:`.sessions`). The
 account is looked up again on every request, so an admin removed or demoted
-with the CLI is out at once. Every change (revoke, delete, sign out) is a POST carrying the
-session's CSRF token, reached through a confirmation page; GET never changes
+with the CLI is out at once. Every change (revoke, delete, sign out) is a
+POST carrying the session's CSRF token, reached through a confirmation page; GET never changes
 anything. Pages are Jinja with autoescaping and no JavaScript; the overview's
 chart is an SVG drawn from the numbers here. The queries are the keyset
 reports of :mod:`est_app.store.reports`, a fixed handful per page.
