@@ -13,7 +13,7 @@ import logging
 from flask import g, request
 
 from .state import state
-from .store import AuditEvent
+from .store import MAX_USER_NAME, AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ def record_refusal(operation: str, status: int, message: str) -> None:
         log.exception("could not write the audit event for a refused %s", operation)
 
 
-def clipped_name(name: str, limit: int = 128) -> str:
-    """A user name as the trail records it: whole up to ``limit`` characters, else clipped with a marker."""
-    return name if len(name) <= limit else f"{name[:limit]}...[{len(name)} characters]"
+def clipped_name(name: str) -> str:
+    """A user name as the trail records it: whole up to the store's limit, else clipped with a marker."""
+    return name if len(name) <= MAX_USER_NAME else f"{name[:MAX_USER_NAME]}...[{len(name)} characters]"
 
 
 def cli_actor() -> str:

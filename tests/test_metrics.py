@@ -187,7 +187,8 @@ def test_metrics_carry_no_device_data(client):
             labels = dict(labels)
             assert labels.get("operation", "cacerts") in operations, (name, labels)
             assert labels.get("status", "200").isdigit(), (name, labels)
-            assert set(labels) <= {"operation", "label", "status", "reason", "le"}, (name, labels)
+            assert set(labels) <= {"operation", "label", "status", "reason", "surface", "le"}, (name, labels)
+            assert labels.get("surface", "est") in {"dashboard", "api", "est"}, (name, labels)
 
 
 def test_metrics_speak_openmetrics_when_asked(client):

@@ -1,4 +1,5 @@
-"""Persistence through SQLAlchemy Core: users, RA clients, devices, certificates.
+"""Persistence through SQLAlchemy Core: users, RA clients, devices, certificates, dashboard
+sessions and failed password checks.
 
 SQLite (the default) runs in WAL mode with full synchronous commits, a busy
 timeout, and ``BEGIN IMMEDIATE`` for writes, so several gunicorn workers can
@@ -21,7 +22,6 @@ from sqlalchemy.engine import Connection
 from .engine import create_engine
 
 from .schema import admin_sessions, audit_events, auth_failures, certificates, crls, devices, metadata, ra_clients, users
-
 
 MAX_USER_NAME = users.c.name.type.length  # longer names are refused before any lookup
 
