@@ -13,7 +13,7 @@ import logging
 from flask import g, request
 
 from .state import state
-from .store import AuditEvent
+from .store import MAX_USER_NAME, AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ def record_refusal(operation: str, status: int, message: str) -> None:
         state().store.add_audit(request_event(EVENTS.get(operation, operation), "refused", detail=f"{status} {message}"))
     except Exception:
         log.exception("could not write the audit event for a refused %s", operation)
+
+
+def clipped_name(name: str) -> str:
+    """A user name as the trail records it: whole up to the store's limit, else clipped with a marker."""
+    return name if len(name) <= MAX_USER_NAME else f"{name[:MAX_USER_NAME]}...[{len(name)} characters]"
 
 
 def cli_actor() -> str:

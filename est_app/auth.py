@@ -13,7 +13,8 @@ throughput, a successful verification is remembered for a short while, keyed
 by an HMAC (with a per-process random key) of the name and password, and
 bound to the stored hash it matched: a removed user or a changed password
 stops matching on the next request, in every worker, because the user row is
-read on every request.
+read on every request. Before any of this, a client address that keeps
+failing waits (:mod:`est_app.throttle`): 429, nothing hashed, nothing looked up.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from flask import current_app, g, request
 from flask_httpauth import HTTPBasicAuth
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from . import throttle
+from .audit import clipped_name
 from .errors import REALM, BadRequest, Forbidden, Unauthorized
 from .profiles import EnrollmentProfile
 from .state import state
-from .store import User
+from .store import MAX_USER_NAME, User
 
 basic = HTTPBasicAuth(realm=REALM)
 
@@ -104,24 +107,32 @@ class VerifiedCredentials:
 _dummy_hash: Optional[str] = None
 
 
-def _equalise_timing(password: str) -> None:
-    """Spend what a real check costs, so response time does not reveal which names exist."""
+def password_matches(user: Optional[User], password: str) -> bool:
+    """Whether ``password`` is the user's; for no user, as slow as a real check, so names stay secret."""
     global _dummy_hash
+    if user is not None:
+        return state().credentials.check(user, password)
     if _dummy_hash is None:
         _dummy_hash = generate_password_hash(secrets.token_hex(16))
     check_password_hash(_dummy_hash, password)
+    return False
 
 
 @basic.verify_password
 def _verify(name: str, password: str) -> Optional[User]:
+    """EST Basic auth: a client address that keeps failing backs off before any password is checked.
+
+    Even a remembered pair waits: otherwise a blocked client could test guesses against the memory.
+    """
     if not name or not password:
         return None
-    app_state = state()
-    user = app_state.store.get_user(name)
-    if user is None:
-        _equalise_timing(password)
+    address = request.remote_addr or ""
+    throttle.check("est", address)
+    user = state().store.get_user(name) if len(name) <= MAX_USER_NAME else None
+    if len(name) > MAX_USER_NAME or not password_matches(user, password):
+        throttle.failed("est", address, actor=f"user:{clipped_name(name)}")
         return None
-    return user if app_state.credentials.check(user, password) else None
+    return user
 
 
 # --- client certificates -----------------------------------------------------
@@ -146,23 +157,33 @@ class ClientCertificateVerifier:
 
     def verify(self, certificate: x509.Certificate) -> x509.Certificate:
         """Return the issuing anchor, or raise 401 saying what is wrong."""
-        who = describe(certificate)
         issuer = self.issuer_of(certificate)
         if issuer is None:
-            raise Unauthorized(f"client certificate {who} is not issued by a CA this server trusts")
+            raise Unauthorized(f"client certificate {describe(certificate)} is not issued by a CA this server trusts")
+        problem = self.problem(certificate)
+        if problem:
+            raise Unauthorized(f"client certificate {describe(certificate)} {problem}")
+        return issuer
+
+    def problem(self, certificate: x509.Certificate) -> Optional[str]:
+        """What makes the certificate unusable whoever issued it, or None: validity, EKU, revocation.
+
+        Revocation is the store's status of the certificates this server issued. For RAs from an
+        external CA (``tls.client_ca_file``) no CRL is fetched: withdraw one with ``est-admin ra remove``.
+        """
         now = datetime.now(timezone.utc)
         if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
-            raise Unauthorized(f"client certificate {who} is expired or not yet valid")
+            return "is expired or not yet valid"
         try:
             usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
             usages = []
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-            raise Unauthorized(f"client certificate {who} lacks the clientAuth extended key usage")
+            return "lacks the clientAuth extended key usage"
         record = self.store.get_certificate(format(certificate.serial_number, "x"))
         if record is not None and record.der == certificate.public_bytes(Encoding.DER) and record.status == "revoked":
-            raise Unauthorized(f"client certificate {who} is revoked")
-        return issuer
+            return "is revoked"
+        return None
 
 
 def client_certificate() -> Optional[x509.Certificate]:

@@ -130,16 +130,28 @@ class RateLimitSettings:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    """The operator surfaces: JSON API under /api/v1 and the dashboard under /admin."""
+    """The operator surfaces: JSON API under /api/v1, the dashboard under /admin, and /metrics."""
 
     enabled: bool = True
-    # Client networks allowed to reach them; empty: any (they always need an admin login).
-    allowed_networks: tuple[str, ...] = ()
-    session_minutes: int = 30
+    # Client networks allowed to reach them (after trusted_proxies); loopback only unless opened.
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    session_minutes: int = 30  # idle timeout
+    session_max_hours: int = 12  # absolute lifetime of a sign-in
+    # Back-off after failed password checks, per account and per client address.
+    lockout_after: int = 5
+    lockout_seconds: int = 30
+    lockout_max_seconds: int = 900
 
     def __post_init__(self) -> None:
-        _positive(self, "session_minutes")
+        _positive(self, "session_minutes", "session_max_hours", "lockout_after", "lockout_seconds", "lockout_max_seconds")
+        if not self.allowed_networks:
+            raise ValueError(
+                "allowed_networks may not be empty: list the operator networks (0.0.0.0/0 and ::/0 for any), "
+                "or set enabled: false to remove the API and dashboard"
+            )
         _check_networks("allowed_networks", self.allowed_networks)
+        if self.lockout_max_seconds < self.lockout_seconds:
+            raise ValueError("lockout_max_seconds must be at least lockout_seconds")
 
 
 @dataclass(frozen=True)

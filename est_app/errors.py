@@ -62,6 +62,16 @@ class UnsupportedMediaType(ESTError):
     status = 415
 
 
+class TooManyRequests(ESTError):
+    """429: back off; ``Retry-After`` says for how many seconds."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, {"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
 class NotImplementedByServer(ESTError):
     status = 501
 

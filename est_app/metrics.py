@@ -1,4 +1,4 @@
-"""Prometheus metrics at ``/metrics``: EST requests, enrollments, issued and revoked certificates.
+"""Prometheus metrics at ``/metrics``: EST requests, enrollments, issued and revoked certificates, refused passwords.
 
 Under gunicorn every worker is its own process, so each keeps its counts in
 prometheus_client's multiprocess files under ``PROMETHEUS_MULTIPROC_DIR`` and
@@ -73,6 +73,11 @@ class _Metrics:
             ["operation", "label"],
         )
         self.issued = Counter("est_certificates_issued", "Certificates issued, by operation and EST label", ["operation", "label"])
+        self.password_refusals = Counter(
+            "est_password_refusals",
+            "Password checks refused, by surface (dashboard, api, est) and reason (wrong_password; backoff: 429 unchecked)",
+            ["surface", "reason"],
+        )
 
 
 _metrics: _Metrics | None = None
@@ -102,6 +107,11 @@ def certificate_issued(operation: str, label: str) -> None:
     started = g.get("_metrics_started") if has_request_context() else None
     if started is not None:
         metrics.enrollment.labels(operation, label).observe(time.perf_counter() - started)
+
+
+def password_refused(surface: str, reason: str) -> None:
+    """A password check failed (``wrong_password``) or was refused unchecked while backing off (``backoff``)."""
+    _get().password_refusals.labels(surface, reason).inc()
 
 
 def init_app(app: Flask) -> None:

@@ -138,7 +138,7 @@ def make_api(make_app, tmp_path, pki_dir):
         add_admin(config)
         ra = mint_client_certificate(pki_dir, "iqe-gateway-ra")
         (tmp_path / "ra.pem").write_bytes(pem(ra))
-        result = run_cli("ra", "add", str(tmp_path / "ra.pem"), "--label", "default", config=config)
+        result = run_cli("ra", "add", str(tmp_path / "ra.pem"), "--label", "default", "--force", config=config)
         assert result.exit_code == 0, result.output
         return Api(app, app.test_client(), config, ra_pem=pem(ra).decode())
 
@@ -562,7 +562,7 @@ def populated(pki_dir, tmp_path_factory):
     api = module_api(pki_dir, directory)
     ra = mint_client_certificate(pki_dir, "iqe-gateway-ra")
     (directory / "ra.pem").write_bytes(pem(ra))
-    assert run_cli("ra", "add", str(directory / "ra.pem"), "--label", "default", config=api.config).exit_code == 0
+    assert run_cli("ra", "add", str(directory / "ra.pem"), "--label", "default", "--force", config=api.config).exit_code == 0
     api.ra_pem = pem(ra).decode()
     cert = enroll(api.client, "NPPBBB4")
     gone = enroll(api.client, "NPPCCC7")

@@ -187,7 +187,8 @@ def test_metrics_carry_no_device_data(client):
             labels = dict(labels)
             assert labels.get("operation", "cacerts") in operations, (name, labels)
             assert labels.get("status", "200").isdigit(), (name, labels)
-            assert set(labels) <= {"operation", "label", "status", "reason", "le"}, (name, labels)
+            assert set(labels) <= {"operation", "label", "status", "reason", "surface", "le"}, (name, labels)
+            assert labels.get("surface", "est") in {"dashboard", "api", "est"}, (name, labels)
 
 
 def test_metrics_speak_openmetrics_when_asked(client):
@@ -299,11 +300,23 @@ def test_probes_and_metrics_are_not_rate_limited(make_app):
     assert delta(before, after, REQUESTS, operation="cacerts", label="default", status="429") == 1
 
 
-def test_probes_and_metrics_are_outside_the_admin_network_gate(make_app):
-    client = make_app(admin={"enabled": True, "allowed_networks": ["10.0.0.0/8"]}).test_client()
-    assert client.get("/api/v1/statistics").status_code == 403  # the test client comes from 127.0.0.1
-    for path in ("/healthz", "/readyz", "/metrics"):
+@pytest.mark.parametrize("enabled", [True, False])
+def test_metrics_are_inside_the_admin_network_gate_and_probes_outside(make_app, enabled):
+    client = make_app(admin={"enabled": enabled, "allowed_networks": ["10.0.0.0/8"]}).test_client()
+    if enabled:
+        assert client.get("/api/v1/statistics").status_code == 403  # the test client comes from 127.0.0.1
+    refused = client.get("/metrics")
+    assert refused.status_code == 403 and "not available from 127.0.0.1" in refused.get_data(as_text=True)
+    assert client.get("/metrics", environ_base={"REMOTE_ADDR": "10.9.8.7"}).status_code == 200
+    for path in ("/healthz", "/readyz"):
         assert client.get(path).status_code == 200, path
+
+
+def test_metrics_answer_only_loopback_by_default(client):
+    assert client.get("/metrics").status_code == 200  # the test client comes from 127.0.0.1
+    assert client.get("/metrics", environ_base={"REMOTE_ADDR": "::1"}).status_code == 200
+    for address in ("10.1.2.3", "192.168.0.5", "fe80::1"):
+        assert client.get("/metrics", environ_base={"REMOTE_ADDR": address}).status_code == 403, address
 
 
 # --- end to end: gunicorn, two workers, one multiprocess directory ----------------------------------

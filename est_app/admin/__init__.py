@@ -1,92 +1,119 @@
-"""The operator surfaces: the JSON API under ``/api/v1`` and the dashboard under ``/admin``.
+"""The operator surfaces: the JSON API under ``/api/v1``, the dashboard under ``/admin``, and ``/metrics``.
 
-Both need an admin account (``est-admin user add NAME --admin``): the API
-takes HTTP Basic, the dashboard a login form and a session cookie. Both can
-be switched off (``admin.enabled``) or limited to client networks
-(``admin.allowed_networks``). What lives here: switching them on, the
-network gate, and who counts as an admin.
+The API and the dashboard need an admin account (``est-admin user add NAME
+--admin``): the API takes HTTP Basic, the dashboard a sign-in form and a
+server-side session (:mod:`.sessions`). All three answer only from
+``admin.allowed_networks`` (loopback unless opened), judged on the client
+address after ``trusted_proxies``; the API and dashboard can be switched off
+(``admin.enabled``). What lives here: switching them on, the network gate, the
+admin password check with its back-off, and who counts as an admin.
 """
 
 from __future__ import annotations
 
-import secrets
 from datetime import timedelta
 from functools import wraps
-from typing import Callable
+from typing import Callable, Optional
+from urllib.parse import urlsplit, urlunsplit
 
-from flask import Flask, g, request
+from flask import Flask, Response, current_app, g, request
 
-from ..auth import basic, client_certificate
+from .. import throttle
+from ..audit import clipped_name
+from ..auth import client_certificate, password_matches
 from ..config import Settings
 from ..errors import Forbidden, Unauthorized
 from ..proxy import in_networks, parse_networks
 from ..state import state
-from ..store import AuditEvent, Store, User
+from ..store import MAX_USER_NAME, AuditEvent, Store, User
 
 ADMIN_CHALLENGE = {"WWW-Authenticate": 'Basic realm="EST admin"'}
+OPERATOR_BLUEPRINTS = frozenset({"api", "dashboard", "metrics"})
 
 
 def init_admin(app: Flask, settings: Settings, store: Store) -> None:
-    """Register the admin API and dashboard, unless ``admin.enabled`` is false."""
+    """Gate the operator surfaces by network; register the API and dashboard unless ``admin.enabled`` is false."""
+    app.extensions["est_admin_networks"] = parse_networks(settings.admin.allowed_networks)
+    app.before_request(check_network)  # /metrics too, whether or not the API and dashboard are on
     if not settings.admin.enabled:
         return
     from . import api, dashboard
+    from .sessions import StoreSessionInterface
 
-    # Shared by every worker (and server) through the store, so sessions survive across them.
-    app.secret_key = store.secret("session_key", lambda: secrets.token_bytes(32))
-    app.config.update(
-        SESSION_COOKIE_NAME="est_admin",
-        SESSION_COOKIE_SECURE=True,
-        SESSION_COOKIE_HTTPONLY=True,
-        SESSION_COOKIE_SAMESITE="Strict",
-        PERMANENT_SESSION_LIFETIME=timedelta(minutes=settings.admin.session_minutes),
+    app.session_interface = StoreSessionInterface(
+        store, idle=timedelta(minutes=settings.admin.session_minutes), lifetime=timedelta(hours=settings.admin.session_max_hours)
     )
-    app.extensions["est_admin_networks"] = parse_networks(settings.admin.allowed_networks)
+    app.after_request(_relative_location)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
 
 
 def check_network() -> None:
-    """before_request for admin blueprints: refuse clients outside ``admin.allowed_networks``."""
-    from flask import current_app
-
-    networks = current_app.extensions["est_admin_networks"]
-    if networks and not in_networks(request.remote_addr, networks):
+    """before_request: refuse clients outside ``admin.allowed_networks`` on the operator surfaces."""
+    if request.blueprint not in OPERATOR_BLUEPRINTS:
+        return
+    peer = request.environ.get("est.peer_addr", request.remote_addr)
+    if "X-Forwarded-For" in request.headers and not state().proxies.is_trusted(peer):
+        # Through a proxy this server does not trust, the peer's address says nothing about the client.
+        raise Forbidden(f"the admin interface is not available through a proxy outside trusted_proxies ({peer})")
+    if not in_networks(request.remote_addr, current_app.extensions["est_admin_networks"]):
         raise Forbidden(f"the admin interface is not available from {request.remote_addr}")
 
 
+def _relative_location(response: Response) -> Response:
+    """Redirects name a path only: an absolute URL would be built from the client's Host header."""
+    location = response.headers.get("Location")
+    if location:
+        parts = urlsplit(location)
+        if parts.scheme or parts.netloc:
+            response.headers["Location"] = urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment))
+    return response
+
+
+def check_admin_password(surface: str, name: str, password: str) -> Optional[User]:
+    """The account ``name`` if ``password`` is its own, else None (refusal audited, failure counted).
+
+    Raises 429 while the account or the client address is backing off, before any password is
+    hashed. A name longer than the store allows is refused without a lookup.
+    """
+    address = request.remote_addr or ""
+    account = name if 0 < len(name) <= MAX_USER_NAME else None
+    failures = throttle.check(surface, address, account)
+    user = state().store.get_user(account) if account else None
+    if account is None or not password_matches(user, password):
+        refuse_login(name, "wrong password or unknown user" if len(name) <= MAX_USER_NAME else f"user name longer than {MAX_USER_NAME} characters")
+        throttle.failed(surface, address, account, actor=f"admin:{clipped_name(name)}")
+        return None
+    throttle.succeeded(account, failures)
+    return user
+
+
 def api_admin_required(view: Callable) -> Callable:
-    """HTTP Basic with an admin account; EST users and RAs get 403, no credentials 401."""
+    """HTTP Basic with an admin account; EST users and RAs get 403, no credentials 401, backing off 429."""
 
     @wraps(view)
     def wrapper(*args, **kwargs):
-        user: User | None = basic.current_user()
-        if user is None:
-            if request.authorization is not None:
-                refuse_login(request.authorization.username or "", "wrong password or unknown user")
-                raise Unauthorized("credentials not accepted: unknown user or wrong password", ADMIN_CHALLENGE)
+        credentials = request.authorization
+        if credentials is None or credentials.type != "basic":
             if client_certificate() is not None:
                 raise Forbidden("client certificates cannot administer this server; use an admin account")
             raise Unauthorized("authentication required: send HTTP Basic credentials of an admin account", ADMIN_CHALLENGE)
+        user = check_admin_password("api", credentials.username or "", credentials.password or "")
+        if user is None:
+            raise Unauthorized("credentials not accepted: unknown user or wrong password", ADMIN_CHALLENGE)
         if not user.is_admin:
             refuse_login(user.name, "an EST user, not an admin")
             raise Forbidden(f"user {user.name!r} is an EST user, not an admin")
         g.admin = user
         return view(*args, **kwargs)
 
-    return basic.login_required(optional=True)(wrapper)
+    return wrapper
 
 
 def refuse_login(name: str, reason: str) -> None:
-    """Audit a refused admin login (API or dashboard); the password is never recorded."""
-    state().store.add_audit(
-        AuditEvent("admin-login", "refused", actor=f"admin:{name}", client_address=request.remote_addr or "", detail=reason)
-    )
-
-
-def current_admin_from_session(name: str | None) -> User | None:
-    """The admin a session names, if that account still exists and is still an admin."""
-    if not name:
-        return None
-    user = state().store.get_user(name)
-    return user if user is not None and user.is_admin else None
+    """Audit a refused admin login (API or dashboard); the password is never recorded, a long name is clipped."""
+    event = AuditEvent("admin-login", "refused", actor=f"admin:{clipped_name(name)}", client_address=request.remote_addr or "", detail=reason)
+    try:
+        state().store.add_audit(event)
+    except Exception:
+        current_app.logger.exception("could not write the audit event for a refused admin login")

@@ -1,7 +1,8 @@
 """The admin JSON API under ``/api/v1``: the device registry, certificates, revocation, statistics.
 
-Every route needs an admin account over HTTP Basic (:func:`api_admin_required`)
-and a client address inside ``admin.allowed_networks``. Everything that comes
+Every route needs an admin account over HTTP Basic (:func:`api_admin_required`,
+backing off after failed passwords) and a client address inside
+``admin.allowed_networks``. Everything that comes
 back is JSON, errors included: ``{"error": "<one line>", "status": <code>}``
 with the status's usual headers (``WWW-Authenticate`` on 401, ``Allow`` on 405,
 ``Retry-After`` on 429).
@@ -42,13 +43,12 @@ from ..state import state
 from ..store import AlreadyRevoked, AuditEvent, CertificateRecord, Device
 from ..store import NotFound as StoreNotFound
 from ..store.reports import MAX_ID, Reports
-from . import api_admin_required, check_network
+from . import api_admin_required
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/v1"
 bp = Blueprint("api", __name__, url_prefix=PREFIX)
-bp.before_request(check_network)
 
 STATUSES = ("valid", "superseded", "revoked")
 DEFAULT_LIMIT = 50

@@ -1,10 +1,10 @@
 """The dashboard under ``/admin``: server-rendered pages for the hospital's operators.
 
-Sign-in is a form for admin accounts and a session cookie (Secure, HttpOnly,
-SameSite=Strict, idle timeout ``admin.session_minutes``). The account is
-looked up again on every request, so an admin removed or demoted with the CLI
-is out at once. Every change (revoke, delete, sign out) is a POST carrying the
-session's CSRF token, reached through a confirmation page; GET never changes
+Sign-in is a form for admin accounts, backing off after failures
+(:mod:`est_app.throttle`), and a server-side session (:mod:`.sessions`). The
+account is looked up again on every request, so an admin removed or demoted
+with the CLI is out at once. Every change (revoke, delete, sign out) is a
+POST carrying the session's CSRF token, reached through a confirmation page; GET never changes
 anything. Pages are Jinja with autoescaping and no JavaScript; the overview's
 chart is an SVG drawn from the numbers here. The queries are the keyset
 reports of :mod:`est_app.store.reports`, a fixed handful per page.
@@ -18,35 +18,42 @@ import math
 import secrets
 from dataclasses import dataclass
 from datetime import date, datetime
-from functools import lru_cache
 from typing import Optional
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, abort, flash, g, make_response, redirect, render_template, request, session, url_for
 from werkzeug.exceptions import HTTPException
-from werkzeug.security import check_password_hash, generate_password_hash
 
 from ..ca.crl import REASONS
 from .. import revocation
+from ..errors import TooManyRequests
 from ..revocation import revoke
 from ..state import state
-from ..store import AlreadyRevoked, AuditEvent, CertificateRecord, Device
+from ..store import MAX_USER_NAME, AlreadyRevoked, AuditEvent, CertificateRecord, Device
 from ..store import NotFound as UnknownCertificate
 from ..store import utcnow
 from ..store.reports import MAX_ID, Reports
-from . import check_network, current_admin_from_session, refuse_login
+from . import check_admin_password, refuse_login
+from .sessions import signed_in_admin
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("dashboard", __name__, url_prefix="/admin")
-bp.before_request(check_network)
 
 PAGE_SIZE = 50
 RECENT_EVENTS = 20
 DEVICE_EVENTS = 50
 STATUSES = ("valid", "revoked", "superseded")
 EXPIRY_WINDOWS = (30, 60, 90)
-MAX_NAME = 128  # users.name
+LOGIN_COOKIE = "__Host-est_login"  # the sign-in form's double-submit CSRF token
+NOTICES = {  # ?notice= on the sign-in page: fixed texts only, never echoed input
+    "signed-out": ("success", "You have signed out."),
+    "ended": (
+        "error",
+        "Your session has ended: it timed out, was signed out, the password was changed, "
+        "or the account was removed or is no longer an administrator. Sign in again.",
+    ),
+}
 MAX_SEARCH = 256  # devices.device_key
 DEFAULT_REVOKE_REASON = "cessationOfOperation"  # as `est-admin device revoke`
 REASON_TEXT = {
@@ -77,14 +84,12 @@ SECURITY_HEADERS = {
 def _require_admin() -> Optional[Response]:
     if request.endpoint == "dashboard.login":
         return None
-    user = current_admin_from_session(session.get("admin"))
+    user = signed_in_admin()
     if user is None:
-        had_session = "admin" in session
-        session.clear()
-        if had_session:
-            flash("Your session has ended: the account is no longer an administrator, or it has been removed.", "error")
+        ended = session.presented
+        session.sign_out()
         target = request.full_path.rstrip("?") if request.method == "GET" else None
-        return redirect(url_for(".login", next=_safe_next(target)))
+        return redirect(url_for(".login", next=_safe_next(target), notice="ended" if ended else None))
     g.admin = user
     return None
 
@@ -111,20 +116,21 @@ def _error_page(exc: HTTPException) -> Response:
     return response
 
 
-def _token_ok(key: str = "csrf") -> bool:
-    """Whether the form's ``csrf`` field equals the token the session holds under ``key``."""
-    expected = session.get(key) or ""
-    return bool(expected) and hmac.compare_digest(request.form.get("csrf", "").encode(), expected.encode())
-
-
 def _require_csrf() -> None:
-    if not _token_ok():
+    """A change needs the form's ``csrf`` field to equal the session's token."""
+    if not _same_token(session.get("csrf")):
         abort(400, "The form's security token is missing or out of date. Go back, reload the page and try again.")
 
 
+def _same_token(expected: Optional[str]) -> bool:
+    return bool(expected) and hmac.compare_digest(request.form.get("csrf", "").encode(), expected.encode())
+
+
 def _safe_next(target: Optional[str]) -> Optional[str]:
-    """A dashboard path to return to after sign-in; anything else (another host, scheme) is dropped."""
+    """A dashboard path to return to after sign-in; anything else (another host, scheme, control characters) is dropped."""
     if not target or not target.startswith("/admin/") or "\\" in target or target.startswith("//"):
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
         return None
     parts = urlsplit(target)
     return target if not parts.scheme and not parts.netloc else None
@@ -138,20 +144,6 @@ def _audit(event: AuditEvent) -> None:
         log.exception("could not write the audit event %s", event.event)
 
 
-def _audit_refusal(name: str, reason: str) -> None:
-    """A refused sign-in, recorded as the admin API records its own (never the password)."""
-    try:
-        refuse_login(name, reason)
-    except Exception:
-        log.exception("could not write the audit event for a refused sign-in")
-
-
-@lru_cache(maxsize=1)
-def _dummy_hash() -> str:
-    """Checked against for unknown users, so they take as long to refuse as a wrong password."""
-    return generate_password_hash(secrets.token_urlsafe(16))
-
-
 # --- sign in and out ---
 
 
@@ -159,46 +151,48 @@ def _dummy_hash() -> str:
 def login():
     next_target = _safe_next(request.values.get("next"))
     if request.method == "GET":
-        if current_admin_from_session(session.get("admin")) is not None:
+        if signed_in_admin() is not None:
             return redirect(next_target or url_for(".overview"))
-        return _login_form(next_target)
-    if not _token_ok("login_csrf"):
+        return _login_form(next_target, notice=NOTICES.get(request.args.get("notice", "")))
+    if not _same_token(request.cookies.get(LOGIN_COOKIE)):
         return _login_form(next_target, "The sign-in form had expired. Please sign in again.", 400)
-    name = request.form.get("username", "").strip()[:MAX_NAME]
-    password = request.form.get("password", "")
-    user = state().store.get_user(name) if name else None
-    password_ok = check_password_hash(user.password_hash if user else _dummy_hash(), password)
-    if user is None or not password_ok:
-        _audit_refusal(name, "wrong password or unknown user")
-        return _login_form(next_target, "Incorrect username or password.", 403, name)
+    name = request.form.get("username", "").strip()
+    shown = name[:MAX_USER_NAME]
+    try:
+        user = check_admin_password("dashboard", name, request.form.get("password", ""))
+    except TooManyRequests as exc:
+        message = f"Too many failed sign-ins from this address or for this account. Try again in {exc.retry_after} seconds."
+        return _login_form(next_target, message, 429, shown, exc.headers)
+    if user is None:
+        return _login_form(next_target, "Incorrect username or password.", 403, shown)
     if not user.is_admin:
-        _audit_refusal(user.name, "an EST user, not an admin")
+        refuse_login(user.name, "an EST user, not an admin")
         message = (
             f"“{user.name}” is an EST account, for gateways and devices enrolling certificates; "
             "it cannot sign in to the dashboard. Sign in with an administrator account."
         )
-        return _login_form(next_target, message, 403, name)
-    session.clear()
-    session["admin"] = user.name
-    session["csrf"] = secrets.token_urlsafe(32)
-    session.permanent = True
+        return _login_form(next_target, message, 403, shown)
+    session.sign_in(user)
     _audit(AuditEvent("admin-login", actor=f"admin:{user.name}", client_address=request.remote_addr or ""))
     return redirect(next_target or url_for(".overview"))
 
 
-def _login_form(next_target: Optional[str], error: Optional[str] = None, status: int = 200, username: str = "") -> Response:
-    token = session.get("login_csrf") or secrets.token_urlsafe(32)
-    session["login_csrf"] = token
-    page = render_template("admin/login.html", next=next_target, login_csrf=token, error=error, username=username)
-    return make_response(page, status)
+def _login_form(
+    next_target: Optional[str], error: Optional[str] = None, status: int = 200, username: str = "",
+    headers: Optional[dict[str, str]] = None, notice: Optional[tuple[str, str]] = None,
+) -> Response:
+    token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(32)
+    page = render_template("admin/login.html", next=next_target, login_csrf=token, error=error, username=username, notice=notice)
+    response = make_response(page, status, headers or {})
+    response.set_cookie(LOGIN_COOKIE, token, path="/", secure=True, httponly=True, samesite="Strict")
+    return response
 
 
 @bp.post("/logout")
 def logout():
     _require_csrf()
-    session.clear()
-    flash("You have signed out.", "success")
-    return redirect(url_for(".login"))
+    session.sign_out()
+    return redirect(url_for(".login", notice="signed-out"))
 
 
 # --- overview ---

@@ -10,7 +10,7 @@ from cryptography import x509
 from werkzeug.security import generate_password_hash
 
 from ..audit import cli_actor
-from ..auth import fingerprint
+from ..auth import describe, fingerprint
 from ..config import DEFAULT_LABEL
 from ..state import state
 from ..store import AuditEvent, UserExists
@@ -35,18 +35,32 @@ def user_add(name: str, admin: bool) -> None:
     """Add a user; the password comes from stdin when piped, else a prompt."""
     if ":" in name or not name.strip():
         raise click.ClickException("user name may not be empty or contain ':'")
-    if sys.stdin.isatty():
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise click.ClickException(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    password = _read_password()
     role = "admin" if admin else "est"
     try:
         state().store.add_user(name, generate_password_hash(password), role, _audit("user-add", f"{name} ({role})"))
     except UserExists:
         raise click.ClickException(f"user {name!r} exists already") from None
     click.echo(f"added {'admin' if admin else 'user'} {name}")
+
+
+@user.command("passwd")
+@click.argument("name")
+def user_passwd(name: str) -> None:
+    """Set a user's password (stdin when piped, else a prompt); their dashboard sessions end at once."""
+    if not state().store.set_password(name, generate_password_hash(_read_password()), _audit("user-passwd", name)):
+        raise click.ClickException(f"no user {name!r}")
+    click.echo(f"changed the password of {name}; their dashboard sessions have ended")
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise click.ClickException(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    return password
 
 
 @user.command("list")
@@ -76,18 +90,35 @@ def ra() -> None:
     "--label", "labels", multiple=True, required=True,
     help=f"A label the RA may enroll on ('{DEFAULT_LABEL}' is the unlabelled path); repeat for several.",
 )
-def ra_add(certificate: Path, labels: tuple[str, ...]) -> None:
-    """Register (or re-register) the RA whose certificate is in CERTIFICATE (PEM or DER)."""
+@click.option("--force", is_flag=True, help="Register even on labels whose auth does not accept client certificates.")
+def ra_add(certificate: Path, labels: tuple[str, ...], force: bool) -> None:
+    """Register (or re-register) the RA whose certificate is in CERTIFICATE (PEM or DER).
+
+    Refused: a certificate that is expired, not yet valid, lacks the clientAuth extended key
+    usage or is revoked here; without --force, labels whose auth lacks 'cert'.
+    """
     data = certificate.read_bytes()
     try:
         cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
     except ValueError:
         raise click.ClickException(f"{certificate} is not a PEM or DER certificate") from None
     app_state = state()
-    configured = sorted(p.name for p in app_state.profiles.values())
-    unknown = sorted(set(labels) - set(configured))
+    profiles = {p.name: p for p in app_state.profiles.values()}
+    unknown = sorted(set(labels) - set(profiles))
     if unknown:
-        raise click.ClickException(f"unknown label(s) {', '.join(unknown)}; configured: {', '.join(configured)}")
+        raise click.ClickException(f"unknown label(s) {', '.join(unknown)}; configured: {', '.join(sorted(profiles))}")
+    problem = app_state.verifier.problem(cert)
+    if problem:
+        raise click.ClickException(f"certificate {describe(cert)} {problem}; an RA cannot use it")
+    password_only = sorted(name for name in set(labels) if "cert" not in profiles[name].auth)
+    if password_only:
+        keys = ", ".join("auth" if name == DEFAULT_LABEL else f"labels.{name}.auth" for name in password_only)
+        fix = f"add cert to {keys} in the configuration and restart"
+        if not force:
+            raise click.ClickException(
+                f"label(s) {', '.join(password_only)} accept only passwords, so this RA would be refused there (401): {fix}, or pass --force"
+            )
+        click.echo(f"warning: label(s) {', '.join(password_only)} accept only passwords; the RA is refused there until you {fix}", err=True)
     if app_state.verifier.issuer_of(cert) is None:
         click.echo("warning: no configured trust anchor (CA chain or tls.client_ca_file) issued this certificate; it will be refused until one does", err=True)
     subject = cert.subject.rfc4514_string()

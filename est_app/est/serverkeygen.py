@@ -3,7 +3,8 @@
 The CSR says who the certificate is for and, by its own key's type, which key
 type is wanted (among the label's ``serverkeygen_key_types``). The answer is
 ``multipart/mixed``: an ``application/pkcs8`` part, then a certs-only part,
-each rendered by the label's encoding. The private key is never stored or logged.
+each rendered by the label's encoding. The private key is never stored or logged,
+and the answer carries ``Cache-Control: no-store`` so no cache along the way keeps it.
 """
 
 from cryptography.hazmat.primitives import serialization
@@ -32,4 +33,6 @@ def serverkeygen() -> ESTResponse:
     private_key = generate_key(wanted)
     certificate = issue_for_device(csr, g.profile, g.identity, "serverkeygen", public_key=private_key.public_key())
     pkcs8 = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return ESTResponse([(PKCS8, pkcs8), (CERTS_ONLY, state().authority_for(g.profile).certs_only(certificate, g.profile.certificate))])
+    response = ESTResponse([(PKCS8, pkcs8), (CERTS_ONLY, state().authority_for(g.profile).certs_only(certificate, g.profile.certificate))])
+    response.headers["Cache-Control"] = "no-store"
+    return response

@@ -1,4 +1,5 @@
-"""Persistence through SQLAlchemy Core: users, RA clients, devices, certificates.
+"""Persistence through SQLAlchemy Core: users, RA clients, devices, certificates, dashboard
+sessions and failed password checks.
 
 SQLite (the default) runs in WAL mode with full synchronous commits, a busy
 timeout, and ``BEGIN IMMEDIATE`` for writes, so several gunicorn workers can
@@ -12,15 +13,17 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from typing import Iterator, Literal, Optional
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Iterator, Literal, Optional
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .engine import create_engine
 
-from .schema import ADDED_COLUMNS, app_secrets, audit_events, certificates, crls, devices, metadata, ra_clients, users
+from .schema import ADDED_COLUMNS, admin_sessions, audit_events, auth_failures, certificates, crls, devices, metadata, ra_clients, users
+
+MAX_USER_NAME = users.c.name.type.length  # longer names are refused before any lookup
 
 
 class UserExists(Exception):
@@ -101,6 +104,27 @@ class AuditEvent:
 
 
 @dataclass(frozen=True)
+class StoredSession:
+    """A signed-in dashboard session, found by the SHA-256 of its cookie's token."""
+
+    token_hash: str
+    user_id: int
+    data: str
+    created_at: datetime
+    last_seen: datetime
+
+
+@dataclass(frozen=True)
+class AuthFailures:
+    """Failed password checks of one subject (``account:NAME`` or ``address:IP``) and its back-off."""
+
+    subject: str
+    failures: int
+    last_failure: datetime
+    blocked_until: datetime
+
+
+@dataclass(frozen=True)
 class CRLRecord:
     number: int
     this_update: datetime
@@ -178,6 +202,8 @@ class Store:
     def create_schema(self) -> None:
         """Create what is missing, add the ADDED_COLUMNS in place; refuse (SchemaOutdated) a database made by an older version."""
         with self._write() as conn:  # serialised, so workers starting together do not race
+            # Held the key that signed dashboard cookies (before server-side sessions): not to be kept.
+            conn.exec_driver_sql("DROP TABLE IF EXISTS app_secrets")
             metadata.create_all(conn)
             inspector = sa.inspect(conn)
             for table in metadata.sorted_tables:
@@ -216,10 +242,91 @@ class Store:
             return [User(**row._mapping) for row in conn.execute(users.select().order_by(users.c.name))]
 
     def remove_user(self, name: str, audit: Optional[AuditEvent] = None) -> bool:
+        """Remove a user and, in the same transaction, end their dashboard sessions."""
         with self._write() as conn:
-            removed = conn.execute(users.delete().where(users.c.name == name)).rowcount > 0
-            _insert_audit(conn, audit if removed else None)
-            return removed
+            user_id = conn.execute(sa.select(users.c.id).where(users.c.name == name)).scalar()
+            if user_id is None:
+                return False
+            conn.execute(admin_sessions.delete().where(admin_sessions.c.user_id == user_id))
+            conn.execute(users.delete().where(users.c.id == user_id))
+            _insert_audit(conn, audit)
+            return True
+
+    def set_password(self, name: str, password_hash: str, audit: Optional[AuditEvent] = None) -> bool:
+        """Change a user's password and, in the same transaction, end their dashboard sessions."""
+        with self._write() as conn:
+            user_id = conn.execute(sa.select(users.c.id).where(users.c.name == name)).scalar()
+            if user_id is None:
+                return False
+            conn.execute(users.update().where(users.c.id == user_id).values(password_hash=password_hash))
+            conn.execute(admin_sessions.delete().where(admin_sessions.c.user_id == user_id))
+            _insert_audit(conn, audit)
+            return True
+
+    # dashboard sessions
+
+    def create_session(self, token_hash: str, user_id: int, data: str, idle_since: datetime, created_since: datetime) -> None:
+        """Store a new session; sessions expired by the same limits as :meth:`get_session` are swept out."""
+        now = utcnow()
+        expired = sa.or_(admin_sessions.c.last_seen < idle_since, admin_sessions.c.created_at < created_since)
+        with self._write() as conn:
+            conn.execute(admin_sessions.delete().where(expired))
+            conn.execute(admin_sessions.insert().values(token_hash=token_hash, user_id=user_id, data=data, created_at=now, last_seen=now))
+
+    def get_session(self, token_hash: str, idle_since: datetime, created_since: datetime) -> Optional[StoredSession]:
+        """The session, unless it was last seen before ``idle_since`` or created before ``created_since``."""
+        query = admin_sessions.select().where(
+            admin_sessions.c.token_hash == token_hash,
+            admin_sessions.c.last_seen >= idle_since,
+            admin_sessions.c.created_at >= created_since,
+        )
+        return self._one(query, StoredSession)
+
+    def touch_session(self, token_hash: str, data: Optional[str] = None) -> None:
+        """Mark the session seen now, and store its data when given."""
+        values = {"last_seen": utcnow(), **({"data": data} if data is not None else {})}
+        with self._write() as conn:
+            conn.execute(admin_sessions.update().where(admin_sessions.c.token_hash == token_hash).values(**values))
+
+    def end_session(self, token_hash: str) -> None:
+        with self._write() as conn:
+            conn.execute(admin_sessions.delete().where(admin_sessions.c.token_hash == token_hash))
+
+    # failed password checks
+
+    def auth_failures(self, subjects: list[str]) -> list[AuthFailures]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(auth_failures.select().where(auth_failures.c.subject.in_(subjects))).all()
+        return [AuthFailures(**row._mapping) for row in rows]
+
+    def record_auth_failure(self, subjects: list[str], forget_before: datetime, delay: Callable[[int], timedelta]) -> list[AuthFailures]:
+        """Count one failure for each subject and block it for ``delay(failures)``.
+
+        Counts whose last failure is before ``forget_before`` (and whose block is over) start again.
+        """
+        now = utcnow()
+        column = auth_failures.c
+        for _attempt in range(3):
+            try:
+                with self._write() as conn:
+                    conn.execute(auth_failures.delete().where(column.last_failure < forget_before, column.blocked_until <= now))
+                    counted = []
+                    for subject in subjects:
+                        where = column.subject == subject
+                        if not conn.execute(auth_failures.update().where(where).values(failures=column.failures + 1, last_failure=now)).rowcount:
+                            conn.execute(auth_failures.insert().values(subject=subject, failures=1, last_failure=now, blocked_until=now))
+                        failures = conn.execute(sa.select(column.failures).where(where)).scalar_one()
+                        blocked_until = now + delay(failures)
+                        conn.execute(auth_failures.update().where(where).values(blocked_until=blocked_until))
+                        counted.append(AuthFailures(subject, failures, now, blocked_until))
+                    return counted
+            except sa.exc.IntegrityError:
+                continue  # another server inserted the same subject first (PostgreSQL); count again
+        raise RuntimeError("could not record a failed password check after three attempts")
+
+    def clear_auth_failures(self, subject: str) -> None:
+        with self._write() as conn:
+            conn.execute(auth_failures.delete().where(auth_failures.c.subject == subject))
 
     # RA clients
 
@@ -453,17 +560,6 @@ class Store:
         with self.engine.connect() as conn:
             rows = [AuditEvent(**row._mapping) for row in conn.execute(query)]
         return rows if limit is None else rows[::-1]
-
-    # shared secrets
-
-    def secret(self, name: str, make) -> bytes:
-        """The secret called ``name``, created with ``make()`` by whichever worker asks first."""
-        with self._write() as conn:
-            value = conn.execute(sa.select(app_secrets.c.value).where(app_secrets.c.name == name)).scalar()
-            if value is None:
-                value = make()
-                conn.execute(app_secrets.insert().values(name=name, value=value))
-            return value
 
 
 # Statements on every enrollment (and OCSP request), built once: building a Core statement

@@ -98,10 +98,23 @@ crls = sa.Table(
 # Alembic migrations); any other missing column is refused.
 ADDED_COLUMNS = frozenset({("certificates", "issuer"), ("crls", "issuer")})
 
-# Secrets the workers must share (the dashboard's session key), generated on first start.
-app_secrets = sa.Table(
-    "app_secrets",
+# Signed-in dashboard sessions. The cookie holds a random token; only its SHA-256 is kept here.
+admin_sessions = sa.Table(
+    "admin_sessions",
     metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.LargeBinary, nullable=False),
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("data", sa.Text, nullable=False),  # JSON: the CSRF token, flashed messages
+    sa.Column("created_at", sa.DateTime, nullable=False),  # for the absolute lifetime
+    sa.Column("last_seen", sa.DateTime, nullable=False, index=True),  # for the idle timeout
+)
+
+# Failed password checks, per account ("account:NAME") and per client address ("address:IP").
+auth_failures = sa.Table(
+    "auth_failures",
+    metadata,
+    sa.Column("subject", sa.String(160), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last_failure", sa.DateTime, nullable=False, index=True),
+    sa.Column("blocked_until", sa.DateTime, nullable=False),
 )
