@@ -31,7 +31,9 @@ def _resolve_label(endpoint, values) -> None:
 @bp.errorhandler(ESTError)
 def _refused(exc: ESTError) -> Response:
     operation = (request.endpoint or "").split(".")[1] if request.endpoint else ""
-    if operation in EVENTS:
+    # A 429 is a back-off already audited once when it began: a row per throttled request
+    # would let a flood of bogus credentials fill the trail and queue on the write lock.
+    if operation in EVENTS and exc.status != 429:
         record_refusal(operation, exc.status, exc.message)
     return error_response(exc)
 
