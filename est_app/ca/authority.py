@@ -3,6 +3,8 @@
 :func:`load_authority` reads the CA from the files the configuration names
 and refuses to start on anything inconsistent (a key that does not match, a
 certificate that is not a CA, a chain that does not reach a self-signed root).
+Commands that never sign can defer the key to its first use, so they run
+without the passphrase (which systemd hands only to the running service).
 :class:`CertificateAuthority` knows nothing of HTTP or storage.
 """
 
@@ -43,16 +45,16 @@ class CertificateAuthority:
 
     def __init__(
         self,
-        private_key,
+        private_key,  # the key, or a function loading it at first use
         chain: tuple[x509.Certificate, ...],
         digest: str = "sha256",
         crl_url: str | None = None,
         ocsp_url: str | None = None,
     ) -> None:
-        self.private_key = private_key
+        self._private_key = private_key
         self.chain = chain
         self.certificate = chain[0]
-        signs_without_digest = isinstance(private_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
+        signs_without_digest = isinstance(self.certificate.public_key(), (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey))
         self._digest = None if signs_without_digest else DIGESTS[digest]()
         try:
             ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -67,6 +69,13 @@ class CertificateAuthority:
         if ocsp_url:
             access = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))
             self._pointers.append((x509.AuthorityInformationAccess([access]), False))
+
+    @property
+    def private_key(self):
+        """The signing key, loaded now if it was deferred (a :class:`ConfigError` if it cannot be)."""
+        if callable(self._private_key):
+            self._private_key = self._private_key()
+        return self._private_key
 
     @property
     def digest(self) -> hashes.HashAlgorithm | None:
@@ -130,14 +139,18 @@ def issued_subject(subject: x509.Name) -> x509.Name:
     return x509.Name(rdns)
 
 
-def load_authority(settings: CASettings) -> CertificateAuthority:
-    """Load and cross-check the CA named by the ``ca`` settings."""
+def load_authority(settings: CASettings, defer_key: bool = False) -> CertificateAuthority:
+    """Load and cross-check the CA named by the ``ca`` settings; ``defer_key`` loads the key at first use."""
     certificate = _load_certificates(settings.cert_file, "ca.cert_file")[0]
-    key = _load_private_key(settings)
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
-        raise ConfigError(f"ca.key_file {settings.key_file} does not belong to ca.cert_file {settings.cert_file}")
+
+    def matching_key():
+        key = _load_private_key(settings)
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(serialization.Encoding.DER, spki) != certificate.public_key().public_bytes(serialization.Encoding.DER, spki):
+            raise ConfigError(f"ca.key_file {settings.key_file} does not belong to ca.cert_file {settings.cert_file}")
+        return key
+
+    key = matching_key if defer_key else matching_key()
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -176,7 +189,10 @@ def _load_private_key(settings: CASettings):
             raise ConfigError(f"ca.key_passphrase_env: environment variable {settings.key_passphrase_env} is not set")
         passphrase = value.encode()
     elif settings.key_passphrase_file:
-        passphrase = settings.key_passphrase_file.read_bytes().rstrip(b"\r\n")
+        try:
+            passphrase = settings.key_passphrase_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:  # a systemd credential exists only while the service runs
+            raise ConfigError(f"ca.key_passphrase_file {settings.key_passphrase_file}: cannot read it ({exc.strerror})") from None
     try:
         return serialization.load_pem_private_key(settings.key_file.read_bytes(), passphrase)
     except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
