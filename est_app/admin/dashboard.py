@@ -430,7 +430,7 @@ def delete_device(device: str):
     )
     if not state().store.delete_device(d.id, audit):
         abort(404, f"There is no device {d.id}. It may have been deleted already.")
-    flash(f"Device {d.device_key} (id {d.id}) is deleted; it may enroll again. Its certificates stay on record.", "success")
+    flash(f"Device {d.device_key} (number {d.id}) is deleted; it may enroll again. Its certificates stay on record.", "success")
     return redirect(url_for(".devices"))
 
 

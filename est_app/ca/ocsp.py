@@ -37,13 +37,19 @@ class OCSPResponder:
     ) -> None:
         self.authority = authority
         self.lookup = lookup
-        self.signer_certificate, self.signer_key = signer or (authority.certificate, authority.private_key)
+        self.signer_certificate = signer[0] if signer else authority.certificate
+        self._signer_key = signer[1] if signer else None
         self.validity = validity
         # (hash name, issuer name hash, issuer key hash) that identify this CA in a request
         self._ours = set()
         for algorithm in HASHES:
             probe = ocsp.OCSPRequestBuilder().add_certificate(authority.certificate, authority.certificate, algorithm()).build()
             self._ours.add((algorithm.name, probe.issuer_name_hash, probe.issuer_key_hash))
+
+    @property
+    def signer_key(self):
+        """The delegated responder's key, else the CA's (loaded at first use when the CA defers it)."""
+        return self._signer_key if self._signer_key is not None else self.authority.private_key
 
     def respond(self, request_der: bytes, now: datetime) -> bytes:
         try:
