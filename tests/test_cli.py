@@ -20,6 +20,7 @@ from est_app.state import state
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .pki import der, make_csr
+from .test_admin_api import enroll
 
 ENROLL = "/.well-known/est/simpleenroll"
 BODY = base64.b64encode(der(make_csr()))
@@ -89,18 +90,12 @@ def test_console_scripts_and_flask_cli_work(tmp_path):
 # --- devices by name or number, lists for people and scripts, the CA key only when signing ---
 
 
-def enroll_on(client, cn: str, label: str | None = None) -> None:
-    path = f"/.well-known/est/{label}/simpleenroll" if label else ENROLL
-    body = base64.b64encode(der(make_csr(cn)))
-    assert client.post(path, data=body, headers={"Content-Type": "application/pkcs10", **basic_auth()}).status_code == 200
-
-
 def test_device_commands_take_the_name_or_the_number_and_a_shared_name_needs_the_label(make_app, tmp_path):
     app = make_app(labels={"pumps": {}})
     client, path = app.test_client(), tmp_path / "config.yaml"
-    enroll_on(client, "NPPBBB4")
-    enroll_on(client, "NPPBBB4", "pumps")
-    enroll_on(client, "NPPCCC7", "pumps")
+    enroll(client, "NPPBBB4")
+    enroll(client, "NPPBBB4", "pumps")
+    enroll(client, "NPPCCC7", "pumps")
     with app.app_context():
         devices = {(d.label, d.device_key): d for d in state().store.find_devices()}
 
@@ -144,7 +139,7 @@ def test_lists_print_tsv_piped_json_on_request_and_a_sentence_when_empty(make_ap
             result = run_cli(*args, *extra, config=path)
             assert result.exit_code == 0 and result.stdout == "" and sentence in result.stderr, (args, result.output)
 
-    enroll_on(app.test_client(), "NPPBBB4")
+    enroll(app.test_client(), "NPPBBB4")
     with app.app_context():
         (device,) = state().store.find_devices()
     rows = run_cli("device", "list", config=path).stdout.splitlines()
@@ -181,7 +176,7 @@ def on_a_terminal(*argv: str | Path) -> str:
 
 def test_lists_have_a_header_on_a_terminal(make_app, tmp_path):
     app = make_app()
-    enroll_on(app.test_client(), "NPPBBB4")
+    enroll(app.test_client(), "NPPBBB4")
     config = tmp_path / "config.yaml"
     header, row = on_a_terminal("--config", config, "device", "list").splitlines()
     assert header.split() == ["NUMBER", "LABEL", "NAME", "STATUS", "CURRENT", "SERIAL", "LAST", "ENROLLED"]
@@ -223,7 +218,7 @@ def test_store_commands_run_without_the_ca_key_passphrase_and_signing_ones_say_w
     path = make_config(ca={"key_file": str(tmp_path / "ca.key"), "key_passphrase_file": str(passphrase)})
     assert run_cli("user", "add", USER, input=PASSWORD + "\n", config=path).exit_code == 0
     app = create_app(path)  # the service, with its credential
-    enroll_on(app.test_client(), "NPPBBB4")
+    enroll(app.test_client(), "NPPBBB4")
     with app.app_context():
         (device,) = state().store.find_devices()
 

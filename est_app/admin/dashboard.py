@@ -221,8 +221,7 @@ def overview():
 @bp.get("/activity")
 def activity():
     """The whole audit trail, newest first, a page at a time."""
-    after = request.args.get("after", "")
-    after_id = int(after) if after.isascii() and after.isdigit() and int(after) <= MAX_ID else None
+    after_id = _after_id()
     page = Reports(state().store.engine).events(after=after_id, limit=PAGE_SIZE)
     return render_template("admin/activity.html", section="activity", page=page, paged=after_id is not None)
 
@@ -289,8 +288,7 @@ def _short_date(iso: str) -> str:
 @bp.get("/devices")
 def devices():
     filters = _device_filters()
-    after = request.args.get("after", "")
-    after_id = int(after) if after.isascii() and after.isdigit() and int(after) <= MAX_ID else None
+    after_id = _after_id()
     labels = sorted({p.name for p in state().profiles.values()} | ({filters["label"]} if filters.get("label") else set()))
     page = Reports(state().store.engine).devices(
         search=filters.get("q"),
@@ -311,6 +309,12 @@ def devices():
         statuses=STATUSES,
         windows=EXPIRY_WINDOWS,
     )
+
+
+def _after_id() -> Optional[int]:
+    """A list page's ``after`` (the last id of the previous page); anything else starts at the top."""
+    after = request.args.get("after", "")
+    return int(after) if after.isascii() and after.isdigit() and int(after) <= MAX_ID else None
 
 
 def _device_filters() -> dict:
