@@ -257,6 +257,23 @@ def test_overview_renders_and_is_saved_as_a_screenshot(server, driver):
     driver.set_window_size(1366, 1000)
 
 
+def test_device_list_and_activity_trail_at_1280(server, driver):
+    driver.set_window_size(1280, 1000)
+    visit(driver, server, "/admin/devices")
+    rows = {row.find_element(By.CSS_SELECTOR, "a.device-link").text: row.text for row in driver.find_elements(By.CSS_SELECTOR, "tbody tr")}
+    assert "revoked 20" in rows["NPP-B0002"] and "in 36" not in rows["NPP-B0002"]  # revoked <date>, not "in 365 days"
+    assert "in 36" in rows["NPP-A0001"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "dashboard-devices.png"))
+
+    next_page(driver, driver.find_element(By.LINK_TEXT, "Activity").click, "section[aria-labelledby=trail-title] table")
+    assert driver.current_url == server.url + "/admin/activity" and heading(driver) == "Activity"
+    actors = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "td.wrap-words")]
+    assert f"admin:{ADMIN}" in actors and f"user:{USER}" in actors
+    assert driver.save_screenshot(str(ARTIFACTS / "dashboard-activity.png"))
+    driver.set_window_size(1366, 1000)
+
+
 def test_sign_out(server, driver):
     visit(driver, server, "/admin/")
     next_page(driver, driver.find_element(By.XPATH, "//button[normalize-space()='Sign out']").click, ".flash-success")
