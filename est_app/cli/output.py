@@ -1,7 +1,7 @@
 """How every ``est`` list prints: a table for people, JSON lines for scripts.
 
 On a terminal a list has a header row and aligned columns; piped, it is bare
-tab-separated rows (as before, so existing scripts keep working); with
+tab-separated rows (no header, for cut and awk); with
 ``--json`` it is one JSON object per line, keyed as the admin API keys the
 same records. An empty list says so in a sentence on stderr, so stdout stays
 data only.
