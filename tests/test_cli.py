@@ -143,7 +143,7 @@ def test_lists_print_tsv_piped_json_on_request_and_a_sentence_when_empty(make_ap
     with app.app_context():
         (device,) = state().store.find_devices()
     rows = run_cli("device", "list", config=path).stdout.splitlines()
-    assert rows == [f"{device.id}\tdefault\tNPPBBB4\tvalid\t{device.current_serial}\t{device.last_enrolled:%Y-%m-%dT%H:%M:%S}Z"]
+    assert rows == [f"{device.id}\tdefault\tNPPBBB4\t{device.current_serial}\t{device.last_enrolled:%Y-%m-%dT%H:%M:%S}Z\tvalid"]
     (record,) = [json.loads(line) for line in run_cli("device", "list", "--json", config=path).stdout.splitlines()]
     assert (record["number"], record["name"], record["label"], record["status"]) == (device.id, "NPPBBB4", "default", "valid")
     (user,) = [json.loads(line) for line in run_cli("user", "list", "--json", config=path).stdout.splitlines()]
@@ -179,8 +179,8 @@ def test_lists_have_a_header_on_a_terminal(make_app, tmp_path):
     enroll(app.test_client(), "NPPBBB4")
     config = tmp_path / "config.yaml"
     header, row = on_a_terminal("--config", config, "device", "list").splitlines()
-    assert header.split() == ["NUMBER", "LABEL", "NAME", "STATUS", "CURRENT", "SERIAL", "LAST", "ENROLLED"]
-    assert row.split()[1:4] == ["default", "NPPBBB4", "valid"] and header.index("NAME") == row.index("NPPBBB4")
+    assert header.split() == ["NUMBER", "LABEL", "NAME", "CURRENT", "SERIAL", "LAST", "ENROLLED", "STATUS"]
+    assert row.split()[1:3] == ["default", "NPPBBB4"] and row.split()[-1] == "valid" and header.index("NAME") == row.index("NPPBBB4")
     assert on_a_terminal("--config", config, "user", "list").splitlines()[0].split() == ["NAME", "ROLE", "CREATED"]
     assert on_a_terminal("--config", config, "cert", "expiring").strip() == "No valid certificate expires within 30 days."
 

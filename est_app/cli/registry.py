@@ -35,11 +35,11 @@ def device() -> None:
 @click.option("--search", help="Device names containing this text (a device number matches itself).")
 @json_option
 def device_list(label: str | None, search: str | None, as_json: bool) -> None:
-    """List devices, newest first: number, label, name, status, current serial, last enrollment (UTC)."""
+    """List devices, newest first: number, label, name, current serial, last enrollment (UTC), status."""
     page = Reports(state().store.engine).devices(label=label, search=search, limit=DEVICE_LIST_LIMIT)
     print_list(
         (device_json(d, d.status, d.not_after) for d in page.items),
-        [("number", "NUMBER"), ("label", "LABEL"), ("name", "NAME"), ("status", "STATUS"), ("current_serial", "CURRENT SERIAL"), ("last_enrolled", "LAST ENROLLED")],
+        [("number", "NUMBER"), ("label", "LABEL"), ("name", "NAME"), ("current_serial", "CURRENT SERIAL"), ("last_enrolled", "LAST ENROLLED"), ("status", "STATUS")],
         as_json,
         "No devices match." if (label or search) else "No devices are enrolled yet.",
     )
