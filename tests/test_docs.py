@@ -71,7 +71,10 @@ def readme_session(pki_dir: Path, tmp_path: Path) -> Iterator[Session]:
     with the `pumps` label in DER that the README has them add, in a second terminal in the checkout."""
     checkout = tmp_path / "checkout"
     shutil.copytree(pki_dir, checkout / "instance")
-    server = start_server(checkout / "instance", tmp_path, labels={"pumps": {"response_format": "der"}}, rate_limit={"enabled": False})
+    server = start_server(
+        checkout / "instance", tmp_path, labels={"pumps": {"response_format": "der"}}, rate_limit={"enabled": False},
+        database={"url": f"sqlite:///{tmp_path / 'est.db'}"},
+    )
     try:
         assert run_cli("user", "add", "gateway", input=PASSWORD + "\n", config=server.config).exit_code == 0
         yield Session(checkout, {"EST_PASSWORD": PASSWORD}, server.port)
