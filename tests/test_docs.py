@@ -89,9 +89,31 @@ def own_server_session(pki_dir: Path, tmp_path: Path) -> Iterator[Session]:
     yield Session(tmp_path, {}, free_port())
 
 
+def iqe_session(pki_dir: Path, tmp_path: Path) -> Iterator[Session]:
+    """IQE_INTEGRATION's sections 3 and 5: the gateway team in an empty folder with `tls-root.pem`, `$EST` and
+    `$PW` set (section 5's opening block), against a server with the guide's labels and EST user."""
+    labels = {
+        "pumps": {"response_format": "der", "auth": ["basic", "cert"], "duplicate_policy": "renew"},
+        "pumps-b64": {"response_format": "base64", "base64_line_length": 64, "auth": ["basic", "cert"], "duplicate_policy": "renew"},
+        "pumps-strict": {"csr_attributes": ["serialNumber"]},
+    }
+    server = start_server(  # DER at the top, as config-iqe.yaml has it
+        pki_dir, tmp_path, response_format="der", labels=labels, rate_limit={"enabled": False}, database={"url": f"sqlite:///{tmp_path / 'est.db'}"}
+    )
+    try:
+        assert run_cli("user", "add", "iqe-gateway", input=PASSWORD + "\n", config=server.config).exit_code == 0
+        work = tmp_path / "gateway"
+        work.mkdir()
+        shutil.copy(server.ca_file, work / "tls-root.pem")  # the development CA issued the server's TLS certificate
+        yield Session(work, {"EST": f"{server.url}/.well-known/est", "PW": PASSWORD}, server.port)
+    finally:
+        server.stop()
+
+
 SESSIONS: dict[str, Callable[[Path, Path], Iterator[Session]]] = {
     "README.md": readme_session,
     "ADMIN_API.md": own_server_session,
+    "IQE_INTEGRATION.md": iqe_session,
 }
 
 
