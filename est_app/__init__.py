@@ -40,8 +40,11 @@ def instance_path() -> Path:
     return Path(Flask(__name__).instance_path)
 
 
-def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
-    """Build the app from a settings object, a YAML path, ``$EST_CONFIG`` or ``instance/config.yaml``."""
+def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key: bool = False) -> Flask:
+    """Build the app from a settings object, a YAML path, ``$EST_CONFIG`` or ``instance/config.yaml``.
+
+    ``defer_ca_key`` (the CLI) loads the CA key only when something is signed.
+    """
     app = Flask(__name__, instance_relative_config=True)
     settings = config if isinstance(config, Settings) else load_config(_config_path(config, app))
     _configure_logging(settings.log_level)
@@ -56,7 +59,7 @@ def create_app(config: str | os.PathLike | Settings | None = None) -> Flask:
     except SchemaOutdated as exc:
         raise ConfigError(f"database {store.engine.url.render_as_string(hide_password=True)}: {exc}; back it up, then migrate (docs/DEPLOYMENT.md)") from None
 
-    authorities = load_authorities(settings)
+    authorities = load_authorities(settings, defer_key=defer_ca_key)
     # Client certificates may come from any CA issuing here (device re-enrollment) or from tls.client_ca_file (RAs).
     anchors = list(dict.fromkeys(c for authority in authorities for c in authority.chain))
     if settings.tls.client_ca_file:
@@ -106,7 +109,10 @@ def _config_path(config: str | os.PathLike | None, app: Flask) -> Path:
         return Path(os.environ[CONFIG_ENV])
     default = Path(app.instance_path) / "config.yaml"
     if not default.is_file():
-        raise ConfigError(f"no configuration: set {CONFIG_ENV}, pass --config, or run `est-admin init` to create {default}")
+        raise ConfigError(
+            f"no configuration: pass --config FILE or set {CONFIG_ENV}=FILE (a production server keeps it in /etc/est/config.yaml, "
+            f"see docs/DEPLOYMENT.md); for a development setup `est-admin init` creates {default}"
+        )
     return default
 
 

@@ -328,7 +328,8 @@ def _check_files_exist(settings: Settings, source: str) -> None:
     for section, obj in sections.items():
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if isinstance(value, Path) and not value.is_file():
+            # The passphrase file may be a systemd credential, present only while the service runs.
+            if isinstance(value, Path) and f.name != "key_passphrase_file" and not value.is_file():
                 raise ConfigError(f"{source}: {section}.{f.name}: no such file: {value}")
 
 

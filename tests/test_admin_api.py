@@ -168,7 +168,7 @@ ROUTES = [
 def test_the_matrix_covers_every_route(api):
     """If a route is added to the blueprint, it must be added to ROUTES (and so to the matrix)."""
     served = {
-        (method, rule.rule.replace("<int:device_id>", "{device}").replace("<serial>", "{serial}"))
+        (method, rule.rule.replace("<device>", "{device}").replace("<serial>", "{serial}"))
         for rule in api.app.url_map.iter_rules()
         if rule.endpoint.startswith("api.")
         for method in rule.methods - {"HEAD", "OPTIONS"}
@@ -264,7 +264,7 @@ def walk(api: Api, path: str, limit: int, **params) -> tuple[list[dict], list[in
 def test_device_pages_visit_every_device_once_newest_first(fleet, limit):
     api, devices, _ = fleet
     items, totals = walk(api, "/api/v1/devices", limit)
-    ids = [item["id"] for item in items]
+    ids = [item["number"] for item in items]
     assert ids == sorted((d.id for d in devices.values()), reverse=True)
     assert totals == [FLEET] * len(totals) and len(totals) == -(-FLEET // limit)
 
@@ -275,7 +275,7 @@ def test_device_items_carry_the_documented_fields(fleet):
     d = devices["NPP0003"]
     current = certs["NPP0003"][-1]
     assert item == {
-        "id": d.id, "label": "pumps", "device_id": "NPP0003",
+        "number": d.id, "label": "pumps", "name": "NPP0003",
         "first_enrolled": d.first_enrolled.isoformat(timespec="seconds") + "Z",
         "last_enrolled": d.last_enrolled.isoformat(timespec="seconds") + "Z",
         "current_serial": serial_of(current), "status": "valid",
@@ -309,7 +309,7 @@ def test_device_filters(fleet, query, predicate):
     api, devices, _ = fleet
     items, totals = walk(api, "/api/v1/devices", 5, **query)
     expected = {devices[f"NPP{i:04d}"].id for i in range(FLEET) if predicate(i, f"NPP{i:04d}", fleet_label(i))}
-    ids = [item["id"] for item in items]
+    ids = [item["number"] for item in items]
     assert len(ids) == len(set(ids)) and set(ids) == expected
     assert ids == sorted(ids, reverse=True)
     assert set(totals) == {len(expected)}
@@ -320,7 +320,7 @@ def test_device_search_by_numeric_id(fleet):
     target = devices["NPP0042"].id
     items = api.get("/api/v1/devices", query_string={"search": str(target), "limit": 500})["items"]
     expected = {target} | {d.id for d in devices.values() if str(target) in d.device_key}
-    assert {item["id"] for item in items} == expected and target in expected
+    assert {item["number"] for item in items} == expected and target in expected
 
 
 @pytest.mark.parametrize("search", ["²", "١٢", "9" * 30, "0" * 19 + "1"])
@@ -356,7 +356,7 @@ def test_certificate_pages_and_filters(fleet):
     one = serial_of(certs["NPP0050"][0])
     for form in (one, one.upper()):
         (item,) = api.get("/api/v1/certificates", query_string={"search": form})["items"]
-        assert item["serial"] == one and item["device"] == devices["NPP0050"].id
+        assert item["serial"] == one and item["device_number"] == devices["NPP0050"].id
 
 
 def test_statistics(fleet):
@@ -373,13 +373,39 @@ def test_statistics(fleet):
 # --- 3. one device's life: history, revocation, the CRL, deletion, the audit trail ----------
 
 
+def test_device_routes_take_the_device_name_or_number_and_a_label_settles_a_shared_name(make_api):
+    api = make_api(labels={"pumps": {}})
+    enroll(api.client, "NPPBBB4")
+    enroll(api.client, "NPPBBB4", "pumps")
+    enroll(api.client, "NPPCCC7", "pumps")
+    devices = {(d.label, d.device_key): d for d in api.store().find_devices()}
+    ccc7 = devices[("pumps", "NPPCCC7")]
+
+    # A name on one label: the name alone will do, as will the number.
+    assert api.get("/api/v1/devices/NPPCCC7")["number"] == ccc7.id
+    assert api.get(f"/api/v1/devices/{ccc7.id}")["name"] == "NPPCCC7"
+    # A name on two labels: a one-line 400 naming both labels, until ?label= says which.
+    body = assert_error(api.call("GET", "/api/v1/devices/NPPBBB4"), 400, "'NPPBBB4' fits 2 devices")
+    assert "label 'default'" in body["error"] and "label 'pumps'" in body["error"] and "?label=" in body["error"]
+    assert_error(api.call("POST", "/api/v1/devices/NPPBBB4/revoke", json={}), 400, "fits 2 devices")
+    pumps = devices[("pumps", "NPPBBB4")]
+    assert api.get("/api/v1/devices/NPPBBB4", query_string={"label": "pumps"})["number"] == pumps.id
+    assert_error(api.call("GET", "/api/v1/devices/NPPCCC7", query_string={"label": "default"}), 404, "on label 'default'")
+
+    revoked = api.call("POST", "/api/v1/devices/NPPBBB4/revoke?label=pumps", json={"reason": "keyCompromise"})
+    assert revoked.status_code == 200 and decoded(revoked)["serial"] == pumps.current_serial
+    assert api.store().get_certificate(devices[("default", "NPPBBB4")].current_serial).status == "valid"
+    assert api.call("DELETE", "/api/v1/devices/NPPCCC7").status_code == 204
+    assert api.store().get_device(ccc7.id) is None
+
+
 def test_device_history_revoke_crl_delete_and_audit(api):
     first = enroll(api.client, "NPPBBB4")
     second = enroll(api.client, "NPPBBB4")  # same CN, renew policy: supersedes the first
     (device,) = api.store().find_devices()
 
     shown = api.get(f"/api/v1/devices/{device.id}")
-    assert (shown["device_id"], shown["current_serial"], shown["status"]) == ("NPPBBB4", serial_of(second), "valid")
+    assert (shown["name"], shown["current_serial"], shown["status"]) == ("NPPBBB4", serial_of(second), "valid")
     assert [(c["serial"], c["status"], c["operation"]) for c in shown["certificates"]] == [
         (serial_of(first), "superseded", "simpleenroll"), (serial_of(second), "valid", "simpleenroll")]
     assert all(c["subject"] == "CN=NPPBBB4" and c["requester"] == f"user:{USER}" for c in shown["certificates"])
@@ -411,11 +437,11 @@ def test_device_history_revoke_crl_delete_and_audit(api):
     assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}?keep=true"), 400, "unknown query parameter(s) keep; this route takes: keep_certificate")
     deleted = api.call("DELETE", f"/api/v1/devices/{device.id}")
     assert deleted.status_code == 204 and deleted.get_data() == b""
-    assert_error(api.call("GET", f"/api/v1/devices/{device.id}"), 404, f"no device {device.id}")
-    assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}"), 404, f"no device {device.id}")
-    assert_error(api.call("POST", f"/api/v1/devices/{device.id}/revoke", json={}), 404, f"no device {device.id}")
+    assert_error(api.call("GET", f"/api/v1/devices/{device.id}"), 404, f"no device named or numbered '{device.id}'")
+    assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}"), 404, f"no device named or numbered '{device.id}'")
+    assert_error(api.call("POST", f"/api/v1/devices/{device.id}/revoke", json={}), 404, f"no device named or numbered '{device.id}'")
     kept = api.get(f"/api/v1/certificates/{serial_of(second)}")
-    assert (kept["status"], kept["device"]) == ("revoked", None)
+    assert (kept["status"], kept["device_number"]) == ("revoked", None)
     third = enroll(api.client, "NPPBBB4")
     (again,) = api.store().find_devices()
     assert again.id != device.id and again.current_serial == serial_of(third)
@@ -456,7 +482,7 @@ def test_certificate_detail_has_the_pem_and_nothing_private(api, pki_dir):
     cert = enroll(api.client, "NPPBBB4")
     shown = api.get(f"/api/v1/certificates/{serial_of(cert)}")
     assert x509.load_pem_x509_certificate(shown["pem"].encode()) == cert
-    assert set(shown) == {"serial", "common_name", "subject", "label", "device", "status", "operation", "requester",
+    assert set(shown) == {"serial", "common_name", "subject", "label", "device_number", "status", "operation", "requester",
                           "not_before", "not_after", "issued_at", "revoked_at", "revocation_reason", "pem"}
     assert shown["not_before"] == cert.not_valid_before_utc.replace(tzinfo=None).isoformat() + "Z"
     ca = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
@@ -541,11 +567,12 @@ ERROR_CASES = [
     ("unknown route", "admin", "GET", "/api/v1/nosuch", {}, 404, "Not Found", None),
     ("unknown route, no credentials", "none", "GET", "/api/v1/nosuch", {}, 404, "Not Found", None),
     ("the prefix itself", "admin", "GET", "/api/v1", {}, 404, "Not Found", None),
-    ("unknown device", "admin", "GET", "/api/v1/devices/999999", {}, 404, "no device 999999", None),
-    ("device id not a number", "admin", "GET", "/api/v1/devices/NPPBBB4", {}, 404, "Not Found", None),
-    ("device id past 64 bits", "admin", "DELETE", "/api/v1/devices/99999999999999999999999", {}, 404, "no device 99999999999999999999999", None),
-    ("revoke device id past 64 bits", "admin", "POST", "/api/v1/devices/99999999999999999999999/revoke", {"json": {}}, 404, "no device", None),
-    ("show device id past 64 bits", "admin", "GET", "/api/v1/devices/99999999999999999999999", {}, 404, "no device", None),
+    ("unknown device", "admin", "GET", "/api/v1/devices/999999", {}, 404, "no device named or numbered '999999'", None),
+    ("unknown device name", "admin", "GET", "/api/v1/devices/NOSUCH1", {}, 404, "no device named or numbered 'NOSUCH1'", None),
+    ("unknown parameter on a device", "admin", "GET", "/api/v1/devices/{device}?lable=pumps", {}, 400, "unknown query parameter(s) lable", None),
+    ("device number past 64 bits", "admin", "DELETE", "/api/v1/devices/99999999999999999999999", {}, 404, "no device named or numbered '99999999999999999999999'", None),
+    ("revoke device number past 64 bits", "admin", "POST", "/api/v1/devices/99999999999999999999999/revoke", {"json": {}}, 404, "no device", None),
+    ("show device number past 64 bits", "admin", "GET", "/api/v1/devices/99999999999999999999999", {}, 404, "no device", None),
     ("unknown certificate", "admin", "GET", "/api/v1/certificates/abcdef0123", {}, 404, "no certificate with serial abcdef0123", None),
     ("revoke unknown certificate", "admin", "POST", "/api/v1/certificates/abcdef0123/revoke", {"json": {}}, 404, "no certificate", None),
     ("wrong method on a list", "admin", "POST", "/api/v1/devices", {}, 405, "Method Not Allowed", "Allow"),
@@ -626,10 +653,10 @@ def test_device_text_round_trips_as_a_json_string(api, cn):
     assert listing.headers["Content-Type"] == JSON
     assert "<" not in raw and ">" not in raw  # escaped as \u003c / \u003e, so no byte of it reads as markup
     (item,) = decoded(listing)["items"]
-    assert item["device_id"] == cn
-    shown = api.get(f"/api/v1/devices/{item['id']}")
+    assert item["name"] == cn
+    shown = api.get(f"/api/v1/devices/{item['number']}")
     assert shown["certificates"][0]["common_name"] == cn
     assert shown["certificates"][0]["subject"] == cert.subject.rfc4514_string()
-    assert shown["events"][0]["device"] == cn
+    assert shown["events"][0]["device_name"] == cn
     found = api.get("/api/v1/certificates", query_string={"search": cn})["items"]
     assert [c["serial"] for c in found] == [serial_of(cert)]

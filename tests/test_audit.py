@@ -30,7 +30,7 @@ from .pki import der, make_csr, pem
 from .test_enroll import certs_from
 
 CLI = f"cli:{getpass.getuser()}"
-FIELDS = {"id", "at", "event", "outcome", "actor", "client_address", "label", "device", "serial", "detail"}
+FIELDS = {"id", "at", "event", "outcome", "actor", "client_address", "label", "device_name", "serial", "detail"}
 LABELS = {"pumps": {"auth": ["cert"]}, "unique": {"duplicate_policy": "reject"}}
 WRONG_PASSWORD = "not the right password at all"
 
@@ -366,7 +366,7 @@ def test_no_event_holds_a_password_or_a_private_key(env, tmp_path):
 def audit_json(env, *args: str) -> list[dict]:
     result = cli(env, "audit", "--json", *args)
     assert result.exit_code == 0, result.output
-    return [json.loads(line) for line in result.output.splitlines()]
+    return [json.loads(line) for line in result.stdout.splitlines()]  # stdout: an empty list's sentence goes to stderr
 
 
 def test_est_audit_json_lines(env):
@@ -379,7 +379,7 @@ def test_est_audit_json_lines(env):
     for r in records:
         assert r["at"].endswith("Z")
         assert datetime.fromisoformat(r["at"].removesuffix("Z"))
-    assert [(r["event"], r["outcome"], r["actor"], r["device"], r["serial"]) for r in records] == [
+    assert [(r["event"], r["outcome"], r["actor"], r["device_name"], r["serial"]) for r in records] == [
         ("user-add", "ok", CLI, "", ""),
         ("enroll", "ok", f"user:{USER}", "NPPJSON", serial(cert)),
         ("enroll", "refused", "anonymous", "", ""),
@@ -397,7 +397,7 @@ def test_est_audit_text_lines(env):
     lines = [line.split("\t") for line in result.output.splitlines()]
     assert all(len(fields) == 9 for fields in lines)
     assert lines[-1][1:] == ["enroll", "ok", f"user:{USER}", "127.0.0.1", "default", "NPPTEXT", serial(cert), ""]
-    assert datetime.strptime(lines[-1][0], "%Y-%m-%d %H:%M:%SZ")
+    assert datetime.strptime(lines[-1][0], "%Y-%m-%dT%H:%M:%SZ")
 
 
 def test_est_audit_since_and_device(env):
@@ -411,7 +411,7 @@ def test_est_audit_since_and_device(env):
 
     for stamp in (since.strftime("%Y-%m-%d %H:%M:%S"), since.strftime("%Y-%m-%dT%H:%M:%S")):
         records = audit_json(env, "--since", stamp)
-        assert [(r["event"], r["device"]) for r in records] == [("enroll", "NPPLATE"), ("revoke", "NPPEARLY"), ("revoke", "NPPLATE")]
+        assert [(r["event"], r["device_name"]) for r in records] == [("enroll", "NPPLATE"), ("revoke", "NPPEARLY"), ("revoke", "NPPLATE")]
     records = audit_json(env, "--device", "NPPEARLY")
     assert [(r["event"], r["serial"]) for r in records] == [("enroll", serial(early)), ("revoke", serial(early))]
     records = audit_json(env, "--device", "NPPEARLY", "--since", since.strftime("%Y-%m-%d %H:%M:%S"))

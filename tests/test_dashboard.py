@@ -106,7 +106,7 @@ def enroll_device(app, cn: str, label: str | None = None):
     response = enroll(app.test_client(), der(make_csr(cn)), path)
     assert response.status_code == 200, text(response)
     with app.app_context():
-        (device,) = [d for d in state().store.find_devices(search=cn) if d.device_key == cn]
+        (device,) = [d for d in state().store.find_devices(search=cn) if d.device_key == cn and d.label == (label or "default")]
     return device
 
 
@@ -280,6 +280,52 @@ def test_overview_shows_counts_chart_and_activity(app, admin):
     assert len(re.findall(r'<g class="day">', page)) == 30
     assert "4 issued" in page and "4 certificates in total" in page
     assert "Recent activity" in page and ">enroll<" in page and ">revoke<" in page
+
+
+def test_overview_shows_ten_events_and_the_activity_page_pages_the_whole_trail(app, admin, monkeypatch):
+    for n in range(12):
+        enroll_device(app, f"NPP{n:04d}")
+    with app.app_context():
+        trail = [e.id for e in reversed(state().store.audit_events())]  # newest first, sign-in included
+    overview = text(admin.get("/admin/"))
+    assert overview.count("<td class=\"nowrap\">enroll</td>") == 10
+    assert f"The latest 10 of {len(trail)} audit events" in overview and 'href="/admin/activity"' in overview
+
+    monkeypatch.setattr(dashboard, "PAGE_SIZE", 5)
+    seen, url = [], "/admin/activity"
+    while url:
+        body = text(admin.get(url))
+        assert f"{len(trail)} audit events" in body
+        seen.append(len(re.findall(r'<td class="nowrap">\d{4}-\d\d-\d\d \d\d:\d\d UTC</td>', body)))
+        match = re.search(r'rel="next" href="([^"]+)"', body)
+        url = html.unescape(match.group(1)) if match else None
+    assert seen == [5, 5, 5] and sum(seen) == len(trail)  # 2 users added, a sign-in, 12 enrollments
+    assert "No older events." in text(admin.get("/admin/activity?after=1"))
+    assert admin.get("/admin/activity?after=x" + "9" * 30).status_code == 200
+
+
+def test_a_revoked_certificate_shows_when_it_was_revoked_not_when_it_would_expire(app, admin):
+    device = enroll_device(app, "NPPBBB4")
+    enroll_device(app, "NPPCCC7")
+    assert run_cli("device", "revoke", "NPPBBB4", config=app.config["est_config_path"]).exit_code == 0
+    rows = {name: row for row, name in re.findall(r'(<tr>.*?>(NPP\w+)</a>.*?</tr>)', text(admin.get("/admin/devices")), re.S)}
+    revoked_on = certificate(app, device.current_serial).revoked_at
+    assert f"revoked {revoked_on:%Y-%m-%d}" in rows["NPPBBB4"] and "in 36" not in rows["NPPBBB4"]
+    assert "in 36" in rows["NPPCCC7"] and "revoked" not in rows["NPPCCC7"]
+
+
+def test_device_pages_take_a_name_too_and_a_shared_name_asks_for_the_label(make_dashboard):
+    app = make_dashboard(labels={"pumps": {}})
+    admin = Browser(app)
+    assert admin.login().status_code == 302
+    default = enroll_device(app, "NPPBBB4")
+    pumps = enroll_device(app, "NPPBBB4", "pumps")
+    single = enroll_device(app, "NPPCCC7")
+    assert "NPPCCC7" in text(admin.get("/admin/devices/NPPCCC7")) and f"<dd>{single.id}</dd>" in text(admin.get("/admin/devices/NPPCCC7"))
+    shared = admin.get("/admin/devices/NPPBBB4")
+    assert shared.status_code == 400 and "fits 2 devices" in text(shared) and "?label=" in text(shared)
+    assert f"<dd>{pumps.id}</dd>" in text(admin.get("/admin/devices/NPPBBB4?label=pumps"))
+    assert f"<dd>{default.id}</dd>" in text(admin.get(f"/admin/devices/{default.id}"))
 
 
 def test_chart_geometry():
@@ -460,7 +506,7 @@ def test_device_supplied_text_is_escaped_everywhere(app, admin):
     assert XSS not in flashed and f"of {escaped} is revoked" in flashed
     admin.post(f"/admin/devices/{device.id}/delete", {"csrf": token})
     listed = text(admin.get("/admin/devices"))
-    assert XSS not in listed and f"Device {escaped} (id {device.id}) is deleted" in listed
+    assert XSS not in listed and f"Device {escaped} (number {device.id}) is deleted" in listed
 
 
 def test_failed_sign_in_name_is_escaped_on_the_overview(app, browser):
@@ -493,7 +539,10 @@ def queries(app, browser, path: str) -> list[str]:
 
 def test_pages_run_the_same_queries_however_many_rows(app, admin):
     first = enroll_device(app, "NPP0000")
-    pages = ["/admin/", "/admin/devices", "/admin/devices?q=NPP&status=valid&expiring=90", f"/admin/devices/{first.id}"]
+    pages = [
+        "/admin/", "/admin/devices", "/admin/devices?q=NPP&status=valid&expiring=90", f"/admin/devices/{first.id}", "/admin/devices/NPP0000",
+        "/admin/activity", "/admin/activity?after=5",
+    ]
     few = {path: len(queries(app, admin, path)) for path in pages}
     for n in range(1, 12):
         enroll_device(app, f"NPP{n:04d}")
@@ -503,3 +552,4 @@ def test_pages_run_the_same_queries_however_many_rows(app, admin):
     assert many == few
     assert many["/admin/devices"] <= 4  # the session, its user, the page, the count
     assert many["/admin/"] <= 10  # the session, its user, statistics (6), recent events
+    assert many["/admin/activity"] <= 4  # the session, its user, the page, the count

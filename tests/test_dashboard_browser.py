@@ -43,10 +43,9 @@ pytestmark = [
 ]
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
@@ -131,18 +130,37 @@ def visit(driver, server: RunningServer, path: str) -> None:
         assert "/admin/login" not in driver.current_url, driver.page_source
 
 
-def next_page(driver, action) -> None:
-    """Do ``action`` (a click or submit) and wait until the browser has replaced the page."""
-    old = driver.find_element(By.TAG_NAME, "html")
+OLD_PAGE = "estOldPage"  # a mark set on the page being left; the new document does not carry it
+
+
+def next_page(driver, action, *expected: str) -> None:
+    """Do ``action`` (a click or submit), then wait for the new page: loaded, and holding ``expected`` (a CSS selector).
+
+    The wait asks about the new document only (the old one is marked and must be gone); it never
+    holds a reference to an element of the old page, which Chromium may drop mid-navigation
+    ("Node with given id does not belong to the document"). Errors while the browser is between
+    documents count as "not yet".
+    """
+    driver.execute_script(f"document.documentElement.dataset.{OLD_PAGE} = '1'")
     action()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(old))
+
+    def arrived(d) -> bool:
+        try:
+            loaded = d.execute_script(
+                f"return document.readyState === 'complete' && !document.documentElement.dataset.{OLD_PAGE}"
+            )
+            return bool(loaded) and all(d.find_elements(By.CSS_SELECTOR, selector) for selector in expected)
+        except WebDriverException:
+            return False
+
+    WebDriverWait(driver, 30, poll_frequency=0.1).until(arrived, f"no new page with {expected} at {driver.current_url}")
 
 
 def sign_in(driver, name: str = ADMIN, password: str = ADMIN_PASSWORD) -> None:
     driver.find_element(By.ID, "username").clear()
     driver.find_element(By.ID, "username").send_keys(name)
     driver.find_element(By.ID, "password").send_keys(password)
-    next_page(driver, driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click)
+    next_page(driver, driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click, "h1")
 
 
 def heading(driver) -> str:
@@ -158,24 +176,24 @@ def test_sign_in_search_open_and_revoke_with_confirmation(server, driver, store)
     sign_in(driver)
     assert driver.current_url == server.url + "/admin/" and heading(driver) == "Overview"
 
-    next_page(driver, driver.find_element(By.LINK_TEXT, "Devices").click)
+    next_page(driver, driver.find_element(By.LINK_TEXT, "Devices").click, "#q")
     search = driver.find_element(By.ID, "q")
     search.send_keys("NPP-B")
-    next_page(driver, search.submit)
+    next_page(driver, search.submit, ".results-count")
     assert "3 devices match" in driver.find_element(By.CSS_SELECTOR, ".results-count").text
     listed = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "a.device-link")]
     assert listed == ["NPP-B0003", "NPP-B0002", "NPP-B0001"]
 
-    next_page(driver, driver.find_element(By.LINK_TEXT, "NPP-B0002").click)
+    next_page(driver, driver.find_element(By.LINK_TEXT, "NPP-B0002").click, "#device-key")
     assert driver.find_element(By.ID, "device-key").text == "NPP-B0002"
     (device,) = store.find_devices(search="NPP-B0002")
     assert store.get_certificate(device.current_serial).status == "valid"
 
-    next_page(driver, driver.find_element(By.LINK_TEXT, "Revoke current certificate").click)
+    next_page(driver, driver.find_element(By.LINK_TEXT, "Revoke current certificate").click, "#reason")
     assert heading(driver) == "Revoke the current certificate?"
     assert store.get_certificate(device.current_serial).status == "valid"  # the confirmation page changes nothing
     Select(driver.find_element(By.ID, "reason")).select_by_value("keyCompromise")
-    next_page(driver, driver.find_element(By.XPATH, "//button[normalize-space()='Revoke certificate']").click)
+    next_page(driver, driver.find_element(By.XPATH, "//button[normalize-space()='Revoke certificate']").click, ".flash-success")
 
     assert driver.current_url == f"{server.url}/admin/devices/{device.id}"
     assert "is revoked (keyCompromise)" in driver.find_element(By.CSS_SELECTOR, ".flash-success").text
@@ -192,7 +210,7 @@ def test_device_named_like_a_script_is_only_text(server, driver):
     visit(driver, server, "/admin/devices?q=script")
     link = driver.find_element(By.CSS_SELECTOR, "a.device-link")
     assert link.text == XSS
-    next_page(driver, link.click)
+    next_page(driver, link.click, "#device-key")
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert
     assert driver.find_element(By.ID, "device-key").text == XSS
@@ -214,10 +232,20 @@ def test_overview_renders_and_is_saved_as_a_screenshot(server, driver):
     # The stylesheet loaded (no CSP or path trouble): the top bar has its dark background.
     assert driver.find_element(By.CSS_SELECTOR, ".topbar").value_of_css_property("background-color") == "rgba(19, 38, 61, 1)"
 
+    driver.set_window_size(1280, 1000)
+    # Names in Recent activity wrap between words, never inside one ("admin:admin1" stays on one line).
+    split = driver.execute_script(
+        """return [...document.querySelectorAll("section[aria-labelledby=activity-title] td.wrap-words")]
+             .filter(td => { const r = document.createRange(); r.selectNodeContents(td); return r.getClientRects().length > 1; })
+             .map(td => td.textContent)"""
+    )
+    assert split == []
+    assert driver.find_element(By.LINK_TEXT, "Full audit trail »").get_attribute("href").endswith("/admin/activity")
     height, chrome = driver.execute_script(
         "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]"
     )
-    driver.set_window_size(1366, min(height + chrome, 4000))  # the whole page, no scrollbar
+    assert height < 1900, f"the overview is {height} px tall at 1280 px"  # it was 2,250 with 20 activity rows
+    driver.set_window_size(1280, min(height + chrome, 4000))  # the whole page, no scrollbar
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard-overview.png"
     shot.unlink(missing_ok=True)
@@ -229,9 +257,26 @@ def test_overview_renders_and_is_saved_as_a_screenshot(server, driver):
     driver.set_window_size(1366, 1000)
 
 
+def test_device_list_and_activity_trail_at_1280(server, driver):
+    driver.set_window_size(1280, 1000)
+    visit(driver, server, "/admin/devices")
+    rows = {row.find_element(By.CSS_SELECTOR, "a.device-link").text: row.text for row in driver.find_elements(By.CSS_SELECTOR, "tbody tr")}
+    assert "revoked 20" in rows["NPP-B0002"] and "in 36" not in rows["NPP-B0002"]  # revoked <date>, not "in 365 days"
+    assert "in 36" in rows["NPP-A0001"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "dashboard-devices.png"))
+
+    next_page(driver, driver.find_element(By.LINK_TEXT, "Activity").click, "section[aria-labelledby=trail-title] table")
+    assert driver.current_url == server.url + "/admin/activity" and heading(driver) == "Activity"
+    actors = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "td.wrap-words")]
+    assert f"admin:{ADMIN}" in actors and f"user:{USER}" in actors
+    assert driver.save_screenshot(str(ARTIFACTS / "dashboard-activity.png"))
+    driver.set_window_size(1366, 1000)
+
+
 def test_sign_out(server, driver):
     visit(driver, server, "/admin/")
-    next_page(driver, driver.find_element(By.XPATH, "//button[normalize-space()='Sign out']").click)
+    next_page(driver, driver.find_element(By.XPATH, "//button[normalize-space()='Sign out']").click, ".flash-success")
     assert "/admin/login" in driver.current_url
     assert "You have signed out." in driver.find_element(By.CSS_SELECTOR, ".flash-success").text
     driver.get(server.url + "/admin/devices")

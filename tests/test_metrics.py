@@ -267,7 +267,7 @@ def test_readyz_is_503_when_the_store_is_unreachable_and_recovers(make_app, tmp_
 
 def test_readyz_is_503_when_the_ca_key_does_not_match(app, client):
     with app.app_context():
-        state().authority.private_key = ec.generate_private_key(ec.SECP384R1())
+        state().authority._private_key = ec.generate_private_key(ec.SECP384R1())  # as if the key file had been swapped
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.get_data(as_text=True) == "not ready: ca key does not match the CA certificate\n"

@@ -699,21 +699,21 @@ def test_device_cli_list_show_delete(make_app, cli, tmp_path):
     pump = next(d for d in s.find_devices(label="pumps") if d.device_key == "NPPBBB4")
 
     listed = cli("device", "list", "--label", "pumps").splitlines()
-    assert [line.split("\t")[1:4] for line in listed] == [["pumps", "NPPBBB4", serial(current)], ["pumps", "NPPCCC7", serial(other)]]
+    assert [line.split("\t")[1:4] for line in listed] == [["pumps", "NPPCCC7", serial(other)], ["pumps", "NPPBBB4", serial(current)]]  # newest first
     searched = cli("device", "list", "--search", "BBB").splitlines()
     assert sorted(line.split("\t")[1] for line in searched) == ["default", "pumps"]
 
     shown = cli("device", "show", str(pump.id))
-    assert f"device {pump.id}: NPPBBB4 on label pumps" in shown and f"requester user:{USER}" in shown
+    assert f"device NPPBBB4 (number {pump.id}) on label pumps" in shown and f"requester user:{USER}" in shown
     assert f"{serial(old)}\tsuperseded\tsimpleenroll" in shown
     assert f"{serial(current)}\tvalid (current)\tsimpleenroll" in shown
 
-    assert f"deleted device {pump.id}" in cli("device", "delete", str(pump.id))
+    assert f"deleted device NPPBBB4 (number {pump.id}, label pumps)" in cli("device", "delete", str(pump.id))
     assert [line.split("\t")[2] for line in cli("device", "list", "--label", "pumps").splitlines()] == ["NPPCCC7"]
     assert (s.get_certificate(serial(current)).status, s.get_certificate(serial(current)).device_id) == ("revoked", None)
     for args in (("device", "show", str(pump.id)), ("device", "delete", str(pump.id))):
         result = run_cli(*args, config=tmp_path / "config.yaml")
-        assert result.exit_code != 0 and f"no device {pump.id}" in result.output
+        assert result.exit_code != 0 and f"no device named or numbered '{pump.id}'" in result.output
 
 
 # --- 8. proof of possession ---------------------------------------------------------------

@@ -42,7 +42,7 @@ from ..revocation import revoke
 from ..state import state
 from ..store import AlreadyRevoked, AuditEvent, CertificateRecord, Device
 from ..store import NotFound as StoreNotFound
-from ..store.reports import MAX_ID, Reports
+from ..store.reports import MAX_ID, AmbiguousDevice, DeviceNotFound, Reports
 from . import api_admin_required
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 MAX_DAYS = 36500
 MAX_SEARCH = 256
-DEVICE_ID = "<int:device_id>"
+DEVICE = "<device>"  # a device name or a device number (a name holding "/" is reached by its number)
 LIST_PARAMS = ("search", "label", "status", "expires_within_days", "after", "limit")
 DEFAULT_REASON = {"device": "cessationOfOperation", "certificate": "unspecified"}
 EVENTS_PER_DEVICE = 50
@@ -91,9 +91,9 @@ def iso(value: Optional[datetime]) -> Optional[str]:
 
 def device_json(d: Device, status: Optional[str], not_after: Optional[datetime]) -> dict:
     return {
-        "id": d.id,
+        "number": d.id,
+        "name": d.device_key,
         "label": d.label,
-        "device_id": d.device_key,
         "first_enrolled": iso(d.first_enrolled),
         "last_enrolled": iso(d.last_enrolled),
         "current_serial": d.current_serial,
@@ -111,7 +111,7 @@ def certificate_json(c: CertificateRecord, with_pem: bool = False) -> dict:
         "common_name": c.common_name,
         "subject": c.subject,
         "label": c.label,
-        "device": c.device_id,
+        "device_number": c.device_id,
         "status": c.status,
         "operation": c.operation,
         "requester": c.requester,
@@ -127,7 +127,9 @@ def certificate_json(c: CertificateRecord, with_pem: bool = False) -> dict:
 
 
 def event_json(e: AuditEvent) -> dict:
-    return {**asdict(e), "at": iso(e.at)}
+    record = {**asdict(e), "at": iso(e.at), "device_name": e.device}
+    del record["device"]
+    return record
 
 
 # --- query parameters -------------------------------------------------------------
@@ -201,15 +203,14 @@ def list_devices() -> Response:
     return json_response(page_json(page, lambda d: device_json(d, d.status, d.not_after)))
 
 
-@bp.get(f"/devices/{DEVICE_ID}")
+@bp.get(f"/devices/{DEVICE}")
 @api_admin_required
-def show_device(device_id: int) -> Response:
-    query_params(())
+def show_device(device: str) -> Response:
     store = state().store
-    d = _device(device_id)
+    d = _device(device)
     history = store.device_certificates(d.id)
     current = next((c for c in history if c.serial == d.current_serial), None) or store.get_certificate(d.current_serial)
-    # Events are keyed by device id text alone; the same id on another label is another device.
+    # Events are keyed by device name alone; the same name on another label is another device.
     events = [e for e in reports().recent_events(EVENTS_PER_DEVICE, device=d.device_key) if e.label in ("", d.label)]
     body = device_json(d, current.status if current else None, current.not_after if current else None)
     body["certificates"] = [certificate_json(c) for c in history]
@@ -217,26 +218,25 @@ def show_device(device_id: int) -> Response:
     return json_response(body)
 
 
-@bp.delete(f"/devices/{DEVICE_ID}")
+@bp.delete(f"/devices/{DEVICE}")
 @api_admin_required
-def delete_device(device_id: int) -> Response:
+def delete_device(device: str) -> Response:
     keep = query_params(("keep_certificate",)).get("keep_certificate", "false")
     if keep not in ("true", "false"):
         raise BadRequest(f"keep_certificate must be true or false, not {keep!r}")
-    d = _device(device_id)
+    d = _device(device)
     if revocation.delete_device(d, _actor(), request.remote_addr or "", keep_certificate=keep == "true") is None:
-        raise NotFound(f"no device {device_id}")
+        raise NotFound(f"no device {device}")
     response = Response(status=204)
     response.headers.pop("Content-Type", None)
     return response
 
 
-@bp.post(f"/devices/{DEVICE_ID}/revoke")
+@bp.post(f"/devices/{DEVICE}/revoke")
 @api_admin_required
-def revoke_device(device_id: int) -> Response:
-    query_params(())
+def revoke_device(device: str) -> Response:
+    d = _device(device)
     reason = _reason(DEFAULT_REASON["device"])
-    d = _device(device_id)
     return _revoke(d.current_serial, reason)
 
 
@@ -295,11 +295,15 @@ def _actor() -> str:
     return f"admin:{g.admin.name}"
 
 
-def _device(device_id: int) -> Device:
-    d = state().store.get_device(device_id) if device_id <= MAX_ID else None  # past 64 bits the driver overflows
-    if d is None:
-        raise NotFound(f"no device {device_id}")
-    return d
+def _device(reference: str) -> Device:
+    """The device a route's name or number refers to (``?label=`` settles a name on several labels)."""
+    label = query_params(("label",)).get("label") or None
+    try:
+        return reports().find_device(reference, label)
+    except DeviceNotFound as exc:
+        raise NotFound(str(exc)) from None
+    except AmbiguousDevice as exc:
+        raise BadRequest(f"{exc}: add ?label= ({', '.join(exc.labels)}) or use the device number") from None
 
 
 def _reason(default: str) -> str:

@@ -32,7 +32,7 @@ from ..state import state
 from ..store import MAX_USER_NAME, AlreadyRevoked, AuditEvent, CertificateRecord, Device
 from ..store import NotFound as UnknownCertificate
 from ..store import utcnow
-from ..store.reports import MAX_ID, Reports
+from ..store.reports import MAX_ID, AmbiguousDevice, DeviceNotFound, Reports
 from . import check_admin_password, refuse_login
 from .sessions import signed_in_admin
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("dashboard", __name__, url_prefix="/admin")
 
 PAGE_SIZE = 50
-RECENT_EVENTS = 20
+RECENT_EVENTS = 10  # on the overview; the activity page has the whole trail, paged
 DEVICE_EVENTS = 50
 STATUSES = ("valid", "revoked", "superseded")
 EXPIRY_WINDOWS = (30, 60, 90)
@@ -208,9 +208,17 @@ def overview():
         stats=stats,
         chart=bar_chart(stats["issued_per_day"]),
         issued_total=sum(day["count"] for day in stats["issued_per_day"]),
-        events=reports.recent_events(RECENT_EVENTS),
+        events=reports.events(limit=RECENT_EVENTS),
         windows=EXPIRY_WINDOWS,
     )
+
+
+@bp.get("/activity")
+def activity():
+    """The whole audit trail, newest first, a page at a time."""
+    after_id = _after_id()
+    page = Reports(state().store.engine).events(after=after_id, limit=PAGE_SIZE)
+    return render_template("admin/activity.html", section="activity", page=page, paged=after_id is not None)
 
 
 @dataclass(frozen=True)
@@ -275,8 +283,7 @@ def _short_date(iso: str) -> str:
 @bp.get("/devices")
 def devices():
     filters = _device_filters()
-    after = request.args.get("after", "")
-    after_id = int(after) if after.isascii() and after.isdigit() and int(after) <= MAX_ID else None
+    after_id = _after_id()
     labels = sorted({p.name for p in state().profiles.values()} | ({filters["label"]} if filters.get("label") else set()))
     page = Reports(state().store.engine).devices(
         search=filters.get("q"),
@@ -299,6 +306,12 @@ def devices():
     )
 
 
+def _after_id() -> Optional[int]:
+    """A list page's ``after`` (the last id of the previous page); anything else starts at the top."""
+    after = request.args.get("after", "")
+    return int(after) if after.isascii() and after.isdigit() and int(after) <= MAX_ID else None
+
+
 def _device_filters() -> dict:
     """The list's filters from the query string, only those set (unknown values are ignored)."""
     args = request.args
@@ -315,16 +328,19 @@ def _device_filters() -> dict:
     return filters
 
 
-def _device_or_404(device_id: int) -> Device:
-    device = state().store.get_device(device_id) if device_id <= MAX_ID else None
-    if device is None:
-        abort(404, f"There is no device {device_id}. It may have been deleted.")
-    return device
+def _device_or_404(reference: str) -> Device:
+    """The device a page's address names (the pages link by number; a name works too, ``?label=`` settles it)."""
+    try:
+        return Reports(state().store.engine).find_device(reference, request.args.get("label") or None)
+    except DeviceNotFound:
+        abort(404, f"There is no device {reference}. It may have been deleted.")
+    except AmbiguousDevice as exc:
+        abort(400, f"{exc}: open it from the device list, or add ?label= ({', '.join(exc.labels)}) to the address.")
 
 
-@bp.get("/devices/<int:device_id>")
-def device(device_id: int):
-    d = _device_or_404(device_id)
+@bp.get("/devices/<device>")
+def device(device: str):
+    d = _device_or_404(device)
     certificates = state().store.device_certificates(d.id)
     current = next((c for c in certificates if c.serial == d.current_serial), None)
     return render_template(
@@ -338,7 +354,7 @@ def device(device_id: int):
 
 
 def _device_events(d: Device, certificates: list[CertificateRecord]) -> list[AuditEvent]:
-    """The newest events naming the device: by its id, or by the CN of one of its certificates (re-enrollment)."""
+    """The newest events naming the device: by its name, or by the CN of one of its certificates (re-enrollment)."""
     reports = Reports(state().store.engine)
     names = {d.device_key} | {c.common_name for c in certificates if c.common_name}
     found = {e.id: e for name in sorted(names) for e in reports.recent_events(DEVICE_EVENTS, device=name) if e.label in (d.label, "")}
@@ -348,19 +364,19 @@ def _device_events(d: Device, certificates: list[CertificateRecord]) -> list[Aud
 # --- revoke ---
 
 
-@bp.get("/devices/<int:device_id>/revoke")
-def revoke_confirm(device_id: int):
-    d = _device_or_404(device_id)
+@bp.get("/devices/<device>/revoke")
+def revoke_confirm(device: str):
+    d = _device_or_404(device)
     current = state().store.get_certificate(d.current_serial)
     return render_template(
         "admin/revoke.html", section="devices", device=d, certificate=current, reasons=_reasons(), default_reason=DEFAULT_REVOKE_REASON
     )
 
 
-@bp.post("/devices/<int:device_id>/revoke")
-def revoke_device(device_id: int):
+@bp.post("/devices/<device>/revoke")
+def revoke_device(device: str):
     _require_csrf()
-    d = _device_or_404(device_id)
+    d = _device_or_404(device)
     reason = request.form.get("reason", "")
     if reason not in REASONS:
         abort(400, f"Choose a revocation reason from the list (one of {', '.join(sorted(REASONS))}).")
@@ -371,16 +387,16 @@ def revoke_device(device_id: int):
             "check the certificate below and confirm again.",
             "error",
         )
-        return redirect(url_for(".revoke_confirm", device_id=d.id))
+        return redirect(url_for(".revoke_confirm", device=d.id))
     try:
         revoke(serial, reason, f"admin:{g.admin.name}", request.remote_addr or "")
     except UnknownCertificate:
         abort(404, f"There is no certificate with serial {serial}.")
     except AlreadyRevoked:
         flash(f"Certificate {serial} was revoked already; nothing changed.", "error")
-        return redirect(url_for(".device", device_id=d.id))
+        return redirect(url_for(".device", device=d.id))
     flash(f"Certificate {serial} of {d.device_key} is revoked ({reason}) and the CRL has been re-signed.", "success")
-    return redirect(url_for(".device", device_id=d.id))
+    return redirect(url_for(".device", device=d.id))
 
 
 def _reasons() -> list[tuple[str, str]]:
@@ -391,17 +407,17 @@ def _reasons() -> list[tuple[str, str]]:
 # --- delete ---
 
 
-@bp.get("/devices/<int:device_id>/delete")
-def delete_confirm(device_id: int):
-    d = _device_or_404(device_id)
+@bp.get("/devices/<device>/delete")
+def delete_confirm(device: str):
+    d = _device_or_404(device)
     current = state().store.get_certificate(d.current_serial)
     return render_template("admin/delete.html", section="devices", device=d, certificate=current)
 
 
-@bp.post("/devices/<int:device_id>/delete")
-def delete_device(device_id: int):
+@bp.post("/devices/<device>/delete")
+def delete_device(device: str):
     _require_csrf()
-    d = _device_or_404(device_id)
+    d = _device_or_404(device)
     keep = request.form.get("keep_certificate") == "yes"
     deleted = revocation.delete_device(d, f"admin:{g.admin.name}", request.remote_addr or "", keep_certificate=keep)
     if deleted is None:
@@ -411,7 +427,7 @@ def delete_device(device_id: int):
         if keep
         else f"Its certificate {deleted.current_serial} is revoked and the CRL has been re-signed."
     )
-    flash(f"Device {d.device_key} (id {d.id}) is deleted; it may enroll again. {certificate}", "success")
+    flash(f"Device {d.device_key} (number {d.id}) is deleted; it may enroll again. {certificate}", "success")
     return redirect(url_for(".devices"))
 
 

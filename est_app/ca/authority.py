@@ -5,6 +5,8 @@ refuses to start on anything inconsistent (a key that does not match, a
 certificate that is not a CA or not valid now, a chain that does not reach a
 self-signed root). :func:`load_authorities` loads the top-level ``ca`` and
 every label's own ``labels.<name>.ca`` into :class:`Authorities`.
+Commands that never sign can defer a key to its first use, so they run
+without the passphrase (which systemd hands only to the running service).
 :class:`CertificateAuthority` knows nothing of HTTP or storage.
 """
 
@@ -60,19 +62,19 @@ class CertificateAuthority:
 
     def __init__(
         self,
-        private_key,
+        private_key,  # the key, or a function loading it at first use
         chain: tuple[x509.Certificate, ...],
         digest: str = "sha256",
         crl_url: str | None = None,
         ocsp_url: str | None = None,
         name: str = "ca",
     ) -> None:
-        self.private_key = private_key
+        self._private_key = private_key
         self.chain = chain
         self.certificate = chain[0]
         self.name = name
         self.issuer_id = issuer_id(self.certificate)
-        signs_without_digest = isinstance(private_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
+        signs_without_digest = isinstance(self.certificate.public_key(), (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey))
         self._digest = None if signs_without_digest else DIGESTS[digest]()
         try:
             ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -87,6 +89,13 @@ class CertificateAuthority:
         if ocsp_url:
             access = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))
             self._pointers.append((x509.AuthorityInformationAccess([access]), False))
+
+    @property
+    def private_key(self):
+        """The signing key, loaded now if it was deferred (a :class:`ConfigError` if it cannot be)."""
+        if callable(self._private_key):
+            self._private_key = self._private_key()
+        return self._private_key
 
     @property
     def digest(self) -> hashes.HashAlgorithm | None:
@@ -180,12 +189,12 @@ class Authorities:
         return self.default if issuer is None else self._by_issuer.get(issuer)
 
 
-def load_authorities(settings: Settings) -> Authorities:
+def load_authorities(settings: Settings, defer_key: bool = False) -> Authorities:
     """Load the top-level CA and each label's own; a CA named twice must be named alike, and is loaded once."""
     loaded: dict[str, tuple[CASettings, CertificateAuthority]] = {}
 
     def load(section: CASettings, where: str) -> CertificateAuthority:
-        authority = load_authority(section, where)
+        authority = load_authority(section, where, defer_key)
         first_settings, first = loaded.setdefault(authority.issuer_id, (section, authority))
         if first_settings != section:
             raise ConfigError(f"{where} names the same CA as {first.name} with other settings: make them equal, or leave {where} out")
@@ -196,14 +205,19 @@ def load_authorities(settings: Settings) -> Authorities:
     return Authorities(default, labels, {issuer: section for issuer, (section, _) in loaded.items()})
 
 
-def load_authority(settings: CASettings, where: str = "ca") -> CertificateAuthority:
-    """Load and cross-check the CA named by a ``ca`` section (``where``: its key, for messages)."""
+def load_authority(settings: CASettings, where: str = "ca", defer_key: bool = False) -> CertificateAuthority:
+    """Load and cross-check the CA named by a ``ca`` section (``where``: its key, for messages);
+    ``defer_key`` loads the key at first use."""
     certificate = _load_certificates(settings.cert_file, f"{where}.cert_file")[0]
-    key = _load_private_key(settings, where)
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
-        raise ConfigError(f"{where}.key_file {settings.key_file} does not belong to {where}.cert_file {settings.cert_file}")
+
+    def matching_key():
+        key = _load_private_key(settings, where)
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(serialization.Encoding.DER, spki) != certificate.public_key().public_bytes(serialization.Encoding.DER, spki):
+            raise ConfigError(f"{where}.key_file {settings.key_file} does not belong to {where}.cert_file {settings.cert_file}")
+        return key
+
+    key = matching_key if defer_key else matching_key()
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -248,7 +262,10 @@ def _load_private_key(settings: CASettings, where: str):
             raise ConfigError(f"{where}.key_passphrase_env: environment variable {settings.key_passphrase_env} is not set")
         passphrase = value.encode()
     elif settings.key_passphrase_file:
-        passphrase = settings.key_passphrase_file.read_bytes().rstrip(b"\r\n")
+        try:
+            passphrase = settings.key_passphrase_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:  # a systemd credential exists only while the service runs
+            raise ConfigError(f"{where}.key_passphrase_file {settings.key_passphrase_file}: cannot read it ({exc.strerror})") from None
     try:
         return serialization.load_pem_private_key(settings.key_file.read_bytes(), passphrase)
     except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key

@@ -46,7 +46,7 @@ class OCSPResponder:
         # (hash name, issuer name hash, issuer key hash) that identify a CA in a request -> (CA, signer)
         self._issuers: dict[tuple[str, bytes, bytes], tuple[CertificateAuthority, Signer]] = {}
         for authority in authorities:
-            signer = (signers or {}).get(authority.issuer_id) or (authority.certificate, authority.private_key)
+            signer = (signers or {}).get(authority.issuer_id) or (authority.certificate, None)  # None: the CA's own key
             for algorithm in HASHES:
                 probe = ocsp.OCSPRequestBuilder().add_certificate(authority.certificate, authority.certificate, algorithm()).build()
                 self._issuers[(algorithm.name, probe.issuer_name_hash, probe.issuer_key_hash)] = (authority, signer)
@@ -64,6 +64,8 @@ class OCSPResponder:
         if issuer is None:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         authority, (signer_certificate, signer_key) = issuer
+        if signer_key is None:
+            signer_key = authority.private_key  # loaded at first use when the CA defers it (the CLI)
         found = self.lookup(format(serial, "x"))
         revoked_at = reason = None
         if found is None or self.authorities.issuer_of(found[3]) is not authority:

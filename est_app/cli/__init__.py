@@ -2,7 +2,9 @@
 
 ``init`` needs no configuration (it writes one); every other command runs
 inside the app built from ``--config``, ``$EST_CONFIG`` or the instance folder.
-Each subgroup lives in its own module.
+That app loads the CA key only when a command signs (:func:`require_ca_key`),
+so store-only commands work without the passphrase. Each subgroup lives in its
+own module; every list prints through :mod:`.output`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,22 @@ import click
 from flask.cli import AppGroup, ScriptInfo
 
 
+class ConfigOption(click.Option):
+    """``--config``, whose help names the instance folder this install falls back to."""
+
+    def get_help_record(self, ctx: click.Context):
+        from .. import instance_path
+
+        self.help = (
+            "YAML configuration. Default: $EST_CONFIG, else "
+            f"{instance_path() / 'config.yaml'} (the instance folder, where `est-admin init` writes). "
+            "A production server's is usually /etc/est/config.yaml."
+        )
+        return super().get_help_record(ctx)
+
+
 @click.group("est", cls=AppGroup)
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="YAML configuration (default: $EST_CONFIG).")
+@click.option("--config", cls=ConfigOption, type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_context
 def est(ctx: click.Context, config: Path | None) -> None:
     """Administer the EST server."""
@@ -33,12 +49,23 @@ def _create_app(config: Path | None = None):
     from ..config import ConfigError
 
     try:
-        return create_app(config)
+        return create_app(config, defer_ca_key=True)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def require_ca_key(purpose: str) -> None:
+    """Load the CA key before a command that signs changes anything; a clear one-line error if it cannot be."""
+    from ..config import ConfigError
+    from ..state import state
+
+    try:
+        state().authority.private_key
+    except ConfigError as exc:
+        raise click.ClickException(f"cannot {purpose} without the CA key: {exc}") from None
 
 
 from . import accounts, initialise, registry  # noqa: E402  (they attach their commands to ``est``)
 from . import doctor  # noqa: E402,F401
 
-__all__ = ["est", "main", "accounts", "initialise", "registry"]
+__all__ = ["est", "main", "require_ca_key", "accounts", "initialise", "registry"]

@@ -13,8 +13,10 @@ from ..audit import cli_actor
 from ..auth import describe, fingerprint
 from ..config import DEFAULT_LABEL
 from ..state import state
+from ..admin.api import iso
 from ..store import AuditEvent, UserExists
 from . import est
+from .output import json_option, print_list
 
 MIN_PASSWORD_LENGTH = 12
 
@@ -32,7 +34,9 @@ def user() -> None:
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="An administrator (admin API and dashboard), not an EST user.")
 def user_add(name: str, admin: bool) -> None:
-    """Add a user; the password comes from stdin when piped, else a prompt."""
+    """Add a user. The password (at least 12 characters) is read from the first line
+    of stdin when piped (`printf '%s\\n' "$PW" | est-admin user add NAME`), else prompted for.
+    """
     if ":" in name or not name.strip():
         raise click.ClickException("user name may not be empty or contain ':'")
     password = _read_password()
@@ -57,17 +61,25 @@ def _read_password() -> str:
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:
-        password = sys.stdin.readline().rstrip("\r\n")
+        line = sys.stdin.readline()
+        if not line.strip():
+            raise click.ClickException("no password given: pipe it as the first line of stdin, or run the command on a terminal to be asked")
+        password = line.rstrip("\r\n")
     if len(password) < MIN_PASSWORD_LENGTH:
         raise click.ClickException(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
     return password
 
 
 @user.command("list")
-def user_list() -> None:
-    """List users."""
-    for u in state().store.list_users():
-        click.echo(f"{u.name}\t{u.role}\tcreated {u.created_at:%Y-%m-%d %H:%M} UTC")
+@json_option
+def user_list(as_json: bool) -> None:
+    """List users: name, role (est or admin), when created (UTC)."""
+    print_list(
+        ({"name": u.name, "role": u.role, "created_at": iso(u.created_at)} for u in state().store.list_users()),
+        [("name", "NAME"), ("role", "ROLE"), ("created_at", "CREATED")],
+        as_json,
+        "No users yet: add one with `est-admin user add NAME` (--admin for the dashboard and API).",
+    )
 
 
 @user.command("remove")
@@ -128,16 +140,24 @@ def ra_add(certificate: Path, labels: tuple[str, ...], force: bool) -> None:
 
 
 @ra.command("list")
-def ra_list() -> None:
-    """List registered RAs."""
-    for entry in state().store.list_ras():
-        click.echo(f"{entry.id}\t{entry.fingerprint}\t{entry.labels}\t{entry.subject}")
+@json_option
+def ra_list(as_json: bool) -> None:
+    """List registered RAs: number, SHA-256 fingerprint, labels, subject."""
+    print_list(
+        (
+            {"number": r.id, "fingerprint": r.fingerprint, "labels": r.labels, "subject": r.subject, "created_at": iso(r.created_at)}
+            for r in state().store.list_ras()
+        ),
+        [("number", "NUMBER"), ("fingerprint", "SHA-256 FINGERPRINT"), ("labels", "LABELS"), ("subject", "SUBJECT")],
+        as_json,
+        "No RAs registered: add a gateway's client certificate with `est-admin ra add CERT --label LABEL`.",
+    )
 
 
 @ra.command("remove")
 @click.argument("ident")
 def ra_remove(ident: str) -> None:
-    """Remove an RA by id or SHA-256 fingerprint; its next request is refused."""
+    """Remove an RA by number or SHA-256 fingerprint; its next request is refused."""
     if not state().store.remove_ra(ident, _audit("ra-remove", ident)):
         raise click.ClickException(f"no RA {ident!r}")
     click.echo(f"removed RA {ident}")

@@ -2,46 +2,74 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 
 import click
 
+from ..admin.api import certificate_json, device_json, event_json
 from ..audit import cli_actor
 from ..ca.crl import REASONS
 from ..revocation import delete_device, revoke
 from ..state import state
-from ..store import AlreadyRevoked, NotFound
-from . import est
+from ..store import AlreadyRevoked, Device, NotFound
+from ..store.reports import AmbiguousDevice, DeviceNotFound, Reports
+from . import est, require_ca_key
+from .output import json_option, print_list
 
 REASON_CHOICE = click.Choice(sorted(REASONS), case_sensitive=True)
+DEVICE_LIST_LIMIT = 1000
 
 
 @est.group("device")
 def device() -> None:
-    """The device registry."""
+    """The device registry.
+
+    A device is named by its device name (the identity the label takes from the
+    CSR, e.g. NPPBBB4) or by its device number (the registry's row number, as
+    `device list` shows). A name enrolled on several labels needs --label.
+    """
 
 
 @device.command("list")
 @click.option("--label", help="Only this label.")
-@click.option("--search", help="Device ids containing this text.")
-def device_list(label: str | None, search: str | None) -> None:
-    """List devices: id, label, device id, current serial, last enrollment."""
-    for d in state().store.find_devices(label=label, search=search):
-        click.echo(f"{d.id}\t{d.label}\t{d.device_key}\t{d.current_serial}\t{d.last_enrolled:%Y-%m-%d %H:%M}")
+@click.option("--search", help="Device names containing this text (a device number matches itself).")
+@json_option
+def device_list(label: str | None, search: str | None, as_json: bool) -> None:
+    """List devices, newest first: number, label, name, current serial, last enrollment (UTC), status."""
+    page = Reports(state().store.engine).devices(label=label, search=search, limit=DEVICE_LIST_LIMIT)
+    print_list(
+        (device_json(d, d.status, d.not_after) for d in page.items),
+        [("number", "NUMBER"), ("label", "LABEL"), ("name", "NAME"), ("current_serial", "CURRENT SERIAL"), ("last_enrolled", "LAST ENROLLED"), ("status", "STATUS")],
+        as_json,
+        "No devices match." if (label or search) else "No devices are enrolled yet.",
+    )
+    if page.next_after is not None:
+        click.echo(f"(the newest {DEVICE_LIST_LIMIT} of {page.total}; narrow with --label or --search)", err=True)
+
+
+device_argument = click.argument("device_ref", metavar="DEVICE")
+label_option = click.option("--label", help="The device's label, when its name is enrolled on several.")
+
+
+def find_device(reference: str, label: str | None) -> Device:
+    """The device a command names (see `est device --help`); a clear one-line error otherwise."""
+    try:
+        return Reports(state().store.engine).find_device(reference, label)
+    except DeviceNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    except AmbiguousDevice as exc:
+        raise click.ClickException(f"{exc}: add --label ({' or '.join(exc.labels)}) or give the device number") from None
 
 
 @device.command("show")
-@click.argument("device_id", type=int)
-def device_show(device_id: int) -> None:
-    """One device and its certificate history."""
+@device_argument
+@label_option
+def device_show(device_ref: str, label: str | None) -> None:
+    """One device (name or number) and its certificate history."""
     store = state().store
-    d = store.get_device(device_id)
-    if d is None:
-        raise click.ClickException(f"no device {device_id}")
+    d = find_device(device_ref, label)
     click.echo(
-        f"device {d.id}: {d.device_key} on label {d.label}\n"
+        f"device {d.device_key} (number {d.id}) on label {d.label}\n"
         f"first enrolled {d.first_enrolled:%Y-%m-%d %H:%M:%S} UTC, last {d.last_enrolled:%Y-%m-%d %H:%M:%S} UTC\n"
         f"requester {d.requester} from {d.client_address}\ncertificates:"
     )
@@ -51,28 +79,30 @@ def device_show(device_id: int) -> None:
 
 
 @device.command("delete")
-@click.argument("device_id", type=int)
+@device_argument
+@label_option
 @click.option("--keep-certificate", is_flag=True, help="Leave its current certificate valid (until it expires; it cannot re-enroll).")
-def device_delete(device_id: int, keep_certificate: bool) -> None:
-    """Forget a device so its id can enroll again; its current certificate is revoked (cessationOfOperation)."""
+def device_delete(device_ref: str, label: str | None, keep_certificate: bool) -> None:
+    """Forget a device (name or number) so its name can enroll again; its current certificate is revoked (cessationOfOperation)."""
+    if not keep_certificate:
+        require_ca_key("revoke its certificate and sign the CRL")
     store = state().store
-    d = store.get_device(device_id)
-    deleted = delete_device(d, cli_actor(), keep_certificate=keep_certificate) if d else None
+    d = find_device(device_ref, label)
+    deleted = delete_device(d, cli_actor(), keep_certificate=keep_certificate)
     if deleted is None:
-        raise click.ClickException(f"no device {device_id}")
+        raise click.ClickException(f"no device {device_ref}")
     c = store.get_certificate(deleted.current_serial)
     status = f"revoked ({c.revocation_reason}); CRL re-signed" if c.status == "revoked" else f"{c.status} (--keep-certificate)"
-    click.echo(f"deleted device {device_id}; it may enroll again; its certificate {c.serial} is {status}")
+    click.echo(f"deleted device {d.device_key} (number {d.id}, label {d.label}); it may enroll again; its certificate {c.serial} is {status}")
 
 
 @device.command("revoke")
-@click.argument("device_id", type=int)
+@device_argument
+@label_option
 @click.option("--reason", type=REASON_CHOICE, default="cessationOfOperation", show_default=True)
-def device_revoke(device_id: int, reason: str) -> None:
-    """Revoke the device's current certificate and publish a new CRL."""
-    d = state().store.get_device(device_id)
-    if d is None:
-        raise click.ClickException(f"no device {device_id}")
+def device_revoke(device_ref: str, label: str | None, reason: str) -> None:
+    """Revoke the current certificate of a device (name or number) and publish a new CRL."""
+    d = find_device(device_ref, label)
     _revoke(d.current_serial, reason)
 
 
@@ -90,6 +120,7 @@ def cert_revoke(serial: str, reason: str) -> None:
 
 
 def _revoke(serial: str, reason: str) -> None:
+    require_ca_key("revoke a certificate (the CRL is re-signed at once)")
     try:
         revoke(serial, reason, cli_actor())
     except NotFound:
@@ -101,16 +132,22 @@ def _revoke(serial: str, reason: str) -> None:
 
 @cert.command("expiring")
 @click.option("--days", type=click.IntRange(min=1), default=30, show_default=True)
-def cert_expiring(days: int) -> None:
-    """Valid certificates whose notAfter falls within DAYS: serial, notAfter, label, subject."""
-    for c in state().store.expiring_certificates(datetime.now(timezone.utc) + timedelta(days=days)):
-        click.echo(f"{c.serial}\t{c.not_after:%Y-%m-%d %H:%M}\t{c.label}\t{c.subject}")
+@json_option
+def cert_expiring(days: int, as_json: bool) -> None:
+    """Valid certificates whose notAfter falls within DAYS: serial, notAfter (UTC), label, subject."""
+    print_list(
+        (certificate_json(c) for c in state().store.expiring_certificates(datetime.now(timezone.utc) + timedelta(days=days))),
+        [("serial", "SERIAL"), ("not_after", "NOT AFTER"), ("label", "LABEL"), ("device_number", "DEVICE NUMBER"), ("subject", "SUBJECT")],
+        as_json,
+        f"No valid certificate expires within {days} days.",
+    )
 
 
 @est.command("crl")
 @click.option("--label", help="Only the CA that issues on this label (default: every CA).")
 def crl_refresh(label: str | None) -> None:
     """Re-sign and store each CA's CRL now (for a timer; the server also refreshes them at half-life)."""
+    require_ca_key("sign the CRL")
     app_state = state()
     if label is None:
         authorities = list(app_state.authorities)
@@ -126,14 +163,16 @@ def crl_refresh(label: str | None) -> None:
 
 @est.command("audit")
 @click.option("--since", type=click.DateTime(), help="Only events at or after this UTC time.")
-@click.option("--device", help="Only events for this device id.")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines, for the SIEM.")
-def audit_command(since: datetime | None, device: str | None, as_json: bool) -> None:
+@click.option("--device", "device_name", metavar="NAME", help="Only events for this device name (as the trail keeps them after a delete).")
+@json_option
+def audit_command(since: datetime | None, device_name: str | None, as_json: bool) -> None:
     """Print the audit trail, oldest first."""
-    for e in state().store.audit_events(since=since, device=device):
-        if as_json:
-            record = asdict(e)
-            record["at"] = e.at.isoformat() + "Z"
-            click.echo(json.dumps(record, sort_keys=True))
-        else:
-            click.echo(f"{e.at:%Y-%m-%d %H:%M:%S}Z\t{e.event}\t{e.outcome}\t{e.actor}\t{e.client_address}\t{e.label}\t{e.device}\t{e.serial}\t{e.detail}")
+    print_list(
+        (event_json(e) for e in state().store.audit_events(since=since, device=device_name)),
+        [
+            ("at", "AT"), ("event", "EVENT"), ("outcome", "OUTCOME"), ("actor", "ACTOR"), ("client_address", "ADDRESS"),
+            ("label", "LABEL"), ("device_name", "DEVICE NAME"), ("serial", "SERIAL"), ("detail", "DETAIL"),
+        ],
+        as_json,
+        "No audit events match." if (since or device_name) else "The audit trail is empty.",
+    )

@@ -3,6 +3,11 @@
 Lists are keyset-paginated (``after`` = the last id or serial of the previous
 page), so page N costs the same as page 1 however many devices there are.
 Every filter maps to an indexed column except the substring search.
+
+Operators name a device two ways, and every surface (CLI, admin API,
+dashboard) resolves them through :meth:`Reports.find_device`: the **device
+name** (the identity on its label: CN, serialNumber or SAN, e.g. ``NPPBBB4``)
+and the **device number** (the registry's row number).
 """
 
 from __future__ import annotations
@@ -25,6 +30,20 @@ MAX_ID = 2**63 - 1  # the largest integer key SQLite and PostgreSQL hold
 class DeviceSummary(Device):
     status: Optional[str]  # the current certificate's
     not_after: Optional[datetime]
+    revoked_at: Optional[datetime]
+
+
+class DeviceNotFound(LookupError):
+    """No device has this name or number (on the label, if one was given)."""
+
+
+class AmbiguousDevice(LookupError):
+    """The reference fits several devices; ``candidates`` lists them, ``labels`` their labels."""
+
+    def __init__(self, message: str, candidates: list[Device]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+        self.labels = sorted({d.label for d in candidates})
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,30 @@ class Page:
 class Reports:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    def find_device(self, reference: str, label: Optional[str] = None) -> Device:
+        """The one device ``reference`` names: a device name, or (all digits) a device number.
+
+        ``label`` narrows the search. A name enrolled on several labels, or digits that are
+        one device's name and another's number, raise :class:`AmbiguousDevice` with a
+        one-line message listing the candidates; nothing found raises :class:`DeviceNotFound`.
+        """
+        text = reference.strip()
+        match = devices.c.device_key == text
+        if text.isascii() and text.isdigit() and int(text) <= MAX_ID:
+            match = sa.or_(match, devices.c.id == int(text))
+        query = devices.select().where(match).order_by(devices.c.label, devices.c.id)
+        if label is not None:
+            query = query.where(devices.c.label == label)
+        with self.engine.connect() as conn:
+            found = [Device(**row._mapping) for row in conn.execute(query.limit(20))]
+        on_label = f" on label {label!r}" if label is not None else ""
+        if not found:
+            raise DeviceNotFound(f"no device named or numbered {text!r}{on_label}")
+        if len(found) > 1:
+            listed = "; ".join(f"number {d.id}, name {d.device_key!r} on label {d.label!r}" for d in found)
+            raise AmbiguousDevice(f"{text!r} fits {len(found)} devices ({listed}): give the label, or a number", found)
+        return found[0]
 
     def devices(
         self,
@@ -56,7 +99,7 @@ class Reports:
             term = search.strip()
             match = devices.c.device_key.contains(term, autoescape=True)
             where.append(sa.or_(match, devices.c.id == int(term)) if term.isascii() and term.isdigit() and len(term) <= 18 else match)
-        columns = [*devices.c, current.c.status, current.c.not_after]
+        columns = [*devices.c, current.c.status, current.c.not_after, current.c.revoked_at]
         query = sa.select(*columns).select_from(joined).where(*where).order_by(devices.c.id.desc()).limit(limit + 1)
         if after is not None:
             query = query.where(devices.c.id < min(after, MAX_ID))
@@ -135,6 +178,14 @@ class Reports:
             "issued_per_day": [{"date": d, "count": per_day.get(d, 0)} for d in dates],
             "expiring": {f"{w}d": n for w, n in expiring.items()},
         }
+
+    def events(self, *, after: Optional[int] = None, limit: int = 50) -> Page:
+        """The audit trail, newest first (``after`` is the last event id of the previous page)."""
+        query = audit_events.select().order_by(audit_events.c.id.desc()).limit(limit + 1)
+        if after is not None:
+            query = query.where(audit_events.c.id < after)
+        count = sa.select(sa.func.count()).select_from(audit_events)
+        return self._page(query, count, limit, AuditEvent, lambda e: str(e.id))
 
     def recent_events(self, limit: int = 20, device: Optional[str] = None) -> list[AuditEvent]:
         query = audit_events.select().order_by(audit_events.c.id.desc()).limit(limit)
