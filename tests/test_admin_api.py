@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from est_app import create_app
 from est_app.state import state
+from est_app.store.schema import devices
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .pki import der, ec_key, make_csr, pem
@@ -45,6 +46,15 @@ def enroll(client, cn: str, label: str | None = None) -> x509.Certificate:
     assert response.status_code == 200, response.get_data(as_text=True)
     (cert,) = certs_from(response)
     return cert
+
+
+def enroll_under_shared_name(app, name: str, label: str) -> None:
+    """A second device called ``name`` on ``label``, as registries from before the one-label rule hold."""
+    enroll(app.test_client(), "NPPSHR1", label)
+    with app.app_context():
+        engine = state().store.engine
+    with engine.begin() as conn:
+        conn.execute(devices.update().where(devices.c.device_key == "NPPSHR1").values(device_key=name))
 
 
 def add_admin(config: Path) -> None:
@@ -376,7 +386,7 @@ def test_statistics(fleet):
 def test_device_routes_take_the_device_name_or_number_and_a_label_settles_a_shared_name(make_api):
     api = make_api(labels={"pumps": {}})
     enroll(api.client, "NPPBBB4")
-    enroll(api.client, "NPPBBB4", "pumps")
+    enroll_under_shared_name(api.app, "NPPBBB4", "pumps")
     enroll(api.client, "NPPCCC7", "pumps")
     devices = {(d.label, d.device_key): d for d in api.store().find_devices()}
     ccc7 = devices[("pumps", "NPPCCC7")]

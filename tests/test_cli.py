@@ -20,7 +20,7 @@ from est_app.state import state
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .pki import der, make_csr
-from .test_admin_api import enroll
+from .test_admin_api import enroll, enroll_under_shared_name
 
 ENROLL = "/.well-known/est/simpleenroll"
 BODY = base64.b64encode(der(make_csr()))
@@ -94,7 +94,7 @@ def test_device_commands_take_the_name_or_the_number_and_a_shared_name_needs_the
     app = make_app(labels={"pumps": {}})
     client, path = app.test_client(), tmp_path / "config.yaml"
     enroll(client, "NPPBBB4")
-    enroll(client, "NPPBBB4", "pumps")
+    enroll_under_shared_name(app, "NPPBBB4", "pumps")
     enroll(client, "NPPCCC7", "pumps")
     with app.app_context():
         devices = {(d.label, d.device_key): d for d in state().store.find_devices()}

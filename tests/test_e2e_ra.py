@@ -551,7 +551,7 @@ def test_bootstrap_issues_a_30_day_client_certificate_once(server):
     assert device.current_serial == serial(cert)
 
     again = enroll(server, openssl_csr("ec", cn), *AUTH, path="bootstrap")
-    refused(again, 409, f"device {cn!r} (id {device.id}) is already enrolled")
+    refused(again, 409, f"device {cn!r} (number {device.id}) is already enrolled")
     assert store_of(server).get_device(device.id).current_serial == serial(cert)
 
 
@@ -642,7 +642,7 @@ def test_concurrent_first_enrollments_reject(server):
     assert (record.serial, record.status, record.der) == (device.current_serial, "valid", der(cert))
     for status, body in results:
         if status == 409:
-            assert f"device 'NPPDUP2' (id {device.id}) is already enrolled on label 'unique'" in body.decode()
+            assert f"device 'NPPDUP2' (number {device.id}) is already enrolled on label 'unique'" in body.decode()
 
 
 def test_concurrent_reenrollments_with_one_certificate(server, tmp_path):

@@ -69,7 +69,7 @@ def test_a_device_has_one_label(make_app, cli):
     for label in ("wards", None):
         refused(
             post(client, "simpleenroll", make_csr("NPPBBB4"), label=label, basic=True), 409,
-            f"device 'NPPBBB4' is enrolled on label 'pumps' (id {device.id})", f"`est-admin device delete {device.id}`",
+            f"device 'NPPBBB4' is enrolled on label 'pumps' (number {device.id})", f"`est-admin device delete {device.id}`",
         )
     assert store(app).count_certificates() == 1
     issued(post(client, "simpleenroll", make_csr("NPPBBB4"), label="pumps", basic=True))  # its own label renews

@@ -610,7 +610,7 @@ def test_bootstrap_issues_a_short_lived_client_certificate_once_per_device(make_
     assert (record.operation, record.requester, record.status) == ("bootstrap", f"user:{USER}", "valid")
 
     (device,) = s.find_devices()
-    refused(post(client, "bootstrap", make_csr("NPPBBB4"), basic=True), 409, f"(id {device.id})", f"est-admin device delete {device.id}")
+    refused(post(client, "bootstrap", make_csr("NPPBBB4"), basic=True), 409, f"(number {device.id})", f"est-admin device delete {device.id}")
     assert s.count_certificates() == 1
 
     cli("device", "delete", str(device.id))

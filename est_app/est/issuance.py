@@ -83,13 +83,13 @@ def issue_for_device(
         except DeviceExists as exc:
             d = exc.device
             raise Conflict(
-                f"device {d.device_key!r} (id {d.id}) is already enrolled on label {d.label!r}; "
-                f"re-enroll with its current certificate, or have an operator free the id with `est-admin device delete {d.id}`"
+                f"device {d.device_key!r} (number {d.id}) is already enrolled on label {d.label!r}; "
+                f"re-enroll with its current certificate, or have an operator free the name with `est-admin device delete {d.id}`"
             ) from None
         except DeviceOnOtherLabel as exc:
             d = exc.device
             raise Conflict(
-                f"device {d.device_key!r} is enrolled on label {d.label!r} (id {d.id}), and a device has one label; "
+                f"device {d.device_key!r} is enrolled on label {d.label!r} (number {d.id}), and a device has one label; "
                 f"to move it here, an operator runs `est-admin device delete {d.id}` (revokes its certificate), then enroll again"
             ) from None
 
