@@ -480,7 +480,7 @@ def test_delete_revokes_the_current_certificate_unless_kept(api, query, status, 
     (device,) = api.store().find_devices()
     assert api.call("DELETE", f"/api/v1/devices/{device.id}{query}").status_code == 204
     shown = api.get(f"/api/v1/certificates/{serial_of(cert)}")
-    assert (shown["status"], shown["revocation_reason"], shown["device"]) == (status, reason, None)
+    assert (shown["status"], shown["revocation_reason"], shown["device_number"]) == (status, reason, None)
     crl = x509.load_der_x509_crl(api.client.get("/crl").get_data())  # re-signed at once, not at half-life
     assert (crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None) == listed
     events = [(e.event, e.detail) for e in api.store().audit_events() if e.actor == f"admin:{ADMIN}"]

@@ -221,10 +221,11 @@ def show_device(device: str) -> Response:
 @bp.delete(f"/devices/{DEVICE}")
 @api_admin_required
 def delete_device(device: str) -> Response:
-    keep = query_params(("keep_certificate",)).get("keep_certificate", "false")
+    params = query_params(("label", "keep_certificate"))
+    keep = params.get("keep_certificate", "false")
     if keep not in ("true", "false"):
         raise BadRequest(f"keep_certificate must be true or false, not {keep!r}")
-    d = _device(device)
+    d = _device(device, params)
     if revocation.delete_device(d, _actor(), request.remote_addr or "", keep_certificate=keep == "true") is None:
         raise NotFound(f"no device {device}")
     response = Response(status=204)
@@ -295,9 +296,10 @@ def _actor() -> str:
     return f"admin:{g.admin.name}"
 
 
-def _device(reference: str) -> Device:
-    """The device a route's name or number refers to (``?label=`` settles a name on several labels)."""
-    label = query_params(("label",)).get("label") or None
+def _device(reference: str, params: Optional[dict[str, str]] = None) -> Device:
+    """The device a route's name or number refers to (``?label=`` settles a name on several labels);
+    ``params``: the query, when the route takes more than ``label``."""
+    label = (params if params is not None else query_params(("label",))).get("label") or None
     try:
         return reports().find_device(reference, label)
     except DeviceNotFound as exc:
