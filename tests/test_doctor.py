@@ -239,7 +239,7 @@ def test_stale_crl(deployment, tmp_path):
     settings = load_config(config)
     authority = load_authority(settings.ca)
     past = datetime.now(timezone.utc) - timedelta(days=3)
-    Store(settings.database.url).save_crl(lambda number: build_crl(authority, [], number, past, timedelta(hours=24)))
+    Store(settings.database.url).save_crl(lambda number: build_crl(authority, [], number, past, timedelta(hours=24)), authority.issuer_id)
     result = doctor(config)
     assert result.exit_code == 1
     assert has_line(result, "FAIL", "crl", "CRL 1 expired at", "FreeRADIUS", "est-admin crl")
