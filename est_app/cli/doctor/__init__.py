@@ -104,16 +104,15 @@ def _check_deployment(
     if store is not None:
         for ca in cas.values():
             check_crl(report, store, ca)
-    connection = connect_to_server(report, settings, tls_certificate, tls_ca)
-    stand_ins = {section: stand_in_for(ca) for section, ca in cas.items()}
+    issuers = [issuing_ca(cas, settings, profile.label) for profile in profiles]
+    stand_ins = {ca.settings: stand_in_for(ca) for ca in issuers}
     keys = pump_keys() if any(stand_ins.values()) else {}
-    for profile in profiles:
-        ca = issuing_ca(cas, settings, profile.label)
+    connection = connect_to_server(report, settings, tls_certificate, tls_ca)
+    for profile, ca in zip(profiles, issuers):
         if connection is not None:
             check_cacerts(report, connection, profile, ca, clients)
-        if stand_ins[ca.settings] is not None:
-            check_enrollment_answer(report, stand_ins[ca.settings], keys, profile, clients)
+        stand_in = stand_ins[ca.settings]
+        if stand_in is not None:
+            check_enrollment_answer(report, stand_in, keys, profile, clients)
         if store is not None:
             check_access(report, store, profile)
-    if connection is not None:
-        connection.close()

@@ -92,8 +92,9 @@ def check_cacerts(report: Report, connection: http.client.HTTPConnection, profil
         body, headers = reply.read(), dict(reply.getheaders())
     except (OSError, http.client.HTTPException) as exc:
         report.fail(subject, f"GET {path} failed: {exc}", "see the server's log (journalctl -u est)")
-        connection.close()
         return
+    finally:
+        connection.close()  # the next label's request connects afresh: no keep-alive timeout can close it meanwhile
     if reply.status != 200:
         todo = "restart est: it runs with an older configuration" if reply.status == 404 else "see the server's log (journalctl -u est)"
         report.fail(subject, f"GET {path} answered {reply.status}: {shown(one_line(body.decode('utf-8', 'replace')))}", todo)
