@@ -22,6 +22,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# Start-up takes 2-4 s on this 2-core machine at load 10; the bounds leave room for far worse.
+START_SECONDS = 120
+PROBE_SECONDS = 10
+PORT_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -70,8 +74,17 @@ def start_server(
     """Start the server on a free port; ``overrides`` are merged into `est init`'s config.
 
     With ``venv``, that virtualenv's ``est-server`` runs in ``workdir``, away from the checkout.
+    A port that another process takes between ``free_port`` and the server's bind is
+    given up for another; any other failure to start is raised with the server's log.
     """
-    port = free_port()
+    for _ in range(PORT_ATTEMPTS):
+        server = _launch(pki_dir, workdir, free_port(), use_gunicorn_conf, venv, overrides)
+        if _answers(server):
+            return server
+    raise RuntimeError(f"server found its port taken {PORT_ATTEMPTS} times:\n{server.log.read_text()}")
+
+
+def _launch(pki_dir: Path, workdir: Path, port: int, use_gunicorn_conf: bool, venv: Path | None, overrides: dict) -> RunningServer:
     config = write_config(pki_dir, workdir / f"config-{port}.yaml", port, **overrides)
     env = {**os.environ, "EST_CONFIG": str(config)}
     bin_dir, cwd = (venv / "bin", workdir) if venv else (BIN, REPO)
@@ -81,19 +94,26 @@ def start_server(
         cmd = [str(bin_dir / "est-server"), "--config", str(config)]
     log = workdir / f"server-{port}.log"
     process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    server = RunningServer(f"https://127.0.0.1:{port}", port, config, pki_dir / "ca.pem", process, log)
+    return RunningServer(f"https://127.0.0.1:{port}", port, config, pki_dir / "ca.pem", process, log)
+
+
+def _answers(server: RunningServer) -> bool:
+    """Wait until ``cacerts`` answers over TLS (True), or the server gives up its port because it is taken (False)."""
     context = ssl.create_default_context(cafile=str(server.ca_file))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + START_SECONDS
     while True:
         if not server.alive():
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+            log = server.log.read_text()
+            if "in use" in log:  # gunicorn: "Connection in use"; est-server: "... Address already in use"
+                return False
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{log}")
         try:
-            with urllib.request.urlopen(f"{server.url}/.well-known/est/cacerts", context=context, timeout=2) as r:
+            with urllib.request.urlopen(f"{server.url}/.well-known/est/cacerts", context=context, timeout=PROBE_SECONDS) as r:
                 if r.status == 200:
-                    return server
+                    return True
         except OSError:
             pass
         if time.monotonic() > deadline:
             server.stop()
-            raise RuntimeError(f"server did not answer within 30 s:\n{log.read_text()}")
+            raise RuntimeError(f"server did not answer within {START_SECONDS} s:\n{server.log.read_text()}")
         time.sleep(0.1)

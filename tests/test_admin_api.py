@@ -444,7 +444,7 @@ def test_device_history_revoke_crl_delete_and_audit(api):
 
     # delete: 204, then gone; the same CN enrolls again as a new device; the certificates stay on record
     assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}?keep_certificate=yes"), 400, "keep_certificate must be true or false, not 'yes'")
-    assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}?keep=true"), 400, "unknown query parameter(s) keep; this route takes: keep_certificate")
+    assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}?keep=true"), 400, "unknown query parameter(s) keep; this route takes: label, keep_certificate")
     deleted = api.call("DELETE", f"/api/v1/devices/{device.id}")
     assert deleted.status_code == 204 and deleted.get_data() == b""
     assert_error(api.call("GET", f"/api/v1/devices/{device.id}"), 404, f"no device named or numbered '{device.id}'")

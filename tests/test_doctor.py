@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from est_app.ca import load_authority
+from est_app.ca import load_authorities, load_authority
 from est_app.ca.crl import build_crl
 from est_app.ca.development import write_private_key
 from est_app.config import load_config
@@ -31,6 +32,7 @@ from .conftest import PASSWORD, USER, run_cli
 from .e2e_clients import call, curl, pkcs7_certs, pki, run
 from .pki import der, ec_key, make_csr, pem
 from .server import free_port, start_server, write_config
+from .test_label_ca import pump_ca_section
 
 
 def doctor(config: Path, *args: str):
@@ -239,7 +241,7 @@ def test_stale_crl(deployment, tmp_path):
     settings = load_config(config)
     authority = load_authority(settings.ca)
     past = datetime.now(timezone.utc) - timedelta(days=3)
-    Store(settings.database.url).save_crl(lambda number: build_crl(authority, [], number, past, timedelta(hours=24)))
+    Store(settings.database.url).save_crl(lambda number: build_crl(authority, [], number, past, timedelta(hours=24)), authority.issuer_id)
     result = doctor(config)
     assert result.exit_code == 1
     assert has_line(result, "FAIL", "crl", "CRL 1 expired at", "FreeRADIUS", "est-admin crl")
@@ -252,6 +254,23 @@ def test_database_missing_or_outdated(deployment, tmp_path):
     assert not (tmp_path / "nowhere.db").exists()  # the doctor never creates one
     driverless = doctor(offline_config(deployment, tmp_path, database={"url": "nosuchdb://localhost/est"}))
     assert has_line(driverless, "FAIL", "database", "database.url cannot be used")
+
+    empty = tmp_path / "empty.db"
+    empty.touch(mode=0o600)
+    fresh = doctor(offline_config(deployment, tmp_path, database={"url": f"sqlite:///{empty}"}))
+    assert has_line(fresh, "WARN", "database", "lacks table app_secrets, table audit_events", "which est-server adds when it starts")
+    assert not lines(fresh, "FAIL", "database") and "Traceback" not in fresh.output
+    with sqlite3.connect(empty) as conn:  # looked at, nothing created
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+
+    # The previous version's schema: est-server adds the issuer columns in place (Store.create_schema).
+    with sqlite3.connect(deployment / "est.db") as conn:
+        conn.execute("DROP INDEX ix_crls_issuer_number")
+        conn.execute("ALTER TABLE certificates DROP COLUMN issuer")
+        conn.execute("ALTER TABLE crls DROP COLUMN issuer")
+    previous = doctor(offline_config(deployment, tmp_path))
+    assert has_line(previous, "WARN", "database", "lacks column ", "column certificates.issuer", "column crls.issuer", "which est-server adds when it starts", "back it up"), previous.output
+    assert not lines(previous, "FAIL", "database") and not lines(previous, r"\w+", "crl")  # no CRL query on a schema without issuers
 
     with sqlite3.connect(deployment / "est.db") as conn:
         conn.execute("ALTER TABLE certificates DROP COLUMN revocation_reason")
@@ -275,6 +294,91 @@ def test_configuration_errors_are_one_line(deployment, tmp_path):
     config.write_text(yaml.safe_dump(data))
     assert has_line(doctor(config), "FAIL", "config", "is writable by others (mode 0666)")
     assert has_line(doctor(tmp_path / "absent.yaml"), "FAIL", "config", "cannot read")
+
+
+# --- a label with its own CA (labels.pumps.ca) ---------------------------------------------------
+
+
+@pytest.fixture
+def pump_ca(pump_ca_dir, tmp_path) -> Path:
+    """This test's own copy of the pump CA's files, free to break."""
+    return Path(shutil.copytree(pump_ca_dir, tmp_path / "pump-ca"))
+
+
+def pump_labels(pump_ca: Path, **ca) -> dict:
+    return {"pumps": {"ca": pump_ca_section(pump_ca, **ca)}}
+
+
+def test_label_ca_is_checked_like_the_top_level_ca(deployment, serve, pump_ca):
+    assert run_cli("user", "add", USER, input=PASSWORD + "\n", config=deployment / "config.yaml").exit_code == 0
+    server = serve(labels=pump_labels(pump_ca))
+    assert curl(f"{server.url}/crl", server.ca_file).status == 200  # CRL 1: the top-level CA's
+    assert curl(f"{server.url}/crl/pumps", server.ca_file).status == 200  # CRL 2: the pump CA's
+
+    result = doctor(server.config)
+    assert result.exit_code == 0, result.output
+    assert not lines(result, "FAIL")
+    assert has_line(result, "OK", "ca", "CN=est_app development CA valid until")
+    assert has_line(result, "OK", "labels.pumps.ca", "CN=est_app test pump CA valid until")
+    assert has_line(result, "OK", "labels.pumps.ca key", f"{pump_ca / 'pump-ca.key'} matches the CA certificate")
+    assert has_line(result, "WARN", "labels.pumps.ca key", "is not encrypted")
+    # Each CA's own newest CRL, found by its issuer: not merely the newest of all.
+    assert has_line(result, "OK", "crl", "CRL 1 valid until")
+    assert has_line(result, "OK", "labels.pumps.ca crl", "CRL 2 valid until")
+    # Each label's cacerts is held against the chain of the CA that issues there.
+    for label in ("default", "pumps"):
+        assert has_line(result, "OK", f"label {label}", "cacerts is base64 wrapped at 64 columns", "1 certificate;")
+        assert has_line(result, "OK", f"label {label}", "enrollment answer (rendered from the label's settings; nothing enrolled)")
+        assert not lines(result, "WARN", f"label {label}"), result.output
+
+    # The pump CA renewed on disk (same name and key) while the server still serves the old one.
+    key = serialization.load_pem_private_key((pump_ca / "pump-ca.key").read_bytes(), None)
+    (pump_ca / "pump-ca.pem").write_bytes(pem(certificate(key, key, "est_app test pump CA", days=(-1, 3650), ca=True)))
+    renewed = doctor(server.config)
+    assert has_line(renewed, "WARN", "label pumps", "cacerts differs from the chain of labels.pumps.ca", "restart est")
+    assert not lines(renewed, "WARN", "label default")
+    assert has_line(renewed, "OK", "labels.pumps.ca crl", "CRL 2 valid until")  # same name and key: the CA's CRL still counts
+
+
+def test_label_ca_expired_and_its_crl_stale(deployment, pump_ca, tmp_path):
+    config = offline_config(deployment, tmp_path, labels=pump_labels(pump_ca))
+    settings = load_config(config)
+    authorities = load_authorities(settings)
+    store = Store(settings.database.url)
+    now = datetime.now(timezone.utc)
+    for authority, signed in ((authorities.default, now), (authorities.for_label("pumps"), now - timedelta(days=3))):
+        store.save_crl(lambda number: build_crl(authority, [], number, signed, timedelta(hours=24)), authority.issuer_id)
+    stale = doctor(config)
+    assert stale.exit_code == 1
+    assert has_line(stale, "OK", "crl", "CRL 1 valid until")
+    assert has_line(stale, "FAIL", "labels.pumps.ca crl", "CRL 2 expired at", "est-admin crl --label pumps", "labels.pumps.ca.crl_lifetime_hours")
+
+    key = serialization.load_pem_private_key((pump_ca / "pump-ca.key").read_bytes(), None)
+    (pump_ca / "pump-ca.pem").write_bytes(pem(certificate(key, key, "est_app test pump CA", days=(-3650, -1), ca=True)))
+    expired = doctor(config)
+    assert expired.exit_code == 1
+    assert has_line(expired, "FAIL", "labels.pumps.ca", "CN=est_app test pump CA expired on", "renew the CA")
+    assert has_line(expired, "OK", "ca", "CN=est_app development CA valid until")
+    # Nothing can be issued on pumps, so no answer is rendered there; the default label is unaffected.
+    assert not any("enrollment answer" in line for line in lines(expired, r"\w+", "label pumps"))
+    assert has_line(expired, "OK", "label default", "enrollment answer")
+
+
+def test_label_ca_key_mismatched_or_behind_an_absent_credential(deployment, pump_ca, pump_ca_dir, tmp_path):
+    (pump_ca / "pump-ca.key").unlink()
+    write_private_key(pump_ca / "pump-ca.key", ec_key())
+    mismatched = doctor(offline_config(deployment, tmp_path, labels=pump_labels(pump_ca)))
+    assert mismatched.exit_code == 1
+    assert has_line(mismatched, "FAIL", "labels.pumps.ca key", "labels.pumps.ca.key_file", "does not belong to labels.pumps.ca.cert_file")
+    assert has_line(mismatched, "OK", "ca key", "matches the CA certificate")
+
+    key = serialization.load_pem_private_key((pump_ca_dir / "pump-ca.key").read_bytes(), None)
+    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"long passphrase"))
+    (pump_ca / "pump-ca.key").write_bytes(encrypted)
+    credential = "/run/credentials/est.service/pump-ca-key-passphrase"
+    result = doctor(offline_config(deployment, tmp_path, labels=pump_labels(pump_ca, key_passphrase_file=credential)))
+    assert has_line(result, "WARN", "labels.pumps.ca key", f"not checked against the CA certificate: {credential} exists only while est.service runs")
+    assert not lines(result, "FAIL", "config") and not lines(result, "FAIL", "labels.pumps.ca key")
 
 
 # --- which clients can read each label's answers --------------------------------------------------

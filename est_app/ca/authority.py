@@ -4,8 +4,10 @@
 refuses to start on anything inconsistent (a key that does not match, a
 certificate that is not a CA or not valid now, a chain that does not reach a
 self-signed root). :func:`load_authorities` loads the top-level ``ca`` and
-every label's own ``labels.<name>.ca`` into :class:`Authorities`.
-Commands that never sign can defer a key to its first use, so they run
+every label's own ``labels.<name>.ca`` into :class:`Authorities`. Its parts,
+:func:`load_ca_chain` (no key read) and :func:`load_ca_key`, serve checks that
+must not need the key's passphrase (``est-admin doctor``).
+Commands that never sign can defer the key to its first use, so they run
 without the passphrase (which systemd hands only to the running service).
 :class:`CertificateAuthority` knows nothing of HTTP or storage.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from functools import partial
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Optional
@@ -21,7 +24,7 @@ from typing import Iterator, Optional
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
@@ -50,8 +53,7 @@ def issuer_id(certificate: x509.Certificate) -> str:
     Name and key are what relying parties match a CRL or OCSP answer on, so a CA
     certificate renewed with the same name and key keeps its id and its revocations.
     """
-    spki = certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(certificate.subject.public_bytes() + spki).hexdigest()
+    return hashlib.sha256(certificate.subject.public_bytes() + _spki(certificate.public_key())).hexdigest()
 
 
 class CertificateAuthority:
@@ -208,30 +210,57 @@ def load_authorities(settings: Settings, defer_key: bool = False) -> Authorities
 def load_authority(settings: CASettings, where: str = "ca", defer_key: bool = False) -> CertificateAuthority:
     """Load and cross-check the CA named by a ``ca`` section (``where``: its key, for messages);
     ``defer_key`` loads the key at first use."""
-    certificate = _load_certificates(settings.cert_file, f"{where}.cert_file")[0]
+    chain = load_ca_chain(settings, where)
+    key = partial(load_ca_key, settings, chain[0], where) if defer_key else load_ca_key(settings, chain[0], where)
+    authority = CertificateAuthority(key, chain, settings.digest, settings.crl_url, settings.ocsp_url, where)
+    problem = authority.validity_problem()
+    if problem:
+        raise ConfigError(f"{where}.cert_file {settings.cert_file} {problem}")
+    return authority
 
-    def matching_key():
-        key = _load_private_key(settings, where)
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        if key.public_key().public_bytes(serialization.Encoding.DER, spki) != certificate.public_key().public_bytes(serialization.Encoding.DER, spki):
-            raise ConfigError(f"{where}.key_file {settings.key_file} does not belong to {where}.cert_file {settings.cert_file}")
-        return key
 
-    key = matching_key if defer_key else matching_key()
+def load_ca_chain(settings: CASettings, where: str = "ca") -> tuple[x509.Certificate, ...]:
+    """A ``ca`` section's CA certificate and those above it up to the self-signed root; the key is not read.
+
+    Refused with a ConfigError naming ``where``: a file without a certificate, a
+    certificate that is not a CA, a chain that does not reach a self-signed root.
+    Validity in time is left to the caller.
+    """
+    certificate = load_certificates(settings.cert_file, f"{where}.cert_file")[0]
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         constraints = None
     if constraints is None or not constraints.ca:
         raise ConfigError(f"{where}.cert_file {settings.cert_file} is not a CA certificate (basicConstraints CA:TRUE missing)")
-    pool = _load_certificates(settings.chain_file, f"{where}.chain_file") if settings.chain_file else []
-    authority = CertificateAuthority(
-        key, _chain_to_root(certificate, pool, where), settings.digest, settings.crl_url, settings.ocsp_url, where
-    )
-    problem = authority.validity_problem()
-    if problem:
-        raise ConfigError(f"{where}.cert_file {settings.cert_file} {problem}")
-    return authority
+    pool = load_certificates(settings.chain_file, f"{where}.chain_file") if settings.chain_file else []
+    return _chain_to_root(certificate, pool, where)
+
+
+def load_ca_key(settings: CASettings, certificate: x509.Certificate, where: str = "ca") -> PrivateKeyTypes:
+    """A ``ca`` section's private key, decrypted with its passphrase; refused (ConfigError) unless it is ``certificate``'s."""
+    key = _load_private_key(settings, where)
+    if not key_belongs_to(key, certificate):
+        raise ConfigError(f"{where}.key_file {settings.key_file} does not belong to {where}.cert_file {settings.cert_file}")
+    return key
+
+
+def key_belongs_to(private_key: PrivateKeyTypes, certificate: x509.Certificate) -> bool:
+    """Whether ``certificate`` certifies the public half of ``private_key``."""
+    return _spki(private_key.public_key()) == _spki(certificate.public_key())
+
+
+def load_certificates(path: Path, key: str) -> list[x509.Certificate]:
+    """The certificates of a PEM file (or the one of a DER file); ``key`` names the setting, for messages."""
+    data = path.read_bytes()
+    try:
+        return x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise ConfigError(f"{key} {path}: not a PEM or DER certificate ({exc})") from None
+
+
+def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _chain_to_root(certificate: x509.Certificate, pool: list[x509.Certificate], where: str) -> tuple[x509.Certificate, ...]:
@@ -246,15 +275,7 @@ def _chain_to_root(certificate: x509.Certificate, pool: list[x509.Certificate], 
     return tuple(chain)
 
 
-def _load_certificates(path: Path, key: str) -> list[x509.Certificate]:
-    data = path.read_bytes()
-    try:
-        return x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
-        raise ConfigError(f"{key} {path}: not a PEM or DER certificate ({exc})") from None
-
-
-def _load_private_key(settings: CASettings, where: str):
+def _load_private_key(settings: CASettings, where: str) -> PrivateKeyTypes:
     passphrase = None
     if settings.key_passphrase_env:
         value = os.environ.get(settings.key_passphrase_env)

@@ -205,17 +205,20 @@ class Store:
             # Held the key that signed dashboard cookies (before server-side sessions): not to be kept.
             conn.exec_driver_sql("DROP TABLE IF EXISTS app_secrets")
             metadata.create_all(conn)
-            inspector = sa.inspect(conn)
+            refused, added, _ = _schema_gaps(conn)
+            if refused:
+                raise SchemaOutdated(refused[0])
+            for column in added:
+                _add_column(conn, column)
             for table in metadata.sorted_tables:
-                present = {column["name"] for column in inspector.get_columns(table.name)}
-                missing = [column.name for column in table.columns if column.name not in present]
-                refused = [name for name in missing if (table.name, name) not in ADDED_COLUMNS]
-                if refused:
-                    raise SchemaOutdated(f"table {table.name} lacks column(s) {', '.join(refused)}")
-                for name in missing:
-                    _add_column(conn, table.c[name])
                 for index in table.indexes:
                     index.create(conn, checkfirst=True)
+
+    def schema_problems(self) -> tuple[list[str], list[str]]:
+        """Read-only: (why create_schema would refuse this database, what it would create or add in place); both empty when current."""
+        with self.engine.connect() as conn:
+            refused, added, missing = _schema_gaps(conn)
+        return refused, [f"table {name}" for name in missing] + [f"column {column.table.name}.{column.name}" for column in added]
 
     def _one(self, query, cls):
         with self.engine.connect() as conn:
@@ -587,6 +590,25 @@ def _issued_by(column: sa.Column, issuer: Optional[str], or_unrecorded: bool):
     if issuer is None:
         return sa.true()
     return sa.or_(column == issuer, column.is_(None)) if or_unrecorded else column == issuer
+
+
+def _schema_gaps(conn: Connection) -> tuple[list[str], list[sa.Column], list[str]]:
+    """The one schema rule: (refusals, one line per table lacking columns not in ADDED_COLUMNS; the
+    ADDED_COLUMNS missing, added in place; the tables missing, which create_all makes whole)."""
+    inspector = sa.inspect(conn)
+    present_tables = set(inspector.get_table_names())
+    refused, added, missing_tables = [], [], []
+    for table in metadata.sorted_tables:
+        if table.name not in present_tables:
+            missing_tables.append(table.name)
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing = [column for column in table.columns if column.name not in present]
+        lacking = [column.name for column in missing if (table.name, column.name) not in ADDED_COLUMNS]
+        if lacking:
+            refused.append(f"table {table.name} lacks column(s) {', '.join(lacking)}")
+        added += [column for column in missing if (table.name, column.name) in ADDED_COLUMNS]
+    return refused, added, missing_tables
 
 
 def _add_column(conn: Connection, column: sa.Column) -> None:

@@ -1,0 +1,140 @@
+"""Inside checks of the deployment's own files: the configuration, file modes and owners, and the
+database (reachable, schema of this version, who may enroll). The certificates: certificates.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import stat
+from pathlib import Path
+from typing import Optional
+
+import sqlalchemy as sa
+import yaml
+
+from ...config import ConfigError, Settings, parse_config
+from ...profiles import EnrollmentProfile
+from ...store import Store
+from ...store.schema import metadata
+from .report import Report, count, one_line
+
+# systemd's LoadCredential= files exist only while the service runs.
+CREDENTIALS = "/run/credentials/"
+
+
+# --- the configuration and its files ------------------------------------------------------------
+
+
+def check_config(report: Report, path: Path) -> tuple[Optional[Settings], dict[str, str]]:
+    """The settings (None when unusable), and the systemd credentials left out because they are absent, by section."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        report.fail("config", f"cannot read {path}: {exc.strerror}", "pass --config FILE or set EST_CONFIG")
+        return None, {}
+    except yaml.YAMLError as exc:
+        report.fail("config", f"{path} is not valid YAML: {one_line(str(exc))}", "fix the line it names")
+        return None, {}
+    check_file(report, "config", path, secret=False)
+    absent = _leave_out_absent_credentials(data) if isinstance(data, dict) else {}
+    try:
+        settings = parse_config(data, base_dir=path.resolve().parent, source=str(path))
+    except ConfigError as exc:
+        todo = "fix the key it names; est-server refuses to start with this same line"
+        if re.search(r"[\w.]*(passphrase|password|secret)[\w.]*: unknown key", str(exc), re.I):
+            todo = "secrets never go in the YAML: name them with ca.key_passphrase_env or ca.key_passphrase_file"
+        report.fail("config", str(exc), todo)
+        return None, {}
+    report.ok("config", f"{path} is valid")
+    return settings, absent
+
+
+def _leave_out_absent_credentials(data: dict) -> dict[str, str]:
+    """Remove from ``data`` each ``ca`` section's passphrase file that is a systemd credential absent here.
+
+    The configuration is refused without them, yet they exist only while est.service
+    runs: the rest is checked all the same. Returns their paths by section name.
+    """
+    sections = {"ca": data.get("ca")}
+    labels = data.get("labels")
+    if isinstance(labels, dict):
+        sections.update({f"labels.{name}.ca": label.get("ca") for name, label in labels.items() if isinstance(label, dict)})
+    absent = {}
+    for where, section in sections.items():
+        credential = section.get("key_passphrase_file") if isinstance(section, dict) else None
+        if isinstance(credential, str) and credential.startswith(CREDENTIALS) and not Path(credential).exists():
+            absent[where] = section.pop("key_passphrase_file")
+    return absent
+
+
+def check_file(report: Report, subject: str, path: Path, secret: bool = True) -> bool:
+    """Mode, owner and readability; True when this user can read it."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        report.fail(subject, f"{path}: {exc.strerror}", "create it, or fix the path in the configuration")
+        return False
+    mode, me = stat.S_IMODE(st.st_mode), pwd.getpwuid(os.geteuid()).pw_name
+    if secret and mode & 0o004:
+        report.fail(subject, f"{path} is readable by every user (mode {mode:04o})", f"chmod 600 {path}")
+    elif secret and mode & 0o040:
+        report.warn(subject, f"{path} is readable by its group (mode {mode:04o})", f"chmod 600 {path}")
+    elif mode & 0o022 and not secret:
+        report.fail(subject, f"{path} is writable by others (mode {mode:04o})", f"chmod go-w {path}")
+    if secret and st.st_uid != os.geteuid():
+        report.warn(subject, f"{path} is owned by uid {st.st_uid}, not by {me} who runs doctor", f"chown {me} {path}, or run doctor as the service user")
+    if not os.access(path, os.R_OK):
+        report.fail(subject, f"{path} cannot be read by {me}", "run doctor as the service user; the service needs to read it")
+        return False
+    return True
+
+
+# --- the database, and who may enroll ---------------------------------------------------------------
+
+
+def check_database(report: Report, settings: Settings) -> Optional[Store]:
+    """The store when it answers with this version's schema; None otherwise (its findings say why)."""
+    from ... import instance_path  # the package imports the CLI first
+
+    url = settings.database.url or f"sqlite:///{instance_path() / 'est.db'}"
+    try:
+        parsed = sa.engine.make_url(url)
+        url_shown = parsed.render_as_string(hide_password=True)
+        if parsed.get_backend_name() == "sqlite" and parsed.database:
+            path = Path(parsed.database)
+            if not path.exists():
+                report.fail("database", f"{url_shown}: no such file", "point database.url at the server's database; est-admin init or est-server creates it")
+                return None
+            check_file(report, "database", path)
+        store = Store(url)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        report.fail("database", f"database.url cannot be used: {one_line(str(exc))}", "fix database.url, or install its driver (PostgreSQL: psycopg)")
+        return None
+    try:
+        refused, pending = store.schema_problems()
+    except sa.exc.SQLAlchemyError as exc:
+        report.fail("database", f"{url_shown} cannot be reached: {one_line(str(exc.orig or exc))}", "start the database, or fix database.url; enrollment answers 503 meanwhile")
+        return None
+    if refused:
+        report.fail("database", f"{url_shown}: {'; '.join(refused)}", "back it up, then migrate (docs/DEPLOYMENT.md); est-server refuses to start")
+        return None
+    if pending:
+        report.warn("database", f"{url_shown} lacks {', '.join(pending)}, which est-server adds when it starts", "back it up, then restart est")
+        return None
+    report.ok("database", f"{url_shown} answers; its schema is this version's ({len(metadata.tables)} tables)")
+    return store
+
+
+def check_access(report: Report, store: Store, profile: EnrollmentProfile) -> None:
+    subject = f"label {profile.name}"
+    users = len(store.list_users()) if "basic" in profile.auth else 0
+    ras = sum(profile.name in ra.label_set for ra in store.list_ras()) if "cert" in profile.auth else 0
+    if users or ras:
+        report.ok(subject, f"auth {', '.join(sorted(profile.auth))}: {count(users, 'user')} and {count(ras, 'RA certificate')} may enroll")
+    else:
+        todo = " or ".join(
+            {"basic": "est-admin user add NAME", "cert": f"est-admin ra add CERT --label {profile.name}"}[m] for m in sorted(profile.auth)
+        )
+        report.warn(subject, f"auth {', '.join(sorted(profile.auth))}, and nobody is registered: every enrollment gets 401", todo)
