@@ -258,7 +258,7 @@ def test_database_missing_or_outdated(deployment, tmp_path):
     empty = tmp_path / "empty.db"
     empty.touch(mode=0o600)
     fresh = doctor(offline_config(deployment, tmp_path, database={"url": f"sqlite:///{empty}"}))
-    assert has_line(fresh, "WARN", "database", "lacks table app_secrets, table audit_events", "which est-server adds when it starts")
+    assert has_line(fresh, "WARN", "database", "lacks table audit_events, table auth_failures", "which est-server adds when it starts")
     assert not lines(fresh, "FAIL", "database") and "Traceback" not in fresh.output
     with sqlite3.connect(empty) as conn:  # looked at, nothing created
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
@@ -486,11 +486,15 @@ def test_request_garbage_and_damaged_der(deployment, tmp_path):
 def test_request_refused_by_the_labels_cn_pattern(deployment, tmp_path):
     config = offline_config(deployment, tmp_path, labels={"pumps": {"subject_cn_pattern": "NPP[A-Z0-9]{4}"}})
     path = tmp_path / "csr.b64"
-    path.write_bytes(base64.b64encode(der(make_csr("XNPPBBB4\x1b[2J"))))
+    path.write_bytes(base64.b64encode(der(make_csr("XNPPBBB4"))))
     refused = doctor(config, "--label", "pumps", "--request", str(path))
     assert refused.exit_code == 1
-    assert has_line(refused, "FAIL", "label pumps", "would answer 400: CSR commonName 'XNPPBBB4\\x1b[2J' does not match this label's pattern 'NPP[A-Z0-9]{4}'")
-    assert "\x1b" not in refused.output  # device-supplied text never reaches the terminal raw
+    assert has_line(refused, "FAIL", "label pumps", "would answer 400: CSR commonName 'XNPPBBB4' does not match this label's pattern 'NPP[A-Z0-9]{4}'")
     # The same body is fine on the unlabelled path, which has no pattern.
     assert doctor(config, "--request", str(path)).exit_code == 0
+    # A control character is refused on every label, and device-supplied text never reaches the terminal raw.
+    path.write_bytes(base64.b64encode(der(make_csr("NPPBBB4\x1b[2J"))))
+    escaped = doctor(config, "--request", str(path))
+    assert escaped.exit_code == 1 and "\x1b" not in escaped.output
+    assert has_line(escaped, "FAIL", "label default", "would answer 400: CSR", "\\x1b[2J", "control or formatting character")
     assert has_line(doctor(config, "--label", "nosuch", "--request", str(path)), "FAIL", "label nosuch", "not in the configuration")
