@@ -33,6 +33,7 @@ from est_app.config import LabelSettings, Settings, parse_config
 from est_app.encoding import Base64Encoding, DerEncoding
 from est_app.profiles import build_profiles
 from est_app.server import gunicorn_options
+from est_app.worker import ESTWorker
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .pki import der, make_csr
@@ -193,8 +194,8 @@ def test_every_config_key_is_documented():
 def test_gunicorn_options_from_iqe_config(iqe_settings, pki_dir):
     options = gunicorn_options(iqe_settings)
     assert options["bind"] == ["0.0.0.0:8445"]
-    assert options["worker_class"] == "gthread"
-    assert options["workers"] >= 1 and options["threads"] >= 1
+    assert issubclass(options["worker_class"], ESTWorker) and options["worker_class"].limits == iqe_settings.server
+    assert options["workers"] >= 1 and options["worker_connections"] == iqe_settings.server.max_connections
     assert options["keepalive"] == 30
     assert options["certfile"] == str(pki_dir / "tls.pem")
     assert options["keyfile"] == str(pki_dir / "tls.key")
