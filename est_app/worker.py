@@ -27,11 +27,15 @@ import gevent
 import gevent.local
 from gevent.pool import Pool
 from gevent.server import StreamServer
+from gunicorn import util
+from gunicorn.http.errors import ParseException
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 from werkzeug.exceptions import RequestTimeout
 
 from .config import ServerSettings
+
+DRAIN_LIMIT = 64 * 1024  # bytes of an unread body worth reading to keep the connection (EST bodies are a few KiB)
 
 
 class BodyWithDeadline:
@@ -47,6 +51,11 @@ class BodyWithDeadline:
             raise error
         with gevent.Timeout(remaining, error):
             return read(*args)
+
+    @property
+    def failed(self) -> bool:
+        """gunicorn's flag: reading the body raised, where the next request starts is unknown."""
+        return getattr(self.body, "failed", False)
 
     def read(self, size=None) -> bytes:
         return self._before_deadline(self.body.read, size)
@@ -73,7 +82,8 @@ class ESTWorker(GeventWorker):
     limits = ServerSettings()
 
     def init_process(self) -> None:
-        self.connections: Counter[str] = Counter()
+        self.connections: Counter[str] = Counter()  # open connections by client address
+        self.refusing: set[str] = set()  # addresses refused (and logged) since they last held no connection
         self.connection = gevent.local.local()  # per greenlet: the first request's head deadline
         super().init_process()
 
@@ -107,7 +117,9 @@ class ESTWorker(GeventWorker):
         peer = addr[0] if isinstance(addr, tuple) else ""
         limit = self.limits.max_connections_per_address
         if limit and self.connections[peer] >= limit:
-            self.log.warning("closed a connection from %s: it holds %d already (server.max_connections_per_address)", peer, limit)
+            if peer not in self.refusing:  # once per episode, not once per connection of a flood
+                self.refusing.add(peer)
+                self.log.warning("closing connections from %s: it holds %d (server.max_connections_per_address)", peer, limit)
             client.close()
             return
         self.connections[peer] += 1
@@ -131,6 +143,7 @@ class ESTWorker(GeventWorker):
             self.connections[peer] -= 1
             if not self.connections[peer]:
                 del self.connections[peer]
+                self.refusing.discard(peer)
 
     def timeout_ctx(self) -> gevent.Timeout:
         """How long the next request's head may take: the rest of header_timeout for the first, keepalive after."""
@@ -140,18 +153,33 @@ class ESTWorker(GeventWorker):
             return gevent.Timeout(self.cfg.keepalive, False)
         return gevent.Timeout(max(deadline - time.monotonic(), 0.001), False)
 
-    def handle_request(self, listener_name, req, sock, addr):
+    def handle_request(self, listener_name, req, sock, addr) -> None:
         timeout = self.limits.body_timeout
-        req.body = body = BodyWithDeadline(req.body, time.monotonic() + timeout, timeout)
-        keepalive = super().handle_request(listener_name, req, sock, addr)
-        # What the app left unread is read here, still within the deadline, rather than by gunicorn's
-        # parser before the next request; past the deadline the connection is closed.
+        req.body = BodyWithDeadline(req.body, time.monotonic() + timeout, timeout)
         try:
-            while body.read(8192):
-                pass
-        except RequestTimeout:
-            raise StopIteration from None
-        return keepalive
+            super().handle_request(listener_name, req, sock, addr)  # StopIteration: the answer said "close"
+            self.drain(req.body)
+        except StopIteration:
+            # Half-close and linger (RFC 9112 9.6), as gthread does: closing with request bytes unread
+            # would send a reset that can destroy the answer (a 408 or 413) before the client reads it.
+            util.close_graceful(sock)
+            raise
+
+    @staticmethod
+    def drain(body: BodyWithDeadline) -> None:
+        """Read what the app left unread (a 401 or 413 answered before reading), within the deadline and
+        up to DRAIN_LIMIT bytes, rather than by gunicorn's parser without either; StopIteration if it cannot
+        be read to its end, since where the next request starts is then unknown."""
+        drained = 0
+        try:
+            while not body.failed and drained <= DRAIN_LIMIT:
+                chunk = body.read(8192)
+                if not chunk:
+                    return
+                drained += len(chunk)
+        except (RequestTimeout, ParseException, OSError):
+            pass
+        raise StopIteration
 
 
 def worker_class(server: ServerSettings) -> type[ESTWorker]:

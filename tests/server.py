@@ -17,6 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -64,8 +65,13 @@ def write_config(pki_dir: Path, path: Path, port: int, **overrides) -> Path:
     return path
 
 
-def start_server(pki_dir: Path, workdir: Path, *, use_gunicorn_conf: bool = False, **overrides) -> RunningServer:
-    """Start the server on a free port; ``overrides`` are merged into `est init`'s config."""
+def start_server(
+    pki_dir: Path, workdir: Path, *, use_gunicorn_conf: bool = False, wrapper: Sequence[str] = (), **overrides
+) -> RunningServer:
+    """Start the server on a free port; ``overrides`` are merged into `est init`'s config.
+
+    ``wrapper`` is a command that runs the server command given as its arguments (e.g. to restrict it).
+    """
     port = free_port()
     config = write_config(pki_dir, workdir / f"config-{port}.yaml", port, **overrides)
     env = {**os.environ, "EST_CONFIG": str(config)}
@@ -74,7 +80,7 @@ def start_server(pki_dir: Path, workdir: Path, *, use_gunicorn_conf: bool = Fals
     else:
         cmd = [str(BIN / "est-server"), "--config", str(config)]
     log = workdir / f"server-{port}.log"
-    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen([*wrapper, *cmd], cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     server = RunningServer(f"https://127.0.0.1:{port}", port, config, pki_dir / "ca.pem", process, log)
     context = ssl.create_default_context(cafile=str(server.ca_file))
     deadline = time.monotonic() + 30
