@@ -53,6 +53,7 @@ OID_PATTERN = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 class ServerSettings:
     bind: str = "127.0.0.1:8445"
     workers: int = 2
+    threads: int = 4
     keepalive: int = 30
     timeout: int = 30
     graceful_timeout: int = 30
@@ -64,7 +65,7 @@ class ServerSettings:
     max_connections_per_address: int = 50
 
     def __post_init__(self) -> None:
-        _positive(self, "workers", "keepalive", "timeout", "graceful_timeout", "header_timeout", "body_timeout", "max_connections")
+        _positive(self, "workers", "threads", "keepalive", "timeout", "graceful_timeout", "header_timeout", "body_timeout", "max_connections")
         if self.max_connections_per_address < 0:
             raise ValueError("max_connections_per_address must be at least 0 (0: no limit)")
 

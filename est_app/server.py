@@ -35,7 +35,7 @@ def gunicorn_options(settings: Settings) -> dict:
     options = {
         "bind": [server.bind],
         "workers": server.workers,
-        "worker_class": worker_class(server),
+        "worker_class": worker_class(settings),
         "worker_connections": server.max_connections,
         "keepalive": server.keepalive,
         "timeout": server.timeout,

@@ -3,8 +3,8 @@
 Run from the repository root (pytest does not collect it: the name is bench_*.py):
 
     python -m tests.benchmarks.bench_enroll                   # config defaults, 10 s per run
-    python -m tests.benchmarks.bench_enroll --workers 3
-    python -m tests.benchmarks.bench_enroll --configs 1,2,3,4           # compare worker counts in one go
+    python -m tests.benchmarks.bench_enroll --workers 3 --threads 4
+    python -m tests.benchmarks.bench_enroll --configs 2x4,2x8,3x4,4x2   # compare in one go
     python -m tests.benchmarks.bench_enroll --no-credential-cache       # auth_cache_seconds: 0
     python -m tests.benchmarks.bench_enroll --devices 2000              # distinct device ids
     python -m tests.benchmarks.bench_enroll --profile /tmp/prof --profile-gil   # py-spy the workers
@@ -672,16 +672,21 @@ def profile_run(bench: Bench, out_dir: Path, mode: str, connections: int, durati
 # --------------------------------------------------------------------------- main
 
 
-def parse_configs(text: Optional[str], workers: Optional[int]) -> list[Optional[int]]:
+def parse_configs(text: Optional[str], workers: Optional[int], threads: Optional[int]) -> list[tuple[Optional[int], Optional[int]]]:
     if not text:
-        return [workers]
-    return [int(item) for item in text.split(",")]
+        return [(workers, threads)]
+    configs = []
+    for item in text.split(","):
+        w, _, t = item.strip().lower().partition("x")
+        configs.append((int(w), int(t)))
+    return configs
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_enroll", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, help="server.workers (default: the config's)")
-    parser.add_argument("--configs", help="several worker counts to compare in one run, e.g. 1,2,3,4")
+    parser.add_argument("--threads", type=int, help="server.threads (default: the config's)")
+    parser.add_argument("--configs", help="several WORKERSxTHREADS to compare in one run, e.g. 2x4,2x8,3x4,4x2")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load after each start (default 2)")
     parser.add_argument("--connections", default="1,8,32", help="concurrency levels (default 1,8,32)")
@@ -709,7 +714,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if set(modes) - set(MODES):
         parser.error(f"--modes: choose from {', '.join(MODES)}")
     levels = [int(c) for c in args.connections.split(",")]
-    configs = parse_configs(args.configs, args.workers)
+    configs = parse_configs(args.configs, args.workers, args.threads)
     if not Path(WRK).exists():
         parser.error(f"wrk not found ({WRK})")
 
@@ -732,10 +737,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print_floor(floor)
             report["crypto_floor"] = {**asdict(floor), "ops_per_core": floor.ops_per_core}
 
-        for workers in configs:
+        for workers, threads in configs:
             overrides: dict = {"rate_limit": {"enabled": False}}
-            if workers is not None:
-                overrides["server"] = {"workers": workers}
+            server_opts = {k: v for k, v in (("workers", workers), ("threads", threads)) if v is not None}
+            if server_opts:
+                overrides["server"] = server_opts
             if args.no_credential_cache:
                 overrides["auth_cache_seconds"] = 0
             server = start_server(pki_dir, workdir, **overrides)
@@ -743,7 +749,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 from est_app.config import load_config
 
                 effective = load_config(server.config).server
-                label = f"workers={effective.workers}" + (
+                label = f"workers={effective.workers} threads={effective.threads}" + (
                     ", credential cache OFF" if args.no_credential_cache else ""
                 )
                 bench = Bench(args, workdir, server, store_url, bodies)
@@ -780,11 +786,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     f"{'OK' if all(r.rows_ok for r in results) else 'MISMATCH'}; "
                     f"store holds {bench.rows()} certificates in all"
                 )
-                entry = {"workers": effective.workers, "credential_cache": not args.no_credential_cache,
+                entry = {"workers": effective.workers, "threads": effective.threads, "credential_cache": not args.no_credential_cache,
                          "tls_session_resumption": resumed, "runs": [{**asdict(r), "connections_per_request": r.connections_per_request,
                                                                       "server_us_per_request": r.server_us_per_request} for r in results]}  # fmt: skip
                 if args.profile:
-                    out = args.profile / f"{effective.workers}-workers"
+                    out = args.profile / f"{effective.workers}x{effective.threads}"
                     pr, summary = profile_run(
                         bench, out, args.profile_mode, args.profile_connections, args.duration, args.profile_rate, args.profile_gil
                     )
@@ -800,10 +806,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if len(report["configs"]) > 1:
             print("\nComparison: req/s / p99 ms / server CPU us per request")
             first = report["configs"][0]["runs"]
-            print(f"  {'workers':<7}" + "".join(f"{MODES[r['mode']][:10] + ' x' + str(r['connections']):>22}" for r in first))
+            print(f"  {'config':<7}" + "".join(f"{MODES[r['mode']][:10] + ' x' + str(r['connections']):>22}" for r in first))
             for entry in report["configs"]:
                 cells = [f"{r['rps']:.0f} / {fmt_ms(r['p99_ms'])} / {r['server_us_per_request']:.0f}" for r in entry["runs"]]
-                print(f"  {entry['workers']:<7}" + "".join(f"{c:>22}" for c in cells))
+                print(f"  {str(entry['workers']) + 'x' + str(entry['threads']):<7}" + "".join(f"{c:>22}" for c in cells))
         print(f"\n{REFERENCE_NOTE}. Targets: 3,000/s keep-alive and 800/s new-connection at 8 clients, p99 < 50 ms at 32.")
         print("Latency is wrk's: from writing the request to the last byte of the answer; for new connections "
               "the TCP and TLS handshakes happen before the clock starts (throughput includes them).")
