@@ -30,7 +30,7 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 def gunicorn_options(settings: Settings) -> dict:
-    """gunicorn settings for ``settings``: the gevent worker of est_app.worker, TLS from the YAML."""
+    """gunicorn settings for ``settings``: est_app.worker's worker (greenlets, app threads), TLS from the YAML."""
     server, tls = settings.server, settings.tls
     options = {
         "bind": [server.bind],
