@@ -61,9 +61,16 @@ class ServerSettings:
     timeout: int = 30
     graceful_timeout: int = 30
     access_log: bool = False
+    # Slow and idle clients (est_app/worker.py): read deadlines in seconds, connections per worker.
+    header_timeout: int = 10
+    body_timeout: int = 20
+    max_connections: int = 1000
+    max_connections_per_address: int = 50
 
     def __post_init__(self) -> None:
-        _positive(self, "workers", "threads", "timeout", "graceful_timeout")
+        _positive(self, "workers", "threads", "keepalive", "timeout", "graceful_timeout", "header_timeout", "body_timeout", "max_connections")
+        if self.max_connections_per_address < 0:
+            raise ValueError("max_connections_per_address must be at least 0 (0: no limit)")
 
 
 @dataclass(frozen=True)

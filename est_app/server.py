@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import ssl
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.util import parse_address
 
 from . import metrics
 from .ca import load_authorities
 from .config import ConfigError, Settings, load_config
+from .worker import worker_class
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
+# TLS 1.2 only with forward secrecy and an AEAD cipher (no CBC, no static RSA); TLS 1.3 suites are all AEAD.
+# libest (TLS 1.2 at most) negotiates ECDHE with AES-GCM.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
 def gunicorn_options(settings: Settings) -> dict:
-    """gunicorn settings for ``settings``: threaded workers (keep-alive), TLS from the YAML."""
+    """gunicorn settings for ``settings``: est_app.worker's worker (greenlets, app threads), TLS from the YAML."""
     server, tls = settings.server, settings.tls
     options = {
         "bind": [server.bind],
         "workers": server.workers,
-        "worker_class": "gthread",
-        "threads": server.threads,
+        "worker_class": worker_class(settings),
+        "worker_connections": server.max_connections,
         "keepalive": server.keepalive,
         "timeout": server.timeout,
         "graceful_timeout": server.graceful_timeout,
@@ -47,23 +55,31 @@ def gunicorn_options(settings: Settings) -> dict:
         cas = [settings.ca, *(label.ca for label in settings.labels.values() if label.ca)]
         anchors = [p for p in (*(f for ca in cas for f in (ca.cert_file, ca.chain_file)), tls.client_ca_file) if p]
 
-        contexts: dict[int, ssl.SSLContext] = {}
-
         def ssl_context(conf, default_ssl_context_factory):
-            # gunicorn asks for a context on every accepted connection, and building one costs
-            # ~1.6 ms of CPU: each worker builds its own once (a new worker reads renewed files).
-            context = contexts.get(os.getpid())
-            if context is None:
-                context = default_ssl_context_factory()
-                context.minimum_version = minimum
-                for anchor in anchors:
-                    context.load_verify_locations(cafile=str(anchor))
-                context.verify_mode = ssl.CERT_OPTIONAL
-                contexts[os.getpid()] = context
+            # Called once per worker (est_app.worker), so a new worker reads renewed files.
+            context = default_ssl_context_factory()
+            context.minimum_version = minimum
+            context.set_ciphers(TLS12_CIPHERS)
+            for anchor in anchors:
+                context.load_verify_locations(cafile=str(anchor))
+            context.verify_mode = ssl.CERT_OPTIONAL
             return context
 
         options.update(certfile=str(tls.cert_file), keyfile=str(tls.key_file), ssl_context=ssl_context)
     return options
+
+
+def check_bind(bind: str) -> None:
+    """Refuse at once, in one line, an address that cannot be listened on (gunicorn retries for 5 s, exits 1)."""
+    address = parse_address(bind)
+    if not isinstance(address, tuple):
+        return  # a Unix socket path: gunicorn reports it
+    with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn does: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"server.bind {bind}: cannot listen there: {exc.strerror or exc}") from None
 
 
 class ESTServer(BaseApplication):
@@ -73,6 +89,7 @@ class ESTServer(BaseApplication):
         self.config_path = config_path
         self.settings = load_config(config_path)
         load_authorities(self.settings)  # fail here, once, rather than in every worker
+        check_bind(self.settings.server.bind)
         super().__init__()
 
     def load_config(self) -> None:

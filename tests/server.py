@@ -16,7 +16,9 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -69,22 +71,24 @@ def write_config(pki_dir: Path, path: Path, port: int, **overrides) -> Path:
 
 
 def start_server(
-    pki_dir: Path, workdir: Path, *, use_gunicorn_conf: bool = False, venv: Path | None = None, **overrides
+    pki_dir: Path, workdir: Path, *, use_gunicorn_conf: bool = False, venv: Path | None = None,
+    wrapper: Sequence[str] = (), **overrides
 ) -> RunningServer:
     """Start the server on a free port; ``overrides`` are merged into `est init`'s config.
 
+    ``wrapper`` is a command that runs the server command given as its arguments (e.g. to restrict it).
     With ``venv``, that virtualenv's ``est-server`` runs in ``workdir``, away from the checkout.
     A port that another process takes between ``free_port`` and the server's bind is
     given up for another; any other failure to start is raised with the server's log.
     """
     for _ in range(PORT_ATTEMPTS):
-        server = _launch(pki_dir, workdir, free_port(), use_gunicorn_conf, venv, overrides)
+        server = _launch(pki_dir, workdir, free_port(), use_gunicorn_conf, venv, wrapper, overrides)
         if _answers(server):
             return server
     raise RuntimeError(f"server found its port taken {PORT_ATTEMPTS} times:\n{server.log.read_text()}")
 
 
-def _launch(pki_dir: Path, workdir: Path, port: int, use_gunicorn_conf: bool, venv: Path | None, overrides: dict) -> RunningServer:
+def _launch(pki_dir: Path, workdir: Path, port: int, use_gunicorn_conf: bool, venv: Path | None, wrapper: Sequence[str], overrides: dict) -> RunningServer:
     config = write_config(pki_dir, workdir / f"config-{port}.yaml", port, **overrides)
     env = {**os.environ, "EST_CONFIG": str(config)}
     bin_dir, cwd = (venv / "bin", workdir) if venv else (BIN, REPO)
@@ -93,7 +97,7 @@ def _launch(pki_dir: Path, workdir: Path, port: int, use_gunicorn_conf: bool, ve
     else:
         cmd = [str(bin_dir / "est-server"), "--config", str(config)]
     log = workdir / f"server-{port}.log"
-    process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen([*wrapper, *cmd], cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     return RunningServer(f"https://127.0.0.1:{port}", port, config, pki_dir / "ca.pem", process, log)
 
 

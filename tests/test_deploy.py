@@ -12,6 +12,7 @@ import dataclasses
 import re
 import secrets
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from est_app.config import LabelSettings, Settings, parse_config
 from est_app.encoding import Base64Encoding, DerEncoding
 from est_app.profiles import build_profiles
 from est_app.server import gunicorn_options
+from est_app.worker import ESTWorker
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .pki import der, make_csr
@@ -193,8 +195,8 @@ def test_every_config_key_is_documented():
 def test_gunicorn_options_from_iqe_config(iqe_settings, pki_dir):
     options = gunicorn_options(iqe_settings)
     assert options["bind"] == ["0.0.0.0:8445"]
-    assert options["worker_class"] == "gthread"
-    assert options["workers"] >= 1 and options["threads"] >= 1
+    assert issubclass(options["worker_class"], ESTWorker) and options["worker_class"].limits == iqe_settings.server
+    assert options["workers"] >= 1 and options["worker_connections"] == iqe_settings.server.max_connections
     assert options["keepalive"] == 30
     assert options["certfile"] == str(pki_dir / "tls.pem")
     assert options["keyfile"] == str(pki_dir / "tls.key")
@@ -337,3 +339,45 @@ def test_iqe_config_serves_der_over_tls(iqe_settings_data, pki_dir, tmp_path):
         assert server.alive()
     finally:
         server.stop()
+
+
+@pytest.mark.e2e
+def test_tls_1_2_offers_only_forward_secret_aead_suites(pki_dir, tmp_path):
+    from .server import start_server
+
+    server = start_server(pki_dir, tmp_path)
+
+    def s_client(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-CAfile", str(pki_dir / "ca.pem"), *args],
+            input="", capture_output=True, text=True, timeout=30,
+        )
+
+    try:
+        for refused in ("AES128-SHA256", "AES256-SHA", "ECDHE:!AESGCM:!CHACHA20"):  # static RSA; CBC; ECDHE with CBC
+            result = s_client("-tls1_2", "-cipher", refused)
+            assert result.returncode != 0 and "Cipher is (NONE)" in result.stdout + result.stderr, (refused, result.stdout)
+        default = s_client("-tls1_2")  # what libest and curl offer by default
+        assert default.returncode == 0, default.stdout + default.stderr
+        assert re.search(r"Cipher is ECDHE-\S+-(AES\d+-GCM-SHA\d+|CHACHA20-POLY1305)", default.stdout), default.stdout
+        assert "Verify return code: 0 (ok)" in default.stdout
+        tls13 = s_client("-tls1_3")
+        assert tls13.returncode == 0 and "TLSv1.3" in tls13.stdout
+        assert server.alive()
+    finally:
+        server.stop()
+
+
+def test_est_server_on_a_port_in_use_says_so_in_one_line_and_exits_2(pki_dir, tmp_path):
+    from .server import BIN, write_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(pki_dir, tmp_path / "config.yaml", port)
+        result = subprocess.run([BIN / "est-server", "--config", config], capture_output=True, text=True, timeout=60)
+    # Before gunicorn starts: none of its five "Retrying in 1 second." lines, not its exit status 1.
+    assert result.returncode == 2
+    assert result.stderr == f"est-server: server.bind 127.0.0.1:{port}: cannot listen there: Address already in use\n"
+    assert result.stdout == ""

@@ -1,0 +1,236 @@
+"""The gunicorn worker ``est-server`` runs: connections on greenlets, the app on threads, read deadlines.
+
+A gthread worker gives each open connection a thread while it handshakes and
+reads a request, so eight idle TLS connections stopped a 2 x 4 server (issue
+7). Here each connection is a greenlet (gevent) until its request has been
+read in full; only then does the request take one of ``server.threads`` app
+threads, so a slow or idle client never holds one, and the app stays ordinary
+threaded WSGI code (a blocking SQLite commit in one thread does not stop the
+others). On top of gunicorn's gevent worker this one bounds what a client can
+hold while it is read:
+
+- the TLS handshake and the first request's head must arrive within
+  ``server.header_timeout`` of the connection being accepted; a kept-alive
+  connection's next head within ``server.keepalive`` (gunicorn's own rule);
+- a request body must arrive within ``server.body_timeout`` of its head
+  (the app answers 408 and the connection is closed);
+- one client address holds at most ``server.max_connections_per_address``
+  connections in this worker; further ones are closed before the handshake.
+
+docs/DEPLOYMENT.md ("Slow and idle clients") has the measurements behind the choice.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter
+from functools import partial
+
+import gevent
+import gevent.local
+from gevent import monkey
+from gevent import socket as green_socket
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gevent.threadpool import ThreadPool
+from gunicorn import util
+from gunicorn.http.errors import ParseException
+from gunicorn.sock import ssl_context
+from gunicorn.workers.ggevent import GeventWorker
+from werkzeug.exceptions import RequestTimeout
+
+from .config import ServerSettings, Settings
+
+DRAIN_LIMIT = 64 * 1024  # bytes of an unread body worth reading to keep the connection (EST bodies are a few KiB)
+BODY_ERRORS = (RequestTimeout, ParseException, OSError)  # a body that could not be read to its end
+
+
+class BodyWithDeadline:
+    """A request body (gunicorn's ``wsgi.input``) whose reads fail with 408 once ``deadline`` has passed."""
+
+    def __init__(self, body, deadline: float, timeout: int) -> None:
+        self.body, self.deadline, self.timeout = body, deadline, timeout
+
+    @property
+    def failed(self) -> bool:
+        """gunicorn's flag: reading the body raised, where the next request starts is unknown."""
+        return getattr(self.body, "failed", False)
+
+    def read(self, size=None) -> bytes:
+        remaining = self.deadline - time.monotonic()
+        error = RequestTimeout(f"request body not received within {self.timeout} s (server.body_timeout)")
+        if remaining <= 0:
+            raise error
+        with gevent.Timeout(remaining, error):
+            return self.body.read(size)
+
+
+class UnreadableBody(io.RawIOBase):
+    """``wsgi.input`` for the app when reading the body failed: every read raises what reading raised."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        raise self.error
+
+
+class ESTWorker(GeventWorker):
+    """gunicorn's gevent worker with app threads, the deadlines and the per-address limit of ``limits``."""
+
+    limits = ServerSettings()
+    max_body_bytes = Settings.max_body_bytes  # the default; worker_class() binds the configured one
+
+    def patch(self) -> None:
+        # Everything but threading: the app threads need real locks, thread-locals and queues.
+        monkey.patch_all(thread=False)
+        self.sockets = [green_socket.socket(s.FAMILY, green_socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
+
+    def init_process(self) -> None:
+        self.connections: Counter[str] = Counter()  # open connections by client address
+        self.refusing: set[str] = set()  # addresses refused (and logged) since they last held no connection
+        self.connection = gevent.local.local()  # per greenlet: the first request's head deadline
+        super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.flask_app, self.wsgi = self.wsgi, self.call_app_in_thread  # self.app is gunicorn's
+
+    def run(self) -> None:
+        # GeventWorker.run without its TLS wrapping: here the handshake runs in handle(), after the
+        # per-address check and under the head deadline (gevent's StreamServer would run it unbounded).
+        self.context = ssl_context(self.cfg) if self.cfg.is_ssl else None
+        self.app_threads = ThreadPool(self.limits.threads)
+        servers = []
+        for listener in self.sockets:
+            listener.setblocking(1)
+            server = StreamServer(listener, handle=partial(self.handle, listener), spawn=Pool(self.worker_connections))
+            if self.cfg.workers > 1:
+                server.max_accept = 1
+            server.start()
+            servers.append(server)
+
+        while self.alive:
+            self.notify()
+            gevent.sleep(1.0)
+
+        for server in servers:
+            server.close()
+        stop_by = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < stop_by and any(s.pool.free_count() != s.pool.size for s in servers):
+            self.notify()
+            gevent.sleep(1.0)
+        for server in servers:
+            server.stop(timeout=1)
+        self.app_threads.kill()
+
+    def handle(self, listener, client, addr) -> None:
+        peer = addr[0] if isinstance(addr, tuple) else ""
+        limit = self.limits.max_connections_per_address
+        if limit and self.connections[peer] >= limit:
+            if peer not in self.refusing:  # once per episode, not once per connection of a flood
+                self.refusing.add(peer)
+                self.log.warning("closing connections from %s: it holds %d (server.max_connections_per_address)", peer, limit)
+            client.close()
+            return
+        self.connections[peer] += 1
+        try:
+            self.connection.head_deadline = time.monotonic() + self.limits.header_timeout
+            if self.context is not None:
+                client = self.context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+                handshaken = False
+                with gevent.Timeout(self.limits.header_timeout, False):
+                    client.do_handshake()
+                    handshaken = True
+                if not handshaken:
+                    self.log.debug("closed %s: no TLS handshake within %d s", peer, self.limits.header_timeout)
+                    client.close()
+                    return
+            super().handle(listener, client, addr)
+        except OSError as exc:  # a handshake the client broke off; gunicorn handles the rest
+            self.log.debug("TLS handshake with %s failed: %s", peer, exc)
+            client.close()
+        finally:
+            self.connections[peer] -= 1
+            if not self.connections[peer]:
+                del self.connections[peer]
+                self.refusing.discard(peer)
+
+    def timeout_ctx(self) -> gevent.Timeout:
+        """How long the next request's head may take: the rest of header_timeout for the first, keepalive after."""
+        deadline = getattr(self.connection, "head_deadline", None)
+        self.connection.head_deadline = None
+        if deadline is None:
+            return gevent.Timeout(self.cfg.keepalive, False)
+        return gevent.Timeout(max(deadline - time.monotonic(), 0.001), False)
+
+    def handle_request(self, listener_name, req, sock, addr) -> None:
+        timeout = self.limits.body_timeout
+        req.body = BodyWithDeadline(req.body, time.monotonic() + timeout, timeout)
+        try:
+            super().handle_request(listener_name, req, sock, addr)  # StopIteration: the answer said "close"
+            self.drain(req.body)
+        except StopIteration:
+            # Half-close and linger (RFC 9112 9.6), as gthread does: closing with request bytes unread
+            # would send a reset that can destroy the answer (a 408 or 413) before the client reads it.
+            util.close_graceful(sock)
+            raise
+
+    def call_app_in_thread(self, environ, start_response):
+        """WSGI: read the body here, on the connection's greenlet, then run the app to completion on an app thread."""
+        try:
+            environ["wsgi.input"] = io.BytesIO(self.read_body(environ))
+        except BODY_ERRORS as exc:
+            environ["wsgi.input"] = io.BufferedReader(UnreadableBody(exc))  # the app answers it (408, 400)
+
+        def run() -> tuple[list, bytes]:
+            response, written = [], []
+
+            def capture(status, headers, exc_info=None):
+                response[:] = [status, headers, exc_info]
+                return written.append
+
+            result = self.flask_app(environ, capture)
+            try:
+                written.extend(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+            return response, b"".join(written)
+
+        (status, headers, exc_info), body = self.app_threads.apply(run)
+        start_response(status, headers, exc_info)
+        return [body]
+
+    def read_body(self, environ) -> bytes:
+        """The body, or nothing when its Content-Length already exceeds the limit (the app refuses it unread)."""
+        length = environ.get("CONTENT_LENGTH")
+        if length and length.isdigit() and int(length) > self.max_body_bytes:
+            return b""
+        # Without a Content-Length (chunked), one byte over the limit tells the app "too large".
+        return environ["wsgi.input"].read(self.max_body_bytes + 1)
+
+    @staticmethod
+    def drain(body: BodyWithDeadline) -> None:
+        """Read what is left of the body (the app refused it by its length), within the deadline and up to
+        DRAIN_LIMIT bytes; StopIteration if it cannot be read to its end, since where the next request
+        starts is then unknown."""
+        drained = 0
+        try:
+            while not body.failed and drained <= DRAIN_LIMIT:
+                chunk = body.read(8192)
+                if not chunk:
+                    return
+                drained += len(chunk)
+        except BODY_ERRORS:
+            pass
+        raise StopIteration
+
+
+def worker_class(settings: Settings) -> type[ESTWorker]:
+    """The gunicorn ``worker_class`` for ``settings``: :class:`ESTWorker` with its threads, deadlines and limits."""
+    return type("ESTWorker", (ESTWorker,), {"limits": settings.server, "max_body_bytes": settings.max_body_bytes})
