@@ -46,7 +46,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     ``defer_ca_key`` (the CLI) loads the CA key only when something is signed.
     """
     app = Flask(__name__, instance_relative_config=True)
-    settings = config if isinstance(config, Settings) else load_config(_config_path(config, app))
+    settings = config if isinstance(config, Settings) else load_config(_config_path(config))
     _configure_logging(settings.log_level)
 
     database_url = settings.database.url
@@ -102,18 +102,23 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     return app
 
 
-def _config_path(config: str | os.PathLike | None, app: Flask) -> Path:
+def config_path(config: str | os.PathLike | None = None) -> Path:
+    """The configuration file: ``config``, else ``$EST_CONFIG``, else the instance folder's config.yaml."""
     if config is not None:
         return Path(config)
     if os.environ.get(CONFIG_ENV):
         return Path(os.environ[CONFIG_ENV])
-    default = Path(app.instance_path) / "config.yaml"
-    if not default.is_file():
+    return instance_path() / "config.yaml"
+
+
+def _config_path(config: str | os.PathLike | None) -> Path:
+    path = config_path(config)
+    if config is None and not os.environ.get(CONFIG_ENV) and not path.is_file():
         raise ConfigError(
             f"no configuration: pass --config FILE or set {CONFIG_ENV}=FILE (a production server keeps it in /etc/est/config.yaml, "
-            f"see docs/DEPLOYMENT.md); for a development setup `est-admin init` creates {default}"
+            f"see docs/DEPLOYMENT.md); for a development setup `est-admin init` creates {path}"
         )
-    return default
+    return path
 
 
 def _configure_logging(level: str) -> None:

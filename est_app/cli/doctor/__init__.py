@@ -19,7 +19,6 @@ status is 1 when any finding is FAIL; WARN alone exits 0.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -80,12 +79,9 @@ def doctor_command(
 
 
 def _config_path(ctx: click.Context) -> Path:
-    from ... import CONFIG_ENV, instance_path  # the package imports this module first
+    from ... import config_path  # the package imports this module first
 
-    explicit = ctx.parent.params.get("config") if ctx.parent else None
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else instance_path() / "config.yaml"
+    return config_path((ctx.parent.params.get("config") if ctx.parent else None) or None)
 
 
 def _check_deployment(
