@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,6 +22,12 @@ MIN_RSA_BITS = 2048
 # NIST SP 800-89 / FIPS 186-4's (odd, 65537 <= e < 2**256), as RFC 4055 recommends 65537.
 MAX_RSA_BITS = 4096
 RSA_EXPONENT_RANGE = (65537, 2**256)
+
+# cryptography warns (once per process, to stderr) when it parses a name attribute outside
+# RFC 5280's length rules; names.check_subject refuses such a CSR with a 400 naming the
+# attribute, so the warning is noise. A filter set once at import is thread-safe, unlike
+# warnings.catch_warnings() around each parse.
+warnings.filterwarnings("ignore", message=r"Attribute's length must be", category=UserWarning)
 
 
 @dataclass(frozen=True)
