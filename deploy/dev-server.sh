@@ -19,6 +19,6 @@ export EST_CONFIG="$PWD/instance/config.yaml"
 if ! .venv/bin/est-admin user list | cut -f1 | grep -qx gateway; then
   password="${EST_PASSWORD:-$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(18))')}"
   printf '%s\n' "$password" | .venv/bin/est-admin user add gateway
-  [ -n "${EST_PASSWORD:-}" ] || echo "EST user 'gateway' has password: $password  (shown once; change with est-admin user remove/add)"
+  [ -n "${EST_PASSWORD:-}" ] || echo "EST user 'gateway' has password: $password  (shown once; change it with est-admin user passwd gateway)"
 fi
 exec .venv/bin/est-server --config "$EST_CONFIG"
