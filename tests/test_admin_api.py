@@ -447,9 +447,9 @@ def test_device_history_revoke_crl_delete_and_audit(api):
     assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}?keep=true"), 400, "unknown query parameter(s) keep; this route takes: label, keep_certificate")
     deleted = api.call("DELETE", f"/api/v1/devices/{device.id}")
     assert deleted.status_code == 204 and deleted.get_data() == b""
-    assert_error(api.call("GET", f"/api/v1/devices/{device.id}"), 404, f"no device named or numbered '{device.id}'")
-    assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}"), 404, f"no device named or numbered '{device.id}'")
-    assert_error(api.call("POST", f"/api/v1/devices/{device.id}/revoke", json={}), 404, f"no device named or numbered '{device.id}'")
+    assert_error(api.call("GET", f"/api/v1/devices/{device.id}"), 404, f"no device number {device.id}")
+    assert_error(api.call("DELETE", f"/api/v1/devices/{device.id}"), 404, f"no device number {device.id}")
+    assert_error(api.call("POST", f"/api/v1/devices/{device.id}/revoke", json={}), 404, f"no device number {device.id}")
     kept = api.get(f"/api/v1/certificates/{serial_of(second)}")
     assert (kept["status"], kept["device_number"]) == ("revoked", None)
     third = enroll(api.client, "NPPBBB4")
@@ -577,10 +577,10 @@ ERROR_CASES = [
     ("unknown route", "admin", "GET", "/api/v1/nosuch", {}, 404, "Not Found", None),
     ("unknown route, no credentials", "none", "GET", "/api/v1/nosuch", {}, 404, "Not Found", None),
     ("the prefix itself", "admin", "GET", "/api/v1", {}, 404, "Not Found", None),
-    ("unknown device", "admin", "GET", "/api/v1/devices/999999", {}, 404, "no device named or numbered '999999'", None),
-    ("unknown device name", "admin", "GET", "/api/v1/devices/NOSUCH1", {}, 404, "no device named or numbered 'NOSUCH1'", None),
+    ("unknown device", "admin", "GET", "/api/v1/devices/999999", {}, 404, "no device number 999999", None),
+    ("unknown device name", "admin", "GET", "/api/v1/devices/NOSUCH1", {}, 404, "no device named 'NOSUCH1'", None),
     ("unknown parameter on a device", "admin", "GET", "/api/v1/devices/{device}?lable=pumps", {}, 400, "unknown query parameter(s) lable", None),
-    ("device number past 64 bits", "admin", "DELETE", "/api/v1/devices/99999999999999999999999", {}, 404, "no device named or numbered '99999999999999999999999'", None),
+    ("device number past 64 bits", "admin", "DELETE", "/api/v1/devices/99999999999999999999999", {}, 404, "no device number 99999999999999999999999", None),
     ("revoke device number past 64 bits", "admin", "POST", "/api/v1/devices/99999999999999999999999/revoke", {"json": {}}, 404, "no device", None),
     ("show device number past 64 bits", "admin", "GET", "/api/v1/devices/99999999999999999999999", {}, 404, "no device", None),
     ("unknown certificate", "admin", "GET", "/api/v1/certificates/abcdef0123", {}, 404, "no certificate with serial abcdef0123", None),
@@ -670,3 +670,17 @@ def test_device_text_round_trips_as_a_json_string(api, cn):
     assert shown["events"][0]["device_name"] == cn
     found = api.get("/api/v1/certificates", query_string={"search": cn})["items"]
     assert [c["serial"] for c in found] == [serial_of(cert)]
+
+
+def test_digits_are_a_device_number_and_never_fall_back_to_a_name(make_api):
+    """A retried delete of a number that is gone must not reach another pump named like that number."""
+    api = make_api()
+    enroll(api.client, "NPPONE1")
+    (first,) = api.store().find_devices()
+    enroll(api.client, str(first.id))  # a pump whose name is the first one's number
+    numbered = next(d for d in api.store().find_devices() if d.device_key == str(first.id))
+    assert api.get(f"/api/v1/devices/{first.id}")["name"] == "NPPONE1"
+    assert api.call("DELETE", f"/api/v1/devices/{first.id}").status_code == 204
+    assert_error(api.call("DELETE", f"/api/v1/devices/{first.id}"), 404, f"no device number {first.id}")
+    assert api.store().get_device(numbered.id) is not None
+    assert api.get(f"/api/v1/devices/{first.id}", query_string={"label": "default"})["number"] == numbered.id

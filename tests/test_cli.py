@@ -109,7 +109,7 @@ def test_device_commands_take_the_name_or_the_number_and_a_shared_name_needs_the
         (line,) = shared.output.splitlines()  # one line, naming both labels and the way out
         assert "'NPPBBB4' fits 2 devices" in line and "label 'default'" in line and "label 'pumps'" in line and "--label" in line
     unknown = run_cli("device", "show", "NPPZZZ9", config=path)
-    assert unknown.exit_code == 1 and "no device named or numbered 'NPPZZZ9'" in unknown.output
+    assert unknown.exit_code == 1 and "no device named 'NPPZZZ9'" in unknown.output
     assert "on label 'default'" in run_cli("device", "show", "NPPCCC7", "--label", "default", config=path).output
 
     revoked = run_cli("device", "revoke", "NPPBBB4", "--label", "pumps", "--reason", "keyCompromise", config=path)

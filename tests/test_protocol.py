@@ -713,7 +713,7 @@ def test_device_cli_list_show_delete(make_app, cli, tmp_path):
     assert (s.get_certificate(serial(current)).status, s.get_certificate(serial(current)).device_id) == ("revoked", None)
     for args in (("device", "show", str(pump.id)), ("device", "delete", str(pump.id))):
         result = run_cli(*args, config=tmp_path / "config.yaml")
-        assert result.exit_code != 0 and f"no device named or numbered '{pump.id}'" in result.output
+        assert result.exit_code != 0 and f"no device number {pump.id}" in result.output
 
 
 # --- 8. proof of possession ---------------------------------------------------------------

@@ -303,7 +303,7 @@ def test_device_revoke_revokes_the_current_certificate(env):
     result = cli(env, "device", "revoke", str(device.id), "--reason", "keyCompromise")
     assert result.exit_code == 1 and "is revoked already" in result.output
     result = cli(env, "device", "revoke", "9999")
-    assert result.exit_code == 1 and "no device named or numbered '9999'" in result.output
+    assert result.exit_code == 1 and "no device number 9999" in result.output
 
 
 def test_device_revoke_takes_a_reason(env):

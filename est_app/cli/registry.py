@@ -26,7 +26,8 @@ def device() -> None:
 
     A device is named by its device name (the identity the label takes from the
     CSR, e.g. NPPBBB4) or by its device number (the registry's row number, as
-    `device list` shows). A name enrolled on several labels needs --label.
+    `device list` shows). Digits alone are a number; a name of digits only, or a
+    name enrolled on several labels, needs --label.
     """
 
 

@@ -58,27 +58,33 @@ class Reports:
         self.engine = engine
 
     def find_device(self, reference: str, label: Optional[str] = None) -> Device:
-        """The one device ``reference`` names: a device name, or (all digits) a device number.
+        """The one device ``reference`` names: all digits, its device number; otherwise its name.
 
-        ``label`` narrows the search. A name enrolled on several labels, or digits that are
-        one device's name and another's number, raise :class:`AmbiguousDevice` with a
-        one-line message listing the candidates; nothing found raises :class:`DeviceNotFound`.
+        With ``label`` the reference is always a name on that label, which is how a device
+        whose name is all digits is reached. A number never falls back to a name: a retried
+        delete of a device number that is gone must not find another pump named like it.
+        A name enrolled on several labels raises :class:`AmbiguousDevice` with a one-line
+        message listing them; nothing found raises :class:`DeviceNotFound`.
         """
         text = reference.strip()
-        match = devices.c.device_key == text
-        if text.isascii() and text.isdigit() and int(text) <= MAX_ID:
-            match = sa.or_(match, devices.c.id == int(text))
+        by_number = label is None and text.isascii() and text.isdigit()
+        if by_number:
+            match = devices.c.id == int(text) if int(text) <= MAX_ID else sa.false()
+        else:
+            match = devices.c.device_key == text
+            if label is not None:
+                match = sa.and_(match, devices.c.label == label)
         query = devices.select().where(match).order_by(devices.c.label, devices.c.id)
-        if label is not None:
-            query = query.where(devices.c.label == label)
         with self.engine.connect() as conn:
             found = [Device(**row._mapping) for row in conn.execute(query.limit(20))]
-        on_label = f" on label {label!r}" if label is not None else ""
         if not found:
-            raise DeviceNotFound(f"no device named or numbered {text!r}{on_label}")
+            if by_number:
+                raise DeviceNotFound(f"no device number {text} (a name of digits only is looked up with its label)")
+            on_label = f" on label {label!r}" if label is not None else ""
+            raise DeviceNotFound(f"no device named {text!r}{on_label}")
         if len(found) > 1:
-            listed = "; ".join(f"number {d.id}, name {d.device_key!r} on label {d.label!r}" for d in found)
-            raise AmbiguousDevice(f"{text!r} fits {len(found)} devices ({listed}): give the label, or a number", found)
+            listed = "; ".join(f"number {d.id} on label {d.label!r}" for d in found)
+            raise AmbiguousDevice(f"{text!r} fits {len(found)} devices ({listed}): give the label, or the number", found)
         return found[0]
 
     def devices(
