@@ -61,6 +61,18 @@ def test_a_password_cannot_buy_a_pump_identity(make_app, register_ra, client_cer
     issued(post(client, "simpleenroll", make_csr("XNPPAAA1"), label=label, basic=True))
 
 
+@pytest.mark.parametrize("cn", ["nppaaa1", "NppAaa1", "\uff2e\uff30\uff30AAA1"], ids=["lower case", "mixed case", "fullwidth letters"])
+def test_a_reserved_name_is_reserved_in_any_case_or_compatibility_form(make_app, cn):
+    client = make_app(labels=ATTACK_LABELS).test_client()
+    refused(post(client, "simpleenroll", make_csr(cn), basic=True), 400, "is reserved to label 'pumps'")
+
+
+@pytest.mark.parametrize("cn", [" NPPAAA1", "NPPAAA1 "], ids=["leading space", "trailing space"])
+def test_a_name_with_leading_or_trailing_spaces_is_refused(make_app, cn):
+    client = make_app(labels=ATTACK_LABELS).test_client()
+    refused(post(client, "simpleenroll", make_csr(cn), basic=True), 400, "commonName", "has leading or trailing spaces")
+
+
 def test_a_device_has_one_label(make_app, cli):
     app = make_app(labels={"pumps": {}, "wards": {}})
     client = app.test_client()

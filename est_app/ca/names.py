@@ -100,6 +100,8 @@ def check_subject(subject: x509.Name) -> None:
             continue  # a bit string (x500UniqueIdentifier): never copied into a certificate
         field_name = f"subject {attribute.oid._name}"  # commonName, organizationName, ... as RFC 5280 spells them
         check_text(field_name, attribute.value)
+        if attribute.value != attribute.value.strip():
+            raise BadRequest(f"CSR {field_name} {shown(attribute.value)} has leading or trailing spaces")
         if attribute.oid == NameOID.COUNTRY_NAME:
             if not re.fullmatch(r"[A-Za-z]{2}", attribute.value):
                 raise BadRequest(f"CSR {field_name} {shown(attribute.value)} must be a two-letter ISO 3166 code")
@@ -113,8 +115,11 @@ def check_reserved(cn: str, own_pattern: Optional[re.Pattern[str]], policy: Name
     """A commonName matching another label's pattern belongs to that label (unless this label's pattern claims it too)."""
     if own_pattern is not None:
         return  # the CN matched this label's own pattern: overlapping patterns share their names
+    # Matched the way a RADIUS rule or a person might compare names: case and Unicode
+    # compatibility forms (fullwidth letters) folded, so `nppbbb4` is the pumps' name too.
+    folded = unicodedata.normalize("NFKC", cn)
     for owner, pattern in policy.reserved_cn_patterns:
-        if pattern.fullmatch(cn):
+        if pattern.fullmatch(cn) or re.fullmatch(pattern.pattern, folded, pattern.flags | re.IGNORECASE):
             raise BadRequest(
                 f"CSR commonName {shown(cn)} is reserved to label {owner!r} (it matches that label's subject_cn_pattern); "
                 f"enroll it at /.well-known/est/{owner}/"
