@@ -461,7 +461,7 @@ def test_device_history_revoke_crl_delete_and_audit(api):
     assert [(e.event, e.actor, e.client_address, e.label, e.device, e.serial, e.detail) for e in trail] == [
         ("revoke", f"admin:{ADMIN}", "127.0.0.1", "default", "NPPBBB4", serial_of(second), "keyCompromise"),
         ("revoke", f"admin:{ADMIN}", "127.0.0.1", "default", "NPPBBB4", serial_of(first), "unspecified"),
-        ("device-delete", f"admin:{ADMIN}", "127.0.0.1", "default", "NPPBBB4", serial_of(second), f"device {device.id}; its certificate revoked"),
+        ("device-delete", f"admin:{ADMIN}", "127.0.0.1", "default", "NPPBBB4", serial_of(second), f"device {device.id}; its certificates revoked"),
     ]  # no second revoke event: the current certificate was revoked already (keyCompromise stays its reason)
     assert api.get(f"/api/v1/certificates/{serial_of(second)}")["revocation_reason"] == "keyCompromise"
 
@@ -485,7 +485,7 @@ def test_delete_revokes_the_current_certificate_unless_kept(api, query, status, 
     assert (crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None) == listed
     events = [(e.event, e.detail) for e in api.store().audit_events() if e.actor == f"admin:{ADMIN}"]
     kept = "kept valid at the operator's request" if status == "valid" else "revoked"
-    assert events == ([("revoke", reason)] if listed else []) + [("device-delete", f"device {device.id}; its certificate {kept}")]
+    assert events == ([("revoke", reason)] if listed else []) + [("device-delete", f"device {device.id}; its certificates {kept}")]
 
 
 def test_certificate_detail_has_the_pem_and_nothing_private(api, pki_dir):

@@ -223,7 +223,7 @@ def test_device_delete(env):
     revoked, deleted = new_events(env)  # one transaction: the current certificate is revoked with the device
     assert_event(revoked, event="revoke", outcome="ok", actor=CLI, label="unique", device="NPPGONE", serial=device.current_serial, detail="cessationOfOperation")
     assert_event(deleted, event="device-delete", outcome="ok", actor=CLI, label="unique", device="NPPGONE", serial=device.current_serial,
-                 detail=f"device {device.id}; its certificate revoked")
+                 detail=f"device {device.id}; its certificates revoked")
     assert cli(env, "device", "delete", str(device.id)).exit_code == 1
     assert new_events(env) == []
 

@@ -91,7 +91,7 @@ def test_a_device_has_one_label(make_app, cli):
     moved = issued(post(client, "simpleenroll", make_csr("NPPBBB4"), label="wards", basic=True))
     (now,) = store(app).find_devices()
     assert (now.label, now.current_serial) == ("wards", serial(moved))
-    assert store(app).get_certificate(serial(first)).status == "superseded"
+    assert store(app).get_certificate(serial(first)).status == "revoked"  # a superseded certificate goes with its device
 
 
 def test_overlapping_patterns_share_names_but_a_device_still_has_one_label(make_app):
@@ -140,14 +140,18 @@ def test_store_deletes_and_revokes_in_one_transaction(make_app):
 def test_cli_device_delete(make_app, cli, keep):
     app = make_app()
     client = app.test_client()
-    cert = issued(post(client, "simpleenroll", make_csr("NPPBBB4"), basic=True))
+    older = issued(post(client, "simpleenroll", make_csr("NPPBBB4"), basic=True))
+    cert = issued(post(client, "simpleenroll", make_csr("NPPBBB4"), basic=True))  # renews: the older one is superseded
     (device,) = store(app).find_devices()
     output = cli("device", "delete", str(device.id), *(["--keep-certificate"] if keep else []))
     if keep:
-        assert f"its certificate {serial(cert)} is valid (--keep-certificate)" in output
+        assert f"its certificate {serial(cert)} stays valid (--keep-certificate)" in output
     else:
-        assert f"its certificate {serial(cert)} is revoked (cessationOfOperation); CRL re-signed" in output
-    entry = crl(client).get_revoked_certificate_by_serial_number(cert.serial_number)  # no wait for the half-life
+        assert f"revoked (cessationOfOperation): {serial(older)}, {serial(cert)}; CRL re-signed" in output
+    listed = crl(client)  # no wait for the half-life
+    entry = listed.get_revoked_certificate_by_serial_number(cert.serial_number)
+    # A superseded certificate still opens the network until it expires: deleting the device revokes it too.
+    assert (listed.get_revoked_certificate_by_serial_number(older.serial_number) is None) == keep
     if keep:
         assert entry is None and store(app).get_certificate(serial(cert)).status == "valid"
     else:

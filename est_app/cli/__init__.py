@@ -10,9 +10,13 @@ own module; every list prints through :mod:`.output`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 import click
 from flask.cli import AppGroup, ScriptInfo
+
+if TYPE_CHECKING:
+    from ..ca import CertificateAuthority
 
 
 class ConfigOption(click.Option):
@@ -54,15 +58,16 @@ def _create_app(config: Path | None = None):
         raise click.ClickException(str(exc)) from None
 
 
-def require_ca_key(purpose: str) -> None:
-    """Load the CA key before a command that signs changes anything; a clear one-line error if it cannot be."""
+def require_ca_key(purpose: str, authorities: Iterable["CertificateAuthority"]) -> None:
+    """Load the keys of the CAs that will sign, before a command changes anything; a clear
+    one-line error if one cannot be loaded."""
     from ..config import ConfigError
-    from ..state import state
 
-    try:
-        state().authority.private_key
-    except ConfigError as exc:
-        raise click.ClickException(f"cannot {purpose} without the CA key: {exc}") from None
+    for authority in authorities:
+        try:
+            authority.private_key
+        except ConfigError as exc:
+            raise click.ClickException(f"cannot {purpose} without the CA key: {exc}") from None
 
 
 from . import accounts, initialise, registry  # noqa: E402  (they attach their commands to ``est``)

@@ -9,7 +9,7 @@ import click
 from ..admin.api import certificate_json, device_json, event_json
 from ..audit import cli_actor
 from ..ca.crl import REASONS
-from ..revocation import delete_device, revoke
+from ..revocation import delete_device, live_certificates, revoke, signing_authorities
 from ..state import state
 from ..store import AlreadyRevoked, Device, NotFound
 from ..store.reports import AmbiguousDevice, DeviceNotFound, Reports
@@ -82,19 +82,19 @@ def device_show(device_ref: str, label: str | None) -> None:
 @device.command("delete")
 @device_argument
 @label_option
-@click.option("--keep-certificate", is_flag=True, help="Leave its current certificate valid (until it expires; it cannot re-enroll).")
+@click.option("--keep-certificate", is_flag=True, help="Leave its certificates valid (until they expire; they cannot re-enroll).")
 def device_delete(device_ref: str, label: str | None, keep_certificate: bool) -> None:
-    """Forget a device (name or number) so its name can enroll again; its current certificate is revoked (cessationOfOperation)."""
-    if not keep_certificate:
-        require_ca_key("revoke its certificate and sign the CRL")
-    store = state().store
+    """Forget a device (name or number) so its name can enroll again; its certificates that are still valid are revoked (cessationOfOperation)."""
     d = find_device(device_ref, label)
-    deleted = delete_device(d, cli_actor(), keep_certificate=keep_certificate)
-    if deleted is None:
+    live = [] if keep_certificate else live_certificates(d)
+    require_ca_key("revoke its certificates and sign the CRL", signing_authorities(live))
+    if delete_device(d, cli_actor(), keep_certificate=keep_certificate) is None:
         raise click.ClickException(f"no device {device_ref}")
-    c = store.get_certificate(deleted.current_serial)
-    status = f"revoked ({c.revocation_reason}); CRL re-signed" if c.status == "revoked" else f"{c.status} (--keep-certificate)"
-    click.echo(f"deleted device {d.device_key} (number {d.id}, label {d.label}); it may enroll again; its certificate {c.serial} is {status}")
+    if keep_certificate:
+        outcome = f"its certificate {d.current_serial} stays valid (--keep-certificate)"
+    else:
+        outcome = f"revoked (cessationOfOperation): {', '.join(c.serial for c in live) or 'none still valid'}; CRL re-signed"
+    click.echo(f"deleted device {d.device_key} (number {d.id}, label {d.label}); it may enroll again; {outcome}")
 
 
 @device.command("revoke")
@@ -121,7 +121,10 @@ def cert_revoke(serial: str, reason: str) -> None:
 
 
 def _revoke(serial: str, reason: str) -> None:
-    require_ca_key("revoke a certificate (the CRL is re-signed at once)")
+    record = state().store.get_certificate(serial)
+    if record is None:
+        raise click.ClickException(f"no certificate with serial {serial}")
+    require_ca_key("revoke a certificate (the CRL is re-signed at once)", signing_authorities([record]))
     try:
         revoke(serial, reason, cli_actor())
     except NotFound:
@@ -148,7 +151,6 @@ def cert_expiring(days: int, as_json: bool) -> None:
 @click.option("--label", help="Only the CA that issues on this label (default: every CA).")
 def crl_refresh(label: str | None) -> None:
     """Re-sign and store each CA's CRL now (for a timer; the server also refreshes them at half-life)."""
-    require_ca_key("sign the CRL")
     app_state = state()
     if label is None:
         authorities = list(app_state.authorities)
@@ -156,6 +158,7 @@ def crl_refresh(label: str | None) -> None:
         authorities = [app_state.authorities.for_label(label)]
     else:
         raise click.ClickException(f"no label {label!r} in the configuration")
+    require_ca_key("sign the CRL", authorities)
     for authority in authorities:
         record = app_state.crls[authority.issuer_id].regenerate()
         subject = authority.certificate.subject.rfc4514_string()

@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Optional
+from typing import Iterable, Optional
 
 from ..ca import CertificateAuthority
 from ..ca.crl import build_crl
 from ..state import state
 from ..store import AuditEvent, CertificateRecord, CRLRecord, Device, NotFound, Store
 
-# A deleted device is taken out of service: its certificate must stop opening the network.
+# A deleted device is taken out of service: its certificates must stop opening the network.
 DELETE_REASON = "cessationOfOperation"
 
 log = logging.getLogger(__name__)
@@ -85,22 +85,41 @@ def revoke(serial: str, reason: str, actor: str, client_address: str = "") -> Ce
         device=device.device_key if device else record.common_name, serial=serial, detail=reason,
     )
     revoked = store.revoke(serial, reason, audit)
-    _publish_crl(revoked)
+    _publish_crls([revoked])
     return revoked
 
 
-def _publish_crl(record: CertificateRecord) -> None:
-    """Re-sign the CRL of the CA that issued the just-revoked ``record``."""
-    crl = state().crl_of(record.issuer)
-    if crl is None:  # recorded all the same: OCSP and EST refuse it, and the CA's CRL lists it once configured again
-        log.warning("revoked %s, issued by a CA no longer configured (%s): no CRL re-signed", record.serial, record.issuer)
-    else:
-        crl.regenerate()
+def live_certificates(device: Device) -> list[CertificateRecord]:
+    """The device's certificates that still open the network: not revoked, not expired."""
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    return [c for c in state().store.device_certificates(device.id) if c.status != "revoked" and c.not_after > now]
+
+
+def signing_authorities(records: Iterable[CertificateRecord]) -> list[CertificateAuthority]:
+    """The configured CAs whose CRLs revoking ``records`` re-signs, each once."""
+    found = {}
+    for record in records:
+        authority = state().authorities.issuer_of(record.issuer)
+        if authority is not None:
+            found[authority.issuer_id] = authority
+    return list(found.values())
+
+
+def _publish_crls(records: Iterable[CertificateRecord]) -> None:
+    """Re-sign the CRL of each CA that issued one of the just-revoked ``records``."""
+    app_state = state()
+    for record in records:
+        if app_state.authorities.issuer_of(record.issuer) is None:
+            # recorded all the same: OCSP and EST refuse it, and the CA's CRL lists it once configured again
+            log.warning("revoked %s, issued by a CA no longer configured (%s): no CRL re-signed", record.serial, record.issuer)
+    for authority in signing_authorities(records):
+        app_state.crls[authority.issuer_id].regenerate()
 
 
 def delete_device(device: Device, actor: str, client_address: str = "", *, keep_certificate: bool = False) -> Optional[Device]:
-    """Forget ``device`` (audited as ``actor``); unless ``keep_certificate``, revoke its current
-    certificate (``cessationOfOperation``) in the same transaction and publish a new CRL.
+    """Forget ``device`` (audited as ``actor``); unless ``keep_certificate``, revoke every certificate
+    of it that still opens the network (``cessationOfOperation``) in the same transaction and
+    publish new CRLs.
 
     Returns the device as deleted, or None when it was gone already. A kept certificate
     stays valid until it expires but can no longer re-enroll (it belongs to no device).
@@ -109,11 +128,10 @@ def delete_device(device: Device, actor: str, client_address: str = "", *, keep_
     kept = "kept valid at the operator's request" if keep_certificate else "revoked"
     audit = AuditEvent(
         "device-delete", actor=actor, client_address=client_address, label=device.label,
-        device=device.device_key, serial=device.current_serial, detail=f"device {device.id}; its certificate {kept}",
+        device=device.device_key, serial=device.current_serial, detail=f"device {device.id}; its certificates {kept}",
     )
+    live = [] if keep_certificate else live_certificates(device)
     deleted = app_state.store.delete_device(device.id, audit, None if keep_certificate else DELETE_REASON)
-    if deleted is not None and not keep_certificate:
-        record = app_state.store.get_certificate(deleted.current_serial)
-        if record is not None:
-            _publish_crl(record)
+    if deleted is not None:
+        _publish_crls(live)
     return deleted

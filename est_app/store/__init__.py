@@ -475,20 +475,25 @@ class Store:
             return [CertificateRecord(**row._mapping) for row in conn.execute(query)]
 
     def delete_device(self, device_id: int, audit: Optional[AuditEvent] = None, revoke_reason: Optional[str] = None) -> Optional[Device]:
-        """Forget a device so its id can enroll again; its certificates stay on record.
+        """Forget a device so its name can enroll again; its certificates stay on record.
 
-        With ``revoke_reason`` its current certificate, unless revoked already, is revoked
-        in the same transaction (audited as ``revoke``; the caller re-signs the CRL).
-        Returns the device as it was, or None when there is none.
+        With ``revoke_reason`` every certificate of the device still within its validity and
+        not revoked already (the current one, and superseded ones that would still open the
+        network) is revoked in the same transaction, each audited as ``revoke``; the caller
+        re-signs the CRLs. Returns the device as it was, or None when there is none.
         """
         with self._write() as conn:
             row = conn.execute(devices.select().where(devices.c.id == device_id)).first()
             if row is None:
                 return None
             if revoke_reason is not None:
-                revoked = conn.execute(_REVOKE, {"serial_": row.current_serial, "reason": revoke_reason, "now": utcnow()}).rowcount
-                if revoked and audit is not None:
-                    _insert_audit(conn, replace(audit, event="revoke", serial=row.current_serial, detail=revoke_reason))
+                now = utcnow()
+                live = sa.select(certificates.c.serial).where(
+                    certificates.c.device_id == device_id, certificates.c.status != "revoked", certificates.c.not_after > now
+                )
+                for serial in conn.execute(live).scalars().all():
+                    conn.execute(_REVOKE, {"serial_": serial, "reason": revoke_reason, "now": now})
+                    _insert_audit(conn, replace(audit, event="revoke", serial=serial, detail=revoke_reason) if audit else None)
             conn.execute(certificates.update().where(certificates.c.device_id == device_id).values(device_id=None))
             conn.execute(devices.delete().where(devices.c.id == device_id))
             _insert_audit(conn, replace(audit, serial=row.current_serial) if audit else None)
