@@ -34,3 +34,9 @@ def der(obj) -> bytes:
 
 def pem(obj) -> bytes:
     return obj.public_bytes(serialization.Encoding.PEM)
+
+
+def encrypt_key_file(source, target, passphrase: bytes) -> None:
+    """Write the unencrypted PEM key at ``source`` to ``target``, encrypted with ``passphrase``."""
+    key = serialization.load_pem_private_key(source.read_bytes(), None)
+    target.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(passphrase)))

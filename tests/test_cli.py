@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from est_app import create_app, instance_path
 from est_app.cli.accounts import MIN_PASSWORD_LENGTH
 from est_app.state import state
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
-from .pki import der, make_csr
+from .pki import der, encrypt_key_file, make_csr
 from .test_admin_api import enroll, enroll_under_shared_name
 
 ENROLL = "/.well-known/est/simpleenroll"
@@ -210,11 +209,7 @@ def test_store_commands_run_without_the_ca_key_passphrase_and_signing_ones_say_w
     passphrase = tmp_path / "credentials" / "ca-key-passphrase"
     passphrase.parent.mkdir()
     passphrase.write_text("a passphrase for the CA key\n")
-    key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), None)
-    encrypted = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"a passphrase for the CA key")
-    )
-    (tmp_path / "ca.key").write_bytes(encrypted)
+    encrypt_key_file(pki_dir / "ca.key", tmp_path / "ca.key", b"a passphrase for the CA key")
     path = make_config(ca={"key_file": str(tmp_path / "ca.key"), "key_passphrase_file": str(passphrase)})
     assert run_cli("user", "add", USER, input=PASSWORD + "\n", config=path).exit_code == 0
     app = create_app(path)  # the service, with its credential

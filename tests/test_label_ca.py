@@ -30,7 +30,7 @@ from est_app.config import ConfigError
 from est_app.state import state
 
 from .conftest import run_cli
-from .pki import ec_key, make_csr
+from .pki import ec_key, encrypt_key_file, make_csr
 from .test_enroll import certs_from
 from .test_protocol import post, serverkeygen_parts
 from .test_revocation import key_hash, mint_responder, ocsp_post, ocsp_request, verify_signature, write_pem_files
@@ -379,3 +379,26 @@ def test_an_older_database_gains_the_issuer_columns_and_keeps_its_rows(make_app,
     assert record(app, renewed).issuer == issuer_id(default_ca[1])
     run_cli("crl", config=app_config(app))
     assert revoked_serials(fetch_crl(client, "/crl")) == {lost.serial_number}
+
+
+def test_revoking_needs_the_key_of_the_ca_that_signs_and_changes_nothing_without_it(make_label_app, pump_ca_dir, tmp_path):
+    """A label CA's passphrase as a systemd credential, gone while the service is stopped."""
+    passphrase = tmp_path / "pump-ca-key-passphrase"
+    passphrase.write_text("the pump CA passphrase\n")
+    encrypt_key_file(pump_ca_dir / "pump-ca.key", tmp_path / "pump-ca.key", b"the pump CA passphrase")
+    app = make_label_app(pump_ca=pump_ca_section(pump_ca_dir, key_file=str(tmp_path / "pump-ca.key"), key_passphrase_file=str(passphrase)))
+    client = app.test_client()
+    pump = enroll(client, "NPPBBB4", "pumps")
+    other = enroll(client, "NPPCCC7", "other")
+    config = tmp_path / "config.yaml"
+
+    passphrase.unlink()
+    for args in (["cert", "revoke", format(pump.serial_number, "x")], ["device", "delete", "NPPBBB4"], ["crl", "--label", "pumps"]):
+        refused = run_cli(*args, config=config)
+        assert refused.exit_code == 1, (args, refused.output)
+        assert "without the CA key: labels.pumps.ca.key_passphrase_file" in refused.output, refused.output
+    with app.app_context():
+        assert state().store.get_certificate(format(pump.serial_number, "x")).status == "valid"  # nothing half-done
+        assert len(state().store.find_devices()) == 2
+    # The top-level CA's certificates need only the top-level key.
+    assert run_cli("cert", "revoke", format(other.serial_number, "x"), config=config).exit_code == 0
