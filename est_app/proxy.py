@@ -29,6 +29,18 @@ def in_networks(address: str | None, networks: list[Network]) -> bool:
     return any(ip in network for network in networks)
 
 
+def client_key(address: str) -> str:
+    """What counts as one client when counting by address: an IPv6 client by its /64 (the block
+    one host usually holds), an IPv4-mapped one by its IPv4 address; text that is no address as is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+
+
 class TrustedProxies:
     """WSGI middleware applying ``X-Forwarded-For`` from trusted peers only."""
 

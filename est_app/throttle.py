@@ -22,7 +22,6 @@ Redis.) IPv6 clients are counted per /64, the block one host usually holds.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from datetime import timedelta
 from typing import Optional
@@ -31,21 +30,14 @@ from flask import current_app
 
 from . import metrics
 from .errors import TooManyRequests
+from .proxy import client_key
 from .state import state
 from .store import AuditEvent, AuthFailures, utcnow
 
 
 def subjects(address: str, account: Optional[str] = None) -> list[str]:
     """The store's keys for a client address (IPv6 by /64) and, if given, an account name."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        key = address
-    else:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        key = str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
-    return [f"address:{key}"] + ([f"account:{account}"] if account else [])
+    return [f"address:{client_key(address)}"] + ([f"account:{account}"] if account else [])
 
 
 def check(surface: str, address: str, account: Optional[str] = None) -> list[AuthFailures]:

@@ -14,8 +14,10 @@ hold while it is read:
   connection's next head within ``server.keepalive`` (gunicorn's own rule);
 - a request body must arrive within ``server.body_timeout`` of its head
   (the app answers 408 and the connection is closed);
-- one client address holds at most ``server.max_connections_per_address``
-  connections in this worker; further ones are closed before the handshake.
+- one client address (an IPv6 client by its /64) holds at most
+  ``server.max_connections_per_address`` connections in this worker; further
+  ones are closed before the handshake. A peer in ``trusted_proxies`` is not
+  limited: it carries every client behind it.
 
 docs/DEPLOYMENT.md ("Slow and idle clients") has the measurements behind the choice.
 """
@@ -41,6 +43,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from werkzeug.exceptions import RequestTimeout
 
 from .config import ServerSettings, Settings
+from .proxy import client_key, in_networks, parse_networks
 
 DRAIN_LIMIT = 64 * 1024  # bytes of an unread body worth reading to keep the connection (EST bodies are a few KiB)
 BODY_ERRORS = (RequestTimeout, ParseException, OSError)  # a body that could not be read to its end
@@ -84,6 +87,7 @@ class ESTWorker(GeventWorker):
 
     limits = ServerSettings()
     max_body_bytes = Settings.max_body_bytes  # the default; worker_class() binds the configured one
+    trusted_proxies: tuple = ()  # networks; worker_class() binds the configured ones
 
     def patch(self) -> None:
         # Everything but threading: the app threads need real locks, thread-locals and queues.
@@ -129,8 +133,10 @@ class ESTWorker(GeventWorker):
         self.app_threads.kill()
 
     def handle(self, listener, client, addr) -> None:
-        peer = addr[0] if isinstance(addr, tuple) else ""
-        limit = self.limits.max_connections_per_address
+        address = addr[0] if isinstance(addr, tuple) else ""
+        # An IPv6 host counts by its /64; a trusted proxy, which carries every client, is not limited.
+        peer = client_key(address)
+        limit = 0 if in_networks(address, self.trusted_proxies) else self.limits.max_connections_per_address
         if limit and self.connections[peer] >= limit:
             if peer not in self.refusing:  # once per episode, not once per connection of a flood
                 self.refusing.add(peer)
@@ -233,4 +239,5 @@ class ESTWorker(GeventWorker):
 
 def worker_class(settings: Settings) -> type[ESTWorker]:
     """The gunicorn ``worker_class`` for ``settings``: :class:`ESTWorker` with its threads, deadlines and limits."""
-    return type("ESTWorker", (ESTWorker,), {"limits": settings.server, "max_body_bytes": settings.max_body_bytes})
+    attributes = {"limits": settings.server, "max_body_bytes": settings.max_body_bytes, "trusted_proxies": parse_networks(settings.trusted_proxies)}
+    return type("ESTWorker", (ESTWorker,), attributes)

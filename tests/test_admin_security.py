@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from est_app import create_app
 from est_app.auth import fingerprint
+from est_app.proxy import client_key
 from est_app.config import ConfigError
 from est_app.state import state
 from est_app.store import utcnow
@@ -393,3 +394,14 @@ def test_ra_add_on_a_password_only_label_needs_force(make_app, tmp_path, client_
     assert [r.fingerprint for r in store(app).list_ras()] == [fingerprint(ra)]
     ok = ra_add(config, ra, "--label", "pumps")
     assert ok.exit_code == 0 and "warning" not in ok.output
+
+
+@pytest.mark.parametrize("address, key", [
+    ("192.0.2.7", "192.0.2.7"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+    ("not an address", "not an address"),
+])
+def test_one_client_key_for_the_back_off_and_the_connection_limit(address, key):
+    assert client_key(address) == key

@@ -20,6 +20,8 @@ from .conftest import PASSWORD, USER, run_cli
 from .server import RunningServer, start_server
 from .slow_clients import ATTACKER, PROBE, SERVER, Attack, Probe
 
+PROXY = "127.0.0.3"  # a trusted reverse proxy, for the per-address limit
+
 pytestmark = pytest.mark.e2e
 
 
@@ -38,10 +40,11 @@ def kernel_refuses_write_execute() -> bool:
     return ctypes.CDLL(None).prctl(PR_GET_MDWE, 0, 0, 0, 0) >= 0
 
 
-def serve(pki_dir, workdir, wrapper=(), **server) -> RunningServer:
+def serve(pki_dir, workdir, wrapper=(), trusted_proxies=(), **server) -> RunningServer:
     """est-server on its own database with the test user, rate limit off (the probe is faster than 20/s)."""
     running = start_server(
-        pki_dir, workdir, wrapper=wrapper, database={"url": f"sqlite:///{workdir / 'est.db'}"}, rate_limit={"enabled": False}, server=server
+        pki_dir, workdir, wrapper=wrapper, database={"url": f"sqlite:///{workdir / 'est.db'}"}, rate_limit={"enabled": False}, server=server,
+        trusted_proxies=list(trusted_proxies),
     )
     result = run_cli("user", "add", USER, input=PASSWORD + "\n", config=running.config)
     assert result.exit_code == 0, result.output
@@ -50,8 +53,11 @@ def serve(pki_dir, workdir, wrapper=(), **server) -> RunningServer:
 
 @pytest.fixture(scope="module")
 def strict_server(pki_dir, tmp_path_factory):
-    """One worker, deadlines of 2 s (head) and 3 s (body), 3 connections per address."""
-    server = serve(pki_dir, tmp_path_factory.mktemp("strict"), workers=1, header_timeout=2, body_timeout=3, max_connections_per_address=3)
+    """One worker, deadlines of 2 s (head) and 3 s (body), 3 connections per address; a trusted proxy at PROXY."""
+    server = serve(
+        pki_dir, tmp_path_factory.mktemp("strict"), workers=1, header_timeout=2, body_timeout=3, max_connections_per_address=3,
+        trusted_proxies=[PROXY],
+    )
     yield server
     server.stop()
 
@@ -80,6 +86,20 @@ def test_a_connection_that_never_starts_tls_is_closed_at_the_head_deadline(stric
         started = time.monotonic()
         assert raw.recv(100) == b""  # no ClientHello sent: closed, not held
         assert 1.5 <= time.monotonic() - started <= 2 + 4
+
+
+def test_a_trusted_proxy_is_not_held_to_the_per_address_limit(strict_server):
+    context = ssl.create_default_context(cafile=str(strict_server.ca_file))
+    held = []
+    try:
+        for _ in range(6):  # twice the limit: the proxy carries every client behind it
+            raw = socket.create_connection((SERVER, strict_server.port), timeout=10, source_address=(PROXY, 0))
+            held.append(context.wrap_socket(raw, server_hostname=SERVER))
+        held[-1].sendall(f"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: {SERVER}\r\nConnection: close\r\n\r\n".encode())
+        assert held[-1].recv(100).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_one_address_holds_at_most_the_configured_connections(strict_server):
