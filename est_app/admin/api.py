@@ -26,12 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict
-from datetime import datetime, timezone
 from typing import Any, Optional
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
@@ -40,7 +36,8 @@ from ..errors import BadRequest, Conflict, ESTError, NotFound, UnsupportedMediaT
 from .. import revocation
 from ..revocation import revoke
 from ..state import state
-from ..store import AlreadyRevoked, AuditEvent, CertificateRecord, Device
+from ..records import certificate_json, device_json, event_json, iso
+from ..store import AlreadyRevoked, Device
 from ..store import NotFound as StoreNotFound
 from ..store.reports import MAX_ID, AmbiguousDevice, DeviceNotFound, Reports
 from . import api_admin_required
@@ -78,58 +75,6 @@ def json_response(body: Any, status: int = 200, headers: Optional[dict[str, str]
 def error_response(status: int, message: str, headers: Optional[dict[str, str]] = None) -> Response:
     line = " ".join(message.split())  # one line, whatever the message held
     return json_response({"error": line, "status": status}, status, headers)
-
-
-def iso(value: Optional[datetime]) -> Optional[str]:
-    """ISO 8601 UTC with a Z (the store keeps naive UTC)."""
-    if value is None:
-        return None
-    if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
-    return value.isoformat(timespec="seconds") + "Z"
-
-
-def device_json(d: Device, status: Optional[str], not_after: Optional[datetime]) -> dict:
-    return {
-        "number": d.id,
-        "name": d.device_key,
-        "label": d.label,
-        "first_enrolled": iso(d.first_enrolled),
-        "last_enrolled": iso(d.last_enrolled),
-        "current_serial": d.current_serial,
-        "status": status,
-        "not_after": iso(not_after),
-        "requester": d.requester,
-        "client_address": d.client_address,
-    }
-
-
-def certificate_json(c: CertificateRecord, with_pem: bool = False) -> dict:
-    """A certificate's record; with ``with_pem`` its PEM too. The store holds no private key to leak."""
-    body = {
-        "serial": c.serial,
-        "common_name": c.common_name,
-        "subject": c.subject,
-        "label": c.label,
-        "device_number": c.device_id,
-        "status": c.status,
-        "operation": c.operation,
-        "requester": c.requester,
-        "not_before": iso(c.not_before),
-        "not_after": iso(c.not_after),
-        "issued_at": iso(c.issued_at),
-        "revoked_at": iso(c.revoked_at),
-        "revocation_reason": c.revocation_reason,
-    }
-    if with_pem:
-        body["pem"] = x509.load_der_x509_certificate(c.der).public_bytes(Encoding.PEM).decode("ascii")
-    return body
-
-
-def event_json(e: AuditEvent) -> dict:
-    record = {**asdict(e), "at": iso(e.at), "device_name": e.device}
-    del record["device"]
-    return record
 
 
 # --- query parameters -------------------------------------------------------------

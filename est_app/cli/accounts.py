@@ -13,7 +13,7 @@ from ..audit import cli_actor
 from ..auth import describe, fingerprint
 from ..config import DEFAULT_LABEL
 from ..state import state
-from ..admin.api import iso
+from ..records import iso
 from ..store import AuditEvent, UserExists
 from . import est
 from .output import json_option, print_list

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import click
 
-from ..admin.api import certificate_json, device_json, event_json
+from ..records import certificate_json, device_json, event_json
 from ..audit import cli_actor
 from ..ca.crl import REASONS
 from ..revocation import delete_device, live_certificates, revoke, signing_authorities
