@@ -22,7 +22,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..config import ConfigError
-from .authority import Authorities, CertificateAuthority
+from .authority import Authorities, CertificateAuthority, key_belongs_to
 from .crl import REASONS
 
 # status lookup: serial (hex) -> (status, revoked_at, reason, issuer id) or None when unknown
@@ -104,8 +104,7 @@ def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority
         usages = []
     if ExtendedKeyUsageOID.OCSP_SIGNING not in usages:
         raise ConfigError(f"{authority.name}.ocsp_responder_cert_file {cert_path}: must be issued by the CA with EKU OCSPSigning")
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != certificate.public_key().public_bytes(serialization.Encoding.DER, spki):
+    if not key_belongs_to(key, certificate):
         where = authority.name
         raise ConfigError(f"{where}.ocsp_responder_key_file {key_path} does not belong to {where}.ocsp_responder_cert_file {cert_path}")
     return certificate, key
