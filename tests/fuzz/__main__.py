@@ -35,15 +35,18 @@ class Outcome:
     crash: str
 
 
-def run_harness(name: str, runs: int, max_total_time: int, log: Path) -> Outcome:
-    WORK.mkdir(parents=True, exist_ok=True)
+def run_harness(name: str, runs: int, max_total_time: int, work: Path = WORK) -> Outcome:
+    """Run one harness in its own process; its output goes to ``work/<name>.log``."""
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / f"{name}.log"
     command = [
         sys.executable, "-m", f"tests.fuzz.{name}", f"-runs={runs}", f"-max_total_time={max_total_time}",
-        f"-artifact_prefix={WORK}/{name}-", "-timeout=60", "-print_final_stats=1",
+        f"-artifact_prefix={work}/{name}-", "-timeout=60", "-print_final_stats=1",
     ]
     started = time.monotonic()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EST_FUZZ_WORK": str(work)}
     with log.open("wb") as out:
-        result = subprocess.run(["nice", *command], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        result = subprocess.run(["nice", *command], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     text = log.read_bytes()
     progress = _PROGRESS.findall(text)
     executions, coverage, features = map(int, progress[-1]) if progress else (0, 0, 0)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     outcomes = []
     for name in args.harnesses or HARNESSES:
-        outcome = run_harness(name, args.runs, args.max_total_time, WORK / f"{name}.log")
+        outcome = run_harness(name, args.runs, args.max_total_time)
         outcomes.append(outcome)
         state = "ok" if outcome.returncode == 0 else f"FAILED ({outcome.crash or f'exit {outcome.returncode}'}; log {WORK / (name + '.log')})"
         print(f"{name:14} executions {outcome.executions:>9}  cov {outcome.coverage:>5}  ft {outcome.features:>5}  {outcome.seconds:7.0f} s  {state}", flush=True)

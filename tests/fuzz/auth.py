@@ -38,7 +38,7 @@ def test_one_input(data: bytes) -> None:
     path, header, peer, allowed = TARGETS[data[0] % len(TARGETS)]
     response = CLIENT.post(
         path,
-        headers={"Content-Type": "application/pkcs10", header: harness.header_text(data[1:])},
+        headers={"Content-Type": "application/pkcs10", header: deployment.header_text(data[1:])},
         environ_base={"REMOTE_ADDR": peer},
     )
     harness.no_server_error(response)

@@ -15,7 +15,7 @@ import base64
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -174,6 +174,11 @@ def ocsp_requests(deployment: Deployment) -> list[bytes]:
     return requests
 
 
+def header_text(data: bytes) -> str:
+    """Bytes as an HTTP header value can carry them: latin-1, without CR, LF or NUL (a server refuses those)."""
+    return data.translate(None, b"\r\n\0").decode("latin-1")
+
+
 def proxy_header(certificate: x509.Certificate) -> bytes:
     """The client-certificate header as a proxy (nginx's $ssl_client_escaped_cert) sends it."""
     return urllib.parse.quote(pem(certificate).decode()).encode()
@@ -181,7 +186,3 @@ def proxy_header(certificate: x509.Certificate) -> bytes:
 
 def clock() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def soon(days: int = 1) -> datetime:
-    return clock() + timedelta(days=days)

@@ -73,11 +73,6 @@ def no_server_error(response):
     return response
 
 
-def header_text(data: bytes) -> str:
-    """Bytes as an HTTP header value can carry them: latin-1, without CR, LF or NUL (a server refuses those)."""
-    return data.translate(None, b"\r\n\0").decode("latin-1")
-
-
 def run(name: str, test_one_input: Callable[[bytes], None], seeds: Iterable[bytes]) -> None:
     """Write ``seeds`` into the harness's corpus, add the committed findings, and fuzz.
 
