@@ -67,6 +67,8 @@ CASES = [
     ("ocsp/negative-serial", ocsp_post, 200, OCSP_MALFORMED,
      "the CertID's negative serial reached the response builder, which cannot encode it: 500 on /ocsp"),
     ("ocsp/negative-serial", ocsp_get, 200, OCSP_MALFORMED, "the same through the GET path form"),
+    ("ocsp/issuer-name-hash-shorter-than-digest", ocsp_post, 200, OCSP_MALFORMED,
+     "a 19-byte SHA-1 issuer name hash reached the response builder, which refuses it: 500 (found reading the fix, replayed by the harness)"),
     ("auth/basic-non-ascii", authorization_to(f"{EST}/simpleenroll"), 400, "Authorization header is not HTTP Basic credentials",
      "werkzeug's Basic parser raised ValueError on non-ASCII text: 500"),
     ("auth/basic-lenient-parser-on-cert-only-label", authorization_to(f"{EST}/ra/simpleenroll"), 401,
