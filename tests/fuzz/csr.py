@@ -32,17 +32,13 @@ USER = Identity("user", deployment.USER)
 KEY_STAND_IN = b"\x30\x03\x02\x01\x00"  # the serverkeygen key part: the encoding is what is exercised
 
 
-def enroll_offline(body: bytes) -> None:
-    """Everything simpleenroll does to a body, for every label, except recording."""
+def enroll_offline(body: bytes, profiles: list = PROFILES) -> None:
+    """Everything simpleenroll does to a body, for each of ``profiles`` (default: every label), except recording."""
     csr = harness.client_error_or_none(lambda: load_csr(decode_body(body, "PKCS#10 CSR")))
     if csr is not None:
-        answer(csr)
-
-
-def answer(csr: x509.CertificateSigningRequest) -> None:
-    with DEPLOYMENT.app.test_request_context():
-        for profile in PROFILES:
-            harness.client_error_or_none(issue_for, csr, profile)
+        with DEPLOYMENT.app.test_request_context():
+            for profile in profiles:
+                harness.client_error_or_none(issue_for, csr, profile)
 
 
 def issue_for(csr: x509.CertificateSigningRequest, profile) -> None:

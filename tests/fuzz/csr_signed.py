@@ -5,7 +5,8 @@ rarely gets past :func:`load_csr`. Here the fuzzer picks the key, digest,
 subject (types, string tags, values, multi-valued RDNs), subjectAltName
 entries or raw SAN bytes, other extensions as raw bytes, and attributes with
 any tag; the harness signs the result and sends it through the same path as
-``csr`` (policy, proof-of-possession, device id, issue, PKCS#7, encodings).
+``csr`` (policy, proof-of-possession, device id, issue, PKCS#7, encodings)
+for one label, also the fuzzer's choice.
 Inputs the CSR builder itself refuses are skipped: no client could send them.
 """
 
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AttributeOID, ExtensionOID, NameOID, ObjectIdentifier
 
-from .csr import enroll_offline
+from .csr import PROFILES, enroll_offline
 from .deployment import body_forms, der
 
 KEYS = (
@@ -110,7 +111,7 @@ def test_one_input(data: bytes) -> None:
         csr = build_csr(fdp)
     except (ValueError, TypeError, UnicodeError, UnsupportedAlgorithm):
         return  # the builder refuses it: not a CSR any client could send
-    enroll_offline(body_forms(der(csr))[form])
+    enroll_offline(body_forms(der(csr))[form], [pick(fdp, PROFILES)])  # one label: issuing for all five costs 5x
 
 
 if __name__ == "__main__":
