@@ -14,11 +14,13 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import HARNESSES, WORK
+from .deployment import scratch_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 _PROGRESS = re.compile(rb"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+)", re.M)
@@ -44,8 +46,8 @@ def run_harness(name: str, runs: int, max_total_time: int, work: Path = WORK) ->
         f"-artifact_prefix={work}/{name}-", "-timeout=60", "-print_final_stats=1",
     ]
     started = time.monotonic()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "EST_FUZZ_WORK": str(work)}
-    with log.open("wb") as out:
+    with tempfile.TemporaryDirectory(prefix=f"est-fuzz-{name}-", dir=scratch_parent()) as deployment, log.open("wb") as out:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "EST_FUZZ_WORK": str(work), "EST_FUZZ_DEPLOYMENT": deployment}
         result = subprocess.run(["nice", *command], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     text = log.read_bytes()
     progress = _PROGRESS.findall(text)

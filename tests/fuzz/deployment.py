@@ -12,6 +12,7 @@ structures the parsers expect.
 from __future__ import annotations
 
 import base64
+import os
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -62,11 +63,14 @@ class Deployment:
     device_key: ec.EllipticCurvePrivateKey
 
 
-def build(directory: Path | None = None) -> Deployment:
-    """Create the PKI, database and app in ``directory`` (a fresh one in /dev/shm or /tmp by default)."""
-    if directory is None:
-        shm = Path("/dev/shm")
-        directory = Path(tempfile.mkdtemp(prefix="est-fuzz-", dir=shm if shm.is_dir() else None))
+def scratch_parent() -> str | None:
+    """Where deployments go: memory-backed when there is /dev/shm (every refusal is an audited SQLite write)."""
+    return "/dev/shm" if Path("/dev/shm").is_dir() else None
+
+
+def build() -> Deployment:
+    """Create the PKI, database and app in ``$EST_FUZZ_DEPLOYMENT`` (the runner makes and removes it) or a new directory."""
+    directory = Path(os.environ.get("EST_FUZZ_DEPLOYMENT") or tempfile.mkdtemp(prefix="est-fuzz-", dir=scratch_parent()))
     result = run_cli("init", "--dir", str(directory))
     assert result.exit_code == 0, result.output
     config = yaml.safe_load((directory / "config.yaml").read_text())
