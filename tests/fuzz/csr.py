@@ -4,8 +4,9 @@ Decode the body, load and verify the CSR (est_app/ca/csr.py), hold it to
 every label's policy, take its device id, check proof-of-possession, issue
 (est_app/ca/authority.py), build the certs-only answer and the serverkeygen
 multipart, and render both in each response encoding (est_app/est/issuance.py,
-est_app/encoding.py). Every refusal must be a catalogued 4xx, and every
-rendered answer must decode back to the DER it was given.
+est_app/encoding.py). Every refusal must be a catalogued 4xx, every issued
+certificate's basic constraints, key usage and EKU are the profile's, and
+every rendered answer must decode back to the DER it was given.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def issue_for(csr: x509.CertificateSigningRequest, profile) -> None:
     check_proof_of_possession(csr, USER, profile)
     device_key(csr, profile.device_id)
     certificate = AUTHORITY.issue(csr, profile.certificate)
+    # Nothing a CSR asks for decides CA:TRUE, key usage or EKU.
+    extensions = certificate.extensions
+    assert extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert extensions.get_extension_for_class(x509.KeyUsage).value == profile.certificate.key_usage(certificate.public_key())
+    assert extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == profile.certificate.extended_key_usage_extension()
     certs_only = AUTHORITY.certs_only(certificate, profile.certificate)
     for encoding in ENCODINGS:
         single = ESTResponse([(CERTS_ONLY, certs_only)])

@@ -31,7 +31,6 @@ from est_app.errors import ESTError
 from . import FINDINGS, WORK
 
 
-
 def client_error_or_none(call: Callable, *args, **kwargs):
     """``call``'s result, or None when it refused with a catalogued one-line 4xx; anything else propagates."""
     try:
