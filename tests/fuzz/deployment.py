@@ -185,7 +185,12 @@ def header_text(data: bytes) -> str:
 
 def proxy_header(certificate: x509.Certificate) -> bytes:
     """The client-certificate header as a proxy (nginx's $ssl_client_escaped_cert) sends it."""
-    return urllib.parse.quote(pem(certificate).decode()).encode()
+    return proxy_header_of_der(der(certificate))
+
+
+def proxy_header_of_der(data: bytes) -> bytes:
+    """The same for any bytes: PEM-wrapped and %-escaped."""
+    return urllib.parse.quote(body_forms(data, "CERTIFICATE")[1].decode()).encode()
 
 
 def clock() -> datetime:
