@@ -3,7 +3,7 @@
 Hypothesis generates bodies (random bytes, valid CSRs in every body form,
 CSRs with a byte changed or cut short, text), the headers a client controls
 (Content-Type, Content-Transfer-Encoding, Authorization: good, an admin's,
-malformed, random), label paths, ids and serials in paths, query strings and
+good with characters inserted, malformed, random), label paths, ids and serials in paths, query strings and
 methods, and sends them to every EST, OCSP, CRL, health, metrics, admin API
 and dashboard route of one app. No answer may be a 5xx, EST refusals are one
 ``text/plain`` line, and afterwards a good enrollment still works.
@@ -32,7 +32,11 @@ PROFILE = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 ADMIN = "operator"
-LABELS = {"pumps": {"auth": ["basic", "cert"], "response_format": "der"}, "strict": {"require_csr_attributes": True, "csr_attributes": ["serialNumber"]}}
+LABELS = {
+    "pumps": {"auth": ["basic", "cert"], "response_format": "der"},
+    "strict": {"require_csr_attributes": True, "csr_attributes": ["serialNumber"]},
+    "certonly": {"auth": ["cert"]},
+}
 CSR_FORMS = body_forms(der(make_csr("NPPPROP1")))
 EST_OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "serverkeygen", "csrattrs", "fullcmc", "bootstrap", "nope")
 FIXED_PATHS = (
@@ -51,7 +55,7 @@ def changed(body: bytes, position: int, value: int) -> bytes:
 
 
 segments = st.one_of(st.integers(-3, 2**70).map(str), st.sampled_from(["1", "0", "abc", "..", "%", "MA=="]), st.text(max_size=30))
-labels = st.one_of(st.none(), st.sampled_from(["pumps", "strict", "unknown", "cacerts"]), st.text(min_size=1, max_size=20))
+labels = st.one_of(st.none(), st.sampled_from(["pumps", "strict", "certonly", "unknown", "cacerts"]), st.text(min_size=1, max_size=20))
 est_paths = st.builds(
     lambda label, operation: f"/.well-known/est/{label}/{operation}" if label is not None else f"/.well-known/est/{operation}",
     labels, st.sampled_from(EST_OPERATIONS),
@@ -77,10 +81,13 @@ content_types = st.one_of(
     header_values,
 )
 transfer_encodings = st.one_of(st.none(), st.sampled_from(["base64", "BASE64", "binary", "7bit", ""]), header_values)
+GOOD_TOKEN = basic_auth()["Authorization"].removeprefix("Basic ")
 authorizations = st.one_of(
     st.none(),
     st.sampled_from(["good", "admin", "Basic", "Basic !!!", "Bearer x", "Digest username=x"]),
     st.binary(max_size=40).map(lambda raw: "Basic " + base64.b64encode(raw).decode()),
+    st.builds(lambda at, extra: f"Basic {GOOD_TOKEN[:at]}{extra}{GOOD_TOKEN[at:]}", st.integers(0, len(GOOD_TOKEN)), header_values),
+    header_values.map("Basic {}".format),
     header_values,
 )
 methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
@@ -114,6 +121,8 @@ def _no_server_errors(client, data) -> None:
     response = client.open(url, method=method, data=body, headers=headers)
     fullcmc = response.status_code == 501 and path.endswith("/fullcmc")  # the one 5xx by design (RFC 7030 4.3)
     assert response.status_code < 500 or fullcmc, (response.status_code, response.get_data()[:300])
+    if path in ("/.well-known/est/certonly/simpleenroll", "/.well-known/est/certonly/serverkeygen") and "Authorization" in headers:
+        assert response.status_code != 200, "a password got past a label that takes only certificates"
     if path.startswith("/.well-known/est/") and response.status_code >= 400 and method != "HEAD":
         assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
         assert response.get_data().count(b"\n") == 1, response.get_data()
