@@ -38,16 +38,32 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID
 from flask import current_app, g, request
 from flask_httpauth import HTTPBasicAuth
+from werkzeug.datastructures import Authorization
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from . import throttle
 from .audit import clipped_name
-from .errors import REALM, BadRequest, Forbidden, Unauthorized
+from .errors import REALM, Forbidden, Unauthorized, parsing_client_input
 from .profiles import EnrollmentProfile
 from .state import state
 from .store import MAX_USER_NAME, User
 
-basic = HTTPBasicAuth(realm=REALM)
+
+class _BasicAuth(HTTPBasicAuth):
+    """Reads credentials with werkzeug's parser, the one behind ``request.authorization``.
+
+    flask-httpauth's own parser skips characters that are not base64, so a header
+    werkzeug calls absent could still log a user in, on a label that refuses
+    passwords. One parser, and its failures (werkzeug raises on non-ASCII) are a 400.
+    """
+
+    def get_auth(self) -> Optional[Authorization]:
+        with parsing_client_input("Authorization header is not HTTP Basic credentials (base64 of name:password)"):
+            auth = request.authorization
+        return auth if auth is not None and auth.type == "basic" else None
+
+
+basic = _BasicAuth(realm=REALM)
 
 
 @dataclass(frozen=True)
@@ -194,10 +210,10 @@ def client_certificate() -> Optional[x509.Certificate]:
 
 
 def _load(data: bytes, source: str) -> x509.Certificate:
-    try:
-        return x509.load_der_x509_certificate(data) if data[:1] == b"\x30" else x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise BadRequest(f"client certificate from {source} is not a valid X.509 certificate") from None
+    with parsing_client_input(f"client certificate from {source} is not a valid X.509 certificate"):
+        certificate = x509.load_der_x509_certificate(data) if data[:1] == b"\x30" else x509.load_pem_x509_certificate(data)
+        certificate.subject, certificate.issuer, certificate.extensions  # parsed lazily: fail here, as the client's fault
+        return certificate
 
 
 def _tls_socket() -> Optional[ssl.SSLSocket]:

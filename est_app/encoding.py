@@ -11,7 +11,6 @@ base64 anything.
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 import secrets
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Protocol
 from flask import Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .errors import BadRequest
+from .errors import BadRequest, parsing_client_input
 
 CTE = "Content-Transfer-Encoding"
 PKCS7_MIME = "application/pkcs7-mime"
@@ -60,10 +59,8 @@ def decode_body(data: bytes, what: str = "request") -> bytes:
         if match is None:
             raise BadRequest(f"PEM body has no matching END line: expected a {what}")
         data = match.group(2)
-    try:
+    with parsing_client_input(f"body is not DER, PEM or base64: expected a {what} in one of those"):
         der = base64.b64decode(_WHITESPACE.sub(b"", data), validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest(f"body is not DER, PEM or base64: expected a {what} in one of those") from None
     if not der or der[0] != 0x30:
         raise BadRequest(f"base64 body does not decode to DER (no ASN.1 SEQUENCE): expected a {what}")
     return der

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import contextmanager
+from typing import Iterator
 
 from flask import Flask, Response, g
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -74,6 +76,26 @@ class TooManyRequests(ESTError):
 
 class NotImplementedByServer(ESTError):
     status = 501
+
+
+@contextmanager
+def parsing_client_input(message: str, error: type[ESTError] = BadRequest) -> Iterator[None]:
+    """Parse what a client sent inside this block: any failure there is the client's, ``error(message)``.
+
+    cryptography, pyasn1 and werkzeug refuse unparsable input with many exception
+    types (ValueError, TypeError, UnsupportedAlgorithm, DuplicateExtension, ...),
+    some only on first access to a lazily parsed field. Catching them one type at
+    a time is how the next one becomes a 500, so this is the one place that turns
+    any of them into a catalogued error, with the parser's reason appended.
+    Catalogued errors raised inside pass through unchanged.
+    """
+    try:
+        yield
+    except ESTError:
+        raise
+    except Exception as exc:
+        reason = "".join(c if c.isprintable() else " " for c in " ".join(str(exc).split()))[:200]
+        raise error(f"{message} ({reason or type(exc).__name__})") from None
 
 
 def text_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from ..config import CSR_ATTRIBUTE_NAMES
-from ..errors import BadRequest
+from ..errors import BadRequest, parsing_client_input
 from .names import NamePolicy, check_reserved, check_subject, check_subject_alt_names
 
 ATTRIBUTE_NAMES = {oid: name for name, oid in CSR_ATTRIBUTE_NAMES.items()}
@@ -43,19 +43,14 @@ class CSRPolicy:
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:
     """Parse a DER CSR and check its signature and key strength."""
-    try:
+    with parsing_client_input("body is not a PKCS#10 certificate signing request"):
         csr = x509.load_der_x509_csr(der)
-    except ValueError:
-        raise BadRequest("body is not a PKCS#10 certificate signing request") from None
-    try:
+    with parsing_client_input("CSR public key is of an unsupported type; use RSA >= 2048, EC P-256/384/521 or Ed25519"):
         key = csr.public_key()
-    except (ValueError, x509.UnsupportedGeneralNameType, TypeError):
-        raise BadRequest("CSR public key is of an unsupported type; use RSA >= 2048, EC P-256/384/521 or Ed25519") from None
     _check_key(key)
-    try:
-        csr.extensions  # parsed now so a malformed extension request is a 400, not a fault later
-    except ValueError as exc:
-        raise BadRequest(f"CSR extension request is malformed: {exc}") from None
+    with parsing_client_input("CSR extension request or attributes are malformed"):
+        csr.extensions  # parsed now (cryptography parses them lazily) so they fail here as a 400, not later as a fault
+        csr.attributes
     try:
         valid = csr.is_signature_valid
     except Exception:  # unsupported signature algorithms raise assorted errors

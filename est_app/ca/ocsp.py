@@ -22,6 +22,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..config import ConfigError
+from ..errors import BadRequest, parsing_client_input
 from .authority import Authorities, CertificateAuthority, key_belongs_to
 from .crl import REASONS
 
@@ -52,13 +53,16 @@ class OCSPResponder:
                 self._issuers[(algorithm.name, probe.issuer_name_hash, probe.issuer_key_hash)] = (authority, signer)
 
     def respond(self, request_der: bytes, now: datetime) -> bytes:
-        try:
-            request = ocsp.load_der_ocsp_request(request_der)
-            algorithm = request.hash_algorithm
-            key = (algorithm.name, request.issuer_name_hash, request.issuer_key_hash)
-            serial = request.serial_number
-            extensions = list(request.extensions)
-        except Exception:  # unparsable, several requests, unsupported hash: all malformed to the client
+        try:  # unparsable, several requests, unsupported hash, values no answer can carry: all malformed
+            with parsing_client_input("OCSP request is malformed"):
+                request = ocsp.load_der_ocsp_request(request_der)
+                algorithm = request.hash_algorithm
+                key = (algorithm.name, request.issuer_name_hash, request.issuer_key_hash)
+                serial = request.serial_number
+                extensions = list(request.extensions)
+                if serial < 0 or {len(request.issuer_name_hash), len(request.issuer_key_hash)} != {algorithm.digest_size}:
+                    raise ValueError("negative serial, or issuer hashes not of the hash algorithm's size")
+        except BadRequest:
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         issuer = self._issuers.get(key)
         if issuer is None:
