@@ -58,9 +58,15 @@ class _BasicAuth(HTTPBasicAuth):
     """
 
     def get_auth(self) -> Optional[Authorization]:
-        with parsing_client_input("Authorization header is not HTTP Basic credentials (base64 of name:password)"):
-            auth = request.authorization
-        return auth if auth is not None and auth.type == "basic" else None
+        return basic_credentials()
+
+
+def basic_credentials() -> Optional[Authorization]:
+    """The request's HTTP Basic credentials, read by werkzeug's parser for the EST and admin
+    surfaces alike; a header that parser cannot read is a 400."""
+    with parsing_client_input("Authorization header is not HTTP Basic credentials (base64 of name:password)"):
+        auth = request.authorization
+    return auth if auth is not None and auth.type == "basic" else None
 
 
 basic = _BasicAuth(realm=REALM)

@@ -104,3 +104,12 @@ def test_finding_is_answered_as_a_client_error(client, finding, send, status, ph
 def test_every_committed_finding_has_a_regression_case():
     committed = {str(path.relative_to(FINDINGS)) for path in FINDINGS.rglob("*") if path.is_file()}
     assert committed == {case[0] for case in CASES}
+
+
+def test_admin_api_basic_header_werkzeug_cannot_read_is_a_json_400(client):
+    """Found by tests/test_properties.py after the admin API stopped going through flask-httpauth:
+    `Authorization: Basic \\x80` on /api/v1 was a 500 (werkzeug's parser raised ValueError)."""
+    response = client.get("/api/v1/devices", headers={"Authorization": "Basic \x80"})
+    assert response.status_code == 400 and response.mimetype == "application/json", response.get_data()
+    assert response.get_json()["error"].startswith("Authorization header is not HTTP Basic credentials")
+    assert enroll_with_basic(client, der(make_csr("NPPAFTER"))).status_code == 200

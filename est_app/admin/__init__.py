@@ -20,7 +20,7 @@ from flask import Flask, Response, current_app, g, request
 
 from .. import throttle
 from ..audit import clipped_name
-from ..auth import client_certificate, password_matches
+from ..auth import basic_credentials, client_certificate, password_matches
 from ..config import Settings
 from ..errors import Forbidden, Unauthorized
 from ..proxy import in_networks, parse_networks
@@ -93,8 +93,8 @@ def api_admin_required(view: Callable) -> Callable:
 
     @wraps(view)
     def wrapper(*args, **kwargs):
-        credentials = request.authorization
-        if credentials is None or credentials.type != "basic":
+        credentials = basic_credentials()
+        if credentials is None:
             if client_certificate() is not None:
                 raise Forbidden("client certificates cannot administer this server; use an admin account")
             raise Unauthorized("authentication required: send HTTP Basic credentials of an admin account", ADMIN_CHALLENGE)

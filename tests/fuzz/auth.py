@@ -23,14 +23,14 @@ CLIENT = DEPLOYMENT.app.test_client()
 HEADER = DEPLOYMENT.state.settings.client_cert_header
 EST = "/.well-known/est"
 DER_AS_HEADER = "DER"  # the input is a certificate's DER, sent as the proxy sends PEM: mutations hit X.509, not base64
-PAST_AUTH = (400, 401, 403)  # 400: authenticated, then the empty body is refused
+PAST_AUTH = (400, 401, 403, 429)  # 400: authenticated, then the empty body is refused; 429: backing off
 # (path, header the value goes in, peer address, statuses allowed)
 TARGETS = (
     (f"{EST}/simpleenroll", "Authorization", "127.0.0.1", PAST_AUTH),
     (f"{EST}/pumps/simpleenroll", "Authorization", "127.0.0.1", PAST_AUTH),
     (f"{EST}/ra/simpleenroll", HEADER, deployment.PROXY, PAST_AUTH),
     (f"{EST}/simplereenroll", HEADER, deployment.PROXY, PAST_AUTH),
-    (f"{EST}/pumps/simpleenroll", HEADER, "127.0.0.2", (401,)),  # an untrusted peer's certificate header is ignored
+    (f"{EST}/pumps/simpleenroll", HEADER, "127.0.0.2", (401, 429)),  # an untrusted peer's certificate header is ignored
     (f"{EST}/ra/simpleenroll", "Authorization", "127.0.0.1", PAST_AUTH),  # refuses passwords: a 400 only for the header itself
     (f"{EST}/ra/simpleenroll", DER_AS_HEADER, deployment.PROXY, PAST_AUTH),
     (f"{EST}/simplereenroll", DER_AS_HEADER, deployment.PROXY, PAST_AUTH),

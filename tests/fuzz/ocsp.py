@@ -22,7 +22,8 @@ from . import deployment
 DEPLOYMENT = deployment.build()
 RESPONDER = DEPLOYMENT.state.ocsp
 CLIENT = DEPLOYMENT.app.test_client()
-ANSWERS = (ocsp.OCSPResponseStatus.SUCCESSFUL, ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+# unauthorized: a well-formed request about an issuer this server does not run (RFC 6960 2.3)
+ANSWERS = (ocsp.OCSPResponseStatus.SUCCESSFUL, ocsp.OCSPResponseStatus.MALFORMED_REQUEST, ocsp.OCSPResponseStatus.UNAUTHORIZED)
 
 
 def check_answer(der: bytes) -> None:
