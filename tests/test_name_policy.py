@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtensionOID, NameOID
 from pyasn1.codec.der import decoder, encoder
 from pyasn1.type import univ
 from pyasn1_modules import rfc2986, rfc5280
@@ -97,6 +97,9 @@ REFUSALS = [
     ("dNSName with a NUL", san_csr(x509.DNSName("npp\x00.pumps.example")), "dns", "dNSName 'npp\\x00.pumps.example' contains the control or formatting character U+0000"),
     ("2,500 SANs", san_csr(*[x509.DNSName(f"n{i}.pumps.example") for i in range(2500)]), "dns", "subjectAltName has 2500 names; label 'dns' allows at most 10"),
     ("directoryName", san_csr(x509.DirectoryName(x509.Name([x509.NameAttribute(CN, "x")]))), "all", "subjectAltName directoryName is not allowed"),
+    ("ediPartyName (a type cryptography cannot read)",
+     make_csr(extensions=[(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, bytes.fromhex("3007a505a1030c0178")), False)]),
+     "all", "CSR extension request or attributes are malformed"),
     ("rfc822Name outside the suffixes", san_csr(x509.RFC822Name("biomed@evil.example")), "all", "rfc822Name 'biomed@evil.example' is not under an allowed suffix"),
     ("rfc822Name without a local part", san_csr(x509.RFC822Name("pumps.example")), "all", "is not an e-mail address"),
     ("URI host outside the suffixes", san_csr(x509.UniformResourceIdentifier("https://evil.example/x")), "all", "is not under an allowed suffix"),
