@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 from ..ca import CertificateAuthority
 from ..ca.crl import build_crl
 from ..state import state
-from ..store import AuditEvent, CertificateRecord, CRLRecord, Device, NotFound, Store
+from ..store import AuditEvent, CertificateRecord, CRLRecord, Device, NotFound, Store, utcnow
 
 # A deleted device is taken out of service: its certificates must stop opening the network.
 DELETE_REASON = "cessationOfOperation"
@@ -91,7 +91,7 @@ def revoke(serial: str, reason: str, actor: str, client_address: str = "") -> Ce
 
 def live_certificates(device: Device) -> list[CertificateRecord]:
     """The device's certificates that still open the network: not revoked, not expired."""
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = utcnow()
     return [c for c in state().store.device_certificates(device.id) if c.status != "revoked" and c.not_after > now]
 
 

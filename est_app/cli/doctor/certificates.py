@@ -22,7 +22,7 @@ from gunicorn.util import parse_address
 
 from ...ca.authority import issuer_id, key_belongs_to, load_ca_chain, load_ca_key, load_certificates
 from ...config import CASettings, ConfigError, Settings
-from ...store import Store
+from ...store import Store, utcnow
 from .inside import check_file
 from .report import Report, shown
 
@@ -215,7 +215,7 @@ def check_crl(report: Report, store: Store, ca: CheckedCA) -> None:
     if latest is None:
         report.warn(subject, "none signed yet", f"fetch {path} once (or {refresh}) before FreeRADIUS checks CRLs")
         return
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = utcnow()
     if latest.next_update <= now:
         report.fail(
             subject, f"CRL {latest.number} expired at {latest.next_update:%Y-%m-%d %H:%M} UTC: FreeRADIUS with CRL checks refuses every pump",
