@@ -78,6 +78,16 @@ class NotImplementedByServer(ESTError):
     status = 501
 
 
+class ServiceUnavailable(ESTError):
+    """503: a part the server needs (the database, the CA key's token) is down; ``Retry-After`` says when to try again."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message, {"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
 @contextmanager
 def parsing_client_input(message: str, error: type[ESTError] = BadRequest) -> Iterator[None]:
     """Parse what a client sent inside this block: any failure there is the client's, ``error(message)``.

@@ -90,3 +90,20 @@ def pump_ca_dir(tmp_path_factory) -> Path:
     write_private_key(directory / "pump-ca.key", key)
     write_certificate(directory / "pump-ca.pem", certificate)
     return directory
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """One throwaway PostgreSQL cluster for the session (tests/postgres.py); tests take databases from it."""
+    from .postgres import PostgresCluster
+
+    cluster = PostgresCluster()
+    cluster.start()
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster) -> str:
+    """A SQLAlchemy URL (password included) of a new, empty database on the session's cluster."""
+    return postgres_cluster.url(postgres_cluster.create_database())
