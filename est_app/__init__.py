@@ -1,9 +1,9 @@
 """est_app: an EST (RFC 7030 / RFC 8951) certificate server on Flask.
 
-:func:`create_app` is the application factory: it reads the YAML
-configuration, loads the CAs (the top-level one and the labels' own), opens
-the store and registers the EST blueprint, the error catalogue, rate limiting
-and the ``est`` CLI group.
+:func:`create_app` is the application factory: from a :class:`~est_app.config.Settings`
+(or the YAML file it is read from) it loads the CAs (the top-level one and the
+labels' own), opens the store, builds the enrollment service and registers the
+EST blueprint, the error catalogue, rate limiting and the ``est`` CLI group.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .auth import ClientCertificateVerifier, VerifiedCredentials
 from .ca import load_authorities
 from .ca.ocsp import OCSPResponder, load_signer
 from .config import ConfigError, Settings, load_config
+from .enrollment import EnrollmentService
 from .profiles import build_profiles
 from .proxy import TrustedProxies
 from .ratelimit import exempt, init_rate_limit
@@ -74,16 +75,18 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     proxies = TrustedProxies(app.wsgi_app, settings.trusted_proxies)
     app.wsgi_app = proxies
+    profiles = build_profiles(settings)
     app.extensions["est_app"] = AppState(
         settings=settings,
         authorities=authorities,
         store=store,
-        profiles=build_profiles(settings),
+        profiles=profiles,
         credentials=VerifiedCredentials(ttl_seconds=settings.auth_cache_seconds),
         verifier=ClientCertificateVerifier(anchors, store),
         crls=crls,
         ocsp=OCSPResponder(authorities, store.certificate_status, signers),
         proxies=proxies,
+        enrollment=EnrollmentService(store, authorities, profiles, issued=metrics.certificate_issued),
     )
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)

@@ -2,7 +2,9 @@
 
 Successful changes are written in the same transaction as the change itself;
 refusals are written on their own. Events never carry private keys or
-passwords; ``detail`` holds the one-line reason given to the client.
+passwords; ``detail`` holds the one-line reason given to the client. Events
+are built from plain values (who, from where, on which label), never from a
+request context: the enrollment service writes its own in its transactions.
 """
 
 from __future__ import annotations
@@ -10,10 +12,7 @@ from __future__ import annotations
 import getpass
 import logging
 
-from flask import g, request
-
-from .state import state
-from .store import MAX_USER_NAME, AuditEvent
+from .store import MAX_USER_NAME, AuditEvent, Store
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +25,14 @@ EVENTS = {
 }
 
 
-def request_event(event: str, outcome: str = "ok", *, device: str = "", serial: str = "", detail: str = "") -> AuditEvent:
-    """An event about the current request: actor, address and label come from the request context."""
-    identity = g.get("identity")
-    profile = g.get("profile")
-    return AuditEvent(
-        event=event,
-        outcome=outcome,
-        actor=identity.requester if identity else "anonymous",
-        client_address=request.remote_addr or "",
-        label=profile.name if profile else "",
-        device=device,
-        serial=serial,
-        detail=detail,
+def record_refusal(store: Store, operation: str, status: int, message: str, *, actor: str, client_address: str, label: str) -> None:
+    """Write that ``operation`` was refused; a failure to write is logged, never turned into another error."""
+    event = AuditEvent(
+        event=EVENTS.get(operation, operation), outcome="refused", actor=actor, client_address=client_address, label=label,
+        detail=f"{status} {message}",
     )
-
-
-def record_refusal(operation: str, status: int, message: str) -> None:
-    """Write a refusal; a failure to write is logged, never turned into another error."""
     try:
-        state().store.add_audit(request_event(EVENTS.get(operation, operation), "refused", detail=f"{status} {message}"))
+        store.add_audit(event)
     except Exception:
         log.exception("could not write the audit event for a refused %s", operation)
 

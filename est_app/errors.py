@@ -1,9 +1,12 @@
 """The catalogue of errors a client can act on, each carrying its HTTP status.
 
 Any layer may raise these (the CA service raises :class:`BadRequest` for a bad
-CSR without knowing it will become HTTP); :func:`register` turns them, and
-werkzeug's own HTTP exceptions, into one-line ``text/plain`` answers. Anything
-else is a real fault: logged with the request id, answered with a bare 500.
+CSR without knowing it will become HTTP). :func:`describe` is the one mapping
+from any failure to what the client is told (status, one line, headers):
+catalogued errors, werkzeug's HTTP exceptions, and anything else, a real fault,
+logged with the request id and answered with a bare 500. Each surface only
+chooses the body: ``text/plain`` here (:func:`register`, for EST and every
+path without its own), JSON for the admin API, an HTML page for the dashboard.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from __future__ import annotations
 import logging
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
-from flask import Flask, Response, g
+from flask import Flask, Response, current_app, g
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
@@ -108,35 +111,46 @@ def parsing_client_input(message: str, error: type[ESTError] = BadRequest) -> It
         raise error(f"{message} ({reason or type(exc).__name__})") from None
 
 
+class ErrorDescription(NamedTuple):
+    """What a client is told about a failure, whatever the format of the body."""
+
+    status: int
+    message: str  # one line a person can act on
+    headers: dict[str, str]
+
+
+def describe(exc: BaseException) -> ErrorDescription:
+    """The status, message and headers of any failure, for every renderer (call it once per failure: it logs).
+
+    Another library's exception that means something a client can act on (the
+    database unreachable: :class:`ServiceUnavailable`) is one more branch here.
+    """
+    if isinstance(exc, ESTError):
+        log.info("refused %s %s: %s", g.get("request_id", "-"), exc.status, exc.message)
+        return ErrorDescription(exc.status, exc.message, dict(exc.headers))
+    if isinstance(exc, RequestEntityTooLarge):
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        return ErrorDescription(413, f"request body larger than {limit} bytes; an EST request is a few KiB", {})
+    if isinstance(exc, HTTPException):
+        headers = {k: v for k, v in exc.get_headers() if k.lower() not in ("content-type", "content-length")}
+        return ErrorDescription(exc.code or 500, f"{exc.name}: {exc.description}", headers)
+    request_id = g.get("request_id") or uuid.uuid4().hex[:16]
+    log.error("internal error, request id %s", request_id, exc_info=exc)
+    return ErrorDescription(500, f"Internal server error (request id {request_id}); the operator's log has details", {})
+
+
 def text_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    """The one shape every error takes: ``text/plain``, one line."""
+    """The one shape every text error takes: ``text/plain``, one line."""
     resp = Response(message.rstrip("\n") + "\n", status=status, content_type="text/plain; charset=utf-8")
     resp.headers.update(headers or {})
     return resp
 
 
-def error_response(exc: ESTError) -> Response:
-    log.info("refused %s %s: %s", g.get("request_id", "-"), exc.status, exc.message)
-    return text_response(exc.status, exc.message, exc.headers)
+def text_error(exc: BaseException) -> Response:
+    """Any failure as a one-line ``text/plain`` answer."""
+    return text_response(*describe(exc))
 
 
 def register(app: Flask) -> None:
-    """Install the handlers that render the catalogue and every other failure."""
-
-    app.register_error_handler(ESTError, error_response)
-
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(exc: RequestEntityTooLarge) -> Response:
-        limit = app.config["MAX_CONTENT_LENGTH"]
-        return text_response(413, f"request body larger than {limit} bytes; an EST request is a few KiB")
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-        return text_response(exc.code or 500, f"{exc.name}: {exc.description}", headers)
-
-    @app.errorhandler(Exception)
-    def _fault(exc: Exception) -> Response:
-        request_id = g.get("request_id") or uuid.uuid4().hex[:16]
-        log.exception("internal error, request id %s", request_id)
-        return text_response(500, f"Internal server error (request id {request_id}); the operator's log has details")
+    """Answer every failure no blueprint renders itself as one ``text/plain`` line (:func:`describe` says which)."""
+    app.register_error_handler(Exception, text_error)

@@ -1,4 +1,4 @@
-"""What one app instance holds for its requests: settings, CAs, store, profiles."""
+"""What one app instance holds for its requests: settings, CAs, store, profiles, the enrollment service."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from flask import current_app
 from .ca import Authorities, CertificateAuthority
 from .ca.ocsp import OCSPResponder
 from .config import Settings
+from .enrollment import EnrollmentService
 from .profiles import EnrollmentProfile
 from .proxy import TrustedProxies
 from .store import Store
@@ -30,6 +31,7 @@ class AppState:
     crls: dict[str, "CRLCache"]  # by issuer id, one per CA
     ocsp: OCSPResponder
     proxies: TrustedProxies
+    enrollment: EnrollmentService
 
     @property
     def authority(self) -> CertificateAuthority:
@@ -49,10 +51,6 @@ class AppState:
         """The CRL of the CA a certificate record names (None when that CA is no longer configured)."""
         authority = self.authorities.issuer_of(issuer)
         return self.crls[authority.issuer_id] if authority is not None else None
-
-    def profile_named(self, name: str) -> Optional[EnrollmentProfile]:
-        """The profile recorded as ``name`` on certificates ('default' for the unlabelled path)."""
-        return next((p for p in self.profiles.values() if p.name == name), None)
 
 
 def state() -> AppState:

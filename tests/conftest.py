@@ -1,4 +1,4 @@
-"""Shared fixtures: a real development PKI made by `est init`, apps built from real YAML files."""
+"""Shared fixtures: a real development PKI made by `est init`; apps built from Settings made in code, or from real YAML files."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from werkzeug.security import generate_password_hash
 
 from est_app import create_app
+from est_app.audit import cli_actor
 from est_app.ca.development import create_root_ca, write_certificate, write_private_key
 from est_app.cli import est
+from est_app.config import Settings, parse_config
+from est_app.state import state
+from est_app.store import AuditEvent
 
 USER = "gateway"
 PASSWORD = "correct horse battery staple"
@@ -32,36 +37,65 @@ def pki_dir(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture
-def make_config(pki_dir, tmp_path):
-    """Write a config.yaml: `est init`'s, with ``overrides`` merged in, on a fresh database."""
+@pytest.fixture(scope="session")
+def password_hash() -> str:
+    """The test user's password hash, made once: scrypt is slow on purpose, and the same password may share one hash."""
+    return generate_password_hash(PASSWORD)
 
-    def write(**overrides) -> Path:
-        data = yaml.safe_load((pki_dir / "config.yaml").read_text())
-        data["database"] = {"url": f"sqlite:///{tmp_path / 'est.db'}"}
-        data["rate_limit"] = {"enabled": False}
+
+@pytest.fixture
+def config_data(pki_dir, tmp_path):
+    """``config_data(**overrides)``: `est init`'s configuration as data, ``overrides`` merged in, on a fresh database."""
+    base = yaml.safe_load((pki_dir / "config.yaml").read_text())
+
+    def merge(**overrides) -> dict:
+        data = {**base, "database": {"url": f"sqlite:///{tmp_path / 'est.db'}"}, "rate_limit": {"enabled": False}}
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key] = {**data[key], **value}
             else:
                 data[key] = value
+        return data
+
+    return merge
+
+
+@pytest.fixture
+def make_config(config_data, tmp_path):
+    """Write a config.yaml: `est init`'s, with ``overrides`` merged in, on a fresh database."""
+
+    def write(**overrides) -> Path:
         path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(data))
+        path.write_text(yaml.safe_dump(config_data(**overrides)))
         return path
 
     return write
 
 
 @pytest.fixture
-def make_app(make_config):
-    """An app from `make_config(**overrides)`, with the test user added through the CLI."""
+def make_settings(config_data, tmp_path):
+    """``make_settings(**overrides)``: the validated Settings ``make_config(**overrides)`` would hold, built in code."""
+
+    def build(**overrides) -> Settings:
+        return parse_config(config_data(**overrides), base_dir=tmp_path, source="test settings")
+
+    return build
+
+
+@pytest.fixture
+def make_app(make_config, make_settings, password_hash):
+    """An app built from ``make_settings(**overrides)``, with the test user in its store.
+
+    The same settings are written to the test's config.yaml (``make_config``) for the CLI
+    commands a test runs against the app's database.
+    """
 
     def build(**overrides):
-        path = make_config(**overrides)
-        result = run_cli("user", "add", USER, input=PASSWORD + "\n", config=path)
-        assert result.exit_code == 0, result.output
-        app = create_app(path)
+        make_config(**overrides)
+        app = create_app(make_settings(**overrides))
         app.config["TESTING"] = True
+        with app.app_context():
+            state().store.add_user(USER, password_hash, audit=AuditEvent(event="user-add", actor=cli_actor(), detail=f"{USER} (est)"))
         return app
 
     return build

@@ -7,7 +7,8 @@ back is JSON, errors included: ``{"error": "<one line>", "status": <code>}``
 with the status's usual headers (``WWW-Authenticate`` on 401, ``Allow`` on 405,
 ``Retry-After`` on 429).
 
-Errors raised in these views are rendered by the blueprint's handlers. Some
+Errors raised in these views are rendered by the blueprint's handler, with the
+status and message :func:`est_app.errors.describe` gives every surface. Some
 never reach a blueprint handler: routing failures (an unknown path under
 ``/api/v1`` or a wrong method), the rate limiter's 429 and the 413/500 the
 application renders itself. For those an app-wide after-request hook turns the
@@ -29,10 +30,9 @@ import re
 from typing import Any, Optional
 
 from flask import Blueprint, Response, g, request
-from werkzeug.exceptions import HTTPException
 
 from ..ca.crl import REASONS
-from ..errors import BadRequest, Conflict, ESTError, NotFound, UnsupportedMediaType
+from ..errors import BadRequest, Conflict, NotFound, UnsupportedMediaType, describe
 from .. import revocation
 from ..revocation import revoke
 from ..state import state
@@ -292,16 +292,9 @@ def _revoke(serial: str, reason: str) -> Response:
 # --- errors ----------------------------------------------------------------------
 
 
-@bp.errorhandler(ESTError)
-def _est_error(exc: ESTError) -> Response:
-    log.info("refused %s %s: %s", g.get("request_id", "-"), exc.status, exc.message)
-    return error_response(exc.status, exc.message, exc.headers)
-
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    headers = {k: v for k, v in exc.get_headers() if k.lower() not in ("content-type", "content-length")}
-    return error_response(exc.code or 500, f"{exc.name}: {exc.description}", headers)
+@bp.errorhandler(Exception)
+def _error(exc: Exception) -> Response:
+    return error_response(*describe(exc))
 
 
 def _under_prefix(path: str) -> bool:

@@ -22,11 +22,11 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, abort, flash, g, make_response, redirect, render_template, request, session, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
 
 from ..ca.crl import REASONS
 from .. import revocation
-from ..errors import TooManyRequests
+from ..errors import TooManyRequests, describe
 from ..revocation import revoke
 from ..state import state
 from ..store import MAX_USER_NAME, AlreadyRevoked, AuditEvent, CertificateRecord, Device
@@ -107,12 +107,12 @@ def _template_context() -> dict:
     return {"admin": admin, "csrf_token": session.get("csrf", "") if admin else "", "now": utcnow()}
 
 
-@bp.errorhandler(HTTPException)
-def _error_page(exc: HTTPException) -> Response:
-    response = make_response(render_template("admin/error.html", error=exc), exc.code or 500)
-    for name, value in exc.get_headers():
-        if name.lower() != "content-type":
-            response.headers[name] = value
+@bp.errorhandler(Exception)
+def _error_page(exc: Exception) -> Response:
+    status, message, headers = describe(exc)
+    page = render_template("admin/error.html", status=status, title=HTTP_STATUS_CODES.get(status, "Error"), message=message)
+    response = make_response(page, status)
+    response.headers.update(headers)
     return response
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, g, request
 
 from ..audit import EVENTS, record_refusal
-from ..errors import ESTError, NotFound, error_response
+from ..errors import ESTError, NotFound, text_error
 from ..state import state
 from . import bootstrap, cacerts, csrattrs, fullcmc, serverkeygen, simpleenroll, simplereenroll
 
@@ -34,8 +34,13 @@ def _refused(exc: ESTError) -> Response:
     # A 429 is a back-off already audited once when it began: a row per throttled request
     # would let a flood of bogus credentials fill the trail and queue on the write lock.
     if operation in EVENTS and exc.status != 429:
-        record_refusal(operation, exc.status, exc.message)
-    return error_response(exc)
+        identity, profile = g.get("identity"), g.get("profile")
+        record_refusal(
+            state().store, operation, exc.status, exc.message,
+            actor=identity.requester if identity else "anonymous", client_address=request.remote_addr or "",
+            label=profile.name if profile else "",
+        )
+    return text_error(exc)
 
 
 @bp.after_request

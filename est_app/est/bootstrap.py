@@ -15,7 +15,7 @@ from ..auth import basic, check_proof_of_possession, enrolling_identity
 from ..encoding import ESTResponse
 from ..errors import Forbidden, NotFound
 from ..state import state
-from .issuance import bootstrap_profile, certs_only_response, issue_for_device, read_csr
+from .issuance import certs_only_response, read_csr, requester
 
 bp = Blueprint("bootstrap", __name__)
 
@@ -30,14 +30,7 @@ def bootstrap() -> ESTResponse:
     if "basic" not in g.profile.auth:
         raise Forbidden(f"label {g.profile.name!r} does not accept passwords, and bootstrap takes HTTP Basic credentials")
     g.identity = identity = enrolling_identity(replace(g.profile, auth=frozenset({"basic"})))
-    csr = read_csr(g.profile)
+    csr = read_csr()
     check_proof_of_possession(csr, identity, g.profile)
-    certificate = issue_for_device(
-        csr,
-        g.profile,
-        identity,
-        "bootstrap",
-        certificate_profile=bootstrap_profile(g.profile, settings.bootstrap_validity_days),
-        default_policy="reject",
-    )
+    certificate = state().enrollment.bootstrap(csr, g.profile, requester(identity), settings.bootstrap_validity_days)
     return certs_only_response(certificate, g.profile)

@@ -11,11 +11,9 @@ from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, g
 
 from ..auth import check_proof_of_possession, enroller_required
-from ..ca.keygen import generate_key, key_type_of
 from ..encoding import CERTS_ONLY, PKCS8, ESTResponse
-from ..errors import BadRequest
 from ..state import state
-from .issuance import issue_for_device, read_csr
+from .issuance import read_csr, requester
 
 bp = Blueprint("serverkeygen", __name__)
 
@@ -24,15 +22,11 @@ bp = Blueprint("serverkeygen", __name__)
 @bp.post("/<label>/serverkeygen")
 @enroller_required
 def serverkeygen() -> ESTResponse:
-    csr = read_csr(g.profile)
+    csr = read_csr()
     check_proof_of_possession(csr, g.identity, g.profile)
-    allowed = g.profile.serverkeygen_key_types
-    wanted = key_type_of(csr.public_key())
-    if wanted not in allowed:
-        raise BadRequest(f"serverkeygen key type {wanted or 'of this CSR'} is not allowed here; use a CSR key of: {', '.join(allowed)}")
-    private_key = generate_key(wanted)
-    certificate = issue_for_device(csr, g.profile, g.identity, "serverkeygen", public_key=private_key.public_key())
+    enrollment = state().enrollment
+    private_key, certificate = enrollment.serverkeygen(csr, g.profile, requester(g.identity))
     pkcs8 = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    response = ESTResponse([(PKCS8, pkcs8), (CERTS_ONLY, state().authority_for(g.profile).certs_only(certificate, g.profile.certificate))])
+    response = ESTResponse([(PKCS8, pkcs8), (CERTS_ONLY, enrollment.certs_only(certificate, g.profile))])
     response.headers["Cache-Control"] = "no-store"
     return response

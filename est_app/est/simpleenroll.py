@@ -4,7 +4,8 @@ from flask import Blueprint, g
 
 from ..auth import check_proof_of_possession, enroller_required
 from ..encoding import ESTResponse
-from .issuance import certs_only_response, issue_for_device, read_csr
+from ..state import state
+from .issuance import certs_only_response, read_csr, requester
 
 bp = Blueprint("simpleenroll", __name__)
 
@@ -13,7 +14,7 @@ bp = Blueprint("simpleenroll", __name__)
 @bp.post("/<label>/simpleenroll")
 @enroller_required
 def simpleenroll() -> ESTResponse:
-    csr = read_csr(g.profile)
+    csr = read_csr()
     check_proof_of_possession(csr, g.identity, g.profile)
-    certificate = issue_for_device(csr, g.profile, g.identity, "simpleenroll")
+    certificate = state().enrollment.enroll(csr, g.profile, requester(g.identity))
     return certs_only_response(certificate, g.profile)

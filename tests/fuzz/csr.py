@@ -20,7 +20,7 @@ from cryptography import x509
 from est_app.auth import Identity, check_proof_of_possession
 from est_app.ca import check_policy, load_csr
 from est_app.encoding import CERTS_ONLY, PKCS8, Base64Encoding, DerEncoding, ESTResponse, decode_body
-from est_app.est.issuance import device_key
+from est_app.enrollment import device_key
 
 from . import deployment
 from .deployment import body_forms, der, sample_csrs

@@ -14,6 +14,7 @@ from ...ca import check_policy, load_csr
 from ...ca.csr import ATTRIBUTE_NAMES
 from ...config import Settings
 from ...encoding import decode_body
+from ...enrollment import device_key
 from ...errors import ESTError
 from ...profiles import EnrollmentProfile
 from .bodies import body_form
@@ -23,8 +24,6 @@ CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 
 def check_request(report: Report, settings: Settings, profile: EnrollmentProfile, path: Path) -> None:
-    from ...est.issuance import device_key  # the est package imports the app's modules
-
     subject = f"label {profile.name}"
     try:
         data = path.read_bytes()
