@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from flask import Flask, Response, g
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,12 @@ def register(app: Flask) -> None:
     def _http_error(exc: HTTPException) -> Response:
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
         return text_response(exc.code or 500, f"{exc.name}: {exc.description}", headers)
+
+    @app.errorhandler(OperationalError)
+    def _database_unavailable(exc: OperationalError) -> Response:
+        # Down, restarting, unreachable, locked or timed out: not a fault of ours or the client's. Details to the log.
+        log.warning("database unavailable, request id %s: %s", g.get("request_id", "-"), " ".join(str(exc.orig or exc).split())[:300])
+        return error_response(ServiceUnavailable("the database is unavailable; try again later", retry_after=10))
 
     @app.errorhandler(Exception)
     def _fault(exc: Exception) -> Response:

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from est_app import create_app
 from est_app.ca.development import create_root_ca, write_certificate, write_private_key
 from est_app.cli import est
+from est_app.config import load_config
+from est_app.store import Store
 
 USER = "gateway"
 PASSWORD = "correct horse battery staple"
@@ -33,12 +35,12 @@ def pki_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def make_config(pki_dir, tmp_path):
+def make_config(pki_dir, tmp_path, new_database):
     """Write a config.yaml: `est init`'s, with ``overrides`` merged in, on a fresh database."""
 
     def write(**overrides) -> Path:
         data = yaml.safe_load((pki_dir / "config.yaml").read_text())
-        data["database"] = {"url": f"sqlite:///{tmp_path / 'est.db'}"}
+        data["database"] = new_database(tmp_path)
         data["rate_limit"] = {"enabled": False}
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -101,6 +103,51 @@ def postgres_cluster():
     cluster.start()
     yield cluster
     cluster.remove()
+
+
+DATABASES = ("sqlite", "postgresql")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "both_databases: run once on SQLite and once on PostgreSQL (the `database` fixture)")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    # Only tests that are marked and reach the database (through make_config or new_database) run twice.
+    if "database" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_databases"):
+        metafunc.parametrize("database", DATABASES, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def database(request) -> str:
+    """Which database the tests' configs use: "sqlite", unless the test is marked ``both_databases``."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="module")
+def new_database(request, database):
+    """``new_database(directory)``: the YAML ``database`` section of a new, empty database of that kind
+    (SQLite: ``directory``/est.db; PostgreSQL: on the session's cluster, its password in ``password_file``)."""
+
+    cluster = request.getfixturevalue("postgres_cluster") if database == "postgresql" else None
+
+    def make(directory: Path) -> dict:
+        if cluster is None:
+            return {"url": f"sqlite:///{directory / 'est.db'}"}
+        name = cluster.create_database()
+        # The schema first: gunicorn workers starting together on an empty PostgreSQL database race to create it.
+        store = Store(cluster.url(name))
+        store.create_schema()
+        store.engine.dispose()
+        return {"url": cluster.url(name, password=False), "password_file": str(cluster.password_file)}
+
+    return make
+
+
+def open_store(config: Path) -> Store:
+    """The store a config.yaml names, opened as the server opens it (password file, timeouts)."""
+    settings = load_config(config)
+    return Store(settings.database.url, settings.database)
 
 
 @pytest.fixture
