@@ -4,9 +4,9 @@ Each CA has its own CRL, listing exactly the revoked certificates it issued.
 CRLs live in the store, numbered. A CA's CRL is re-signed on every revocation
 of one of its certificates (by whichever process revoked) and when half its
 lifetime has passed; each worker keeps the DER of the newest number it has
-seen (read when the worker starts) and only re-reads the store when that
-number moves. Nothing is rebuilt per request. While the database is down a
-worker serves the CRL it holds, as it is.
+seen (read when the worker starts, and on each /crl or /readyz) and only
+re-reads the store when that number moves. Nothing is rebuilt per request.
+While the database is down a worker serves the CRL it holds, as it is.
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ class CRLCache:
     def is_fresh(self, now: Optional[datetime] = None) -> bool:
         now = (now or datetime.now(timezone.utc)).replace(tzinfo=None)
         latest = self.store.current_crl(*self._scope)
+        if latest is not None:
+            with self._lock:  # the probe keeps what this worker would serve with the database down current
+                self._current = latest
         return latest is not None and now < latest.next_update
 
 
