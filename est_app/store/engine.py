@@ -21,11 +21,9 @@ def create_engine(url: str, password: Optional[str] = None, connect_timeout: int
         if engine.dialect.name == "sqlite":
             _configure_sqlite(engine, statement_timeout)
         return engine
-    milliseconds = statement_timeout * 1000
-    connect_args = {
-        "connect_timeout": connect_timeout,
-        "options": f"-c statement_timeout={milliseconds} -c lock_timeout={milliseconds}",
-    }
+    # connect_args win over the URL's query: keep any options it gives (search_path, ...) before ours.
+    options = " ".join(filter(None, (parsed.query.get("options"), f"-c statement_timeout={statement_timeout * 1000}")))
+    connect_args = {"connect_timeout": connect_timeout, "options": options}
     if password is not None:
         connect_args["password"] = password
     return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
