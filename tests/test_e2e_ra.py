@@ -557,8 +557,10 @@ def test_bootstrap_issues_a_30_day_client_certificate_once(server):
 # --- 7. concurrent first enrollments ------------------------------------------------------------
 
 
-def fire(server: RunningServer, jobs: list[tuple[str, bytes]], client_cert: tuple[Path, Path] | None = None) -> list[tuple[int, bytes]]:
+def fire(server: RunningServer | list[RunningServer], jobs: list[tuple[str, bytes]], client_cert: tuple[Path, Path] | None = None) -> list[tuple[int, bytes]]:
     """POST every (path, DER CSR) at once, each on its own TLS connection; (status, body) back, in order.
+
+    Given a list of servers (on one database), the jobs go to each in turn.
 
     With ``client_cert`` the requests authenticate with it over mutual TLS, else with HTTP Basic. A barrier
     releases all threads together; it sits before connecting, since a gthread worker's thread that has
@@ -566,9 +568,11 @@ def fire(server: RunningServer, jobs: list[tuple[str, bytes]], client_cert: tupl
     """
     barrier = threading.Barrier(len(jobs))
     token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    servers = server if isinstance(server, list) else [server]
 
-    def one(job: tuple[str, bytes]) -> tuple[int, bytes]:
-        path, csr = job
+    def one(numbered: tuple[int, tuple[str, bytes]]) -> tuple[int, bytes]:
+        i, (path, csr) = numbered
+        server = servers[i % len(servers)]
         context = ssl.create_default_context(cafile=str(server.ca_file))
         headers = {"Content-Type": "application/pkcs10"}
         if client_cert:
@@ -585,7 +589,7 @@ def fire(server: RunningServer, jobs: list[tuple[str, bytes]], client_cert: tupl
             conn.close()
 
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        return list(pool.map(one, jobs))
+        return list(pool.map(one, enumerate(jobs)))
 
 
 def certificate_in(body: bytes, fmt: str) -> x509.Certificate:

@@ -10,10 +10,7 @@ gunicorn servers on one database, is the last test.
 
 from __future__ import annotations
 
-import base64
-import http.client
 import secrets
-import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -32,6 +29,7 @@ from est_app.store import CertificateRecord, DeviceExists, DeviceOnOtherLabel, N
 from .conftest import PASSWORD, USER, open_store, run_cli
 from .pki import der, make_csr, pem
 from .server import start_server
+from .test_e2e_ra import fire
 
 pytestmark = pytest.mark.both_databases
 
@@ -169,31 +167,6 @@ def test_a_serial_is_stored_once(stores):
 # --- end to end: two servers on one database -----------------------------------------------------
 
 
-def post_all(server_urls: list[tuple[str, int]], ca_file: Path, path: str, body: bytes, client_cert: tuple[Path, Path] | None) -> list[tuple[int, bytes]]:
-    """POST ``body`` once per (host, port) in ``server_urls``, all at once, each on its own TLS connection."""
-    barrier = threading.Barrier(len(server_urls))
-    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-
-    def one(address: tuple[str, int]) -> tuple[int, bytes]:
-        context = ssl.create_default_context(cafile=str(ca_file))
-        headers = {"Content-Type": "application/pkcs10"}
-        if client_cert:
-            context.load_cert_chain(*map(str, client_cert))
-        else:
-            headers["Authorization"] = f"Basic {token}"
-        conn = http.client.HTTPSConnection(*address, context=context, timeout=120)
-        barrier.wait(timeout=60)
-        try:
-            conn.request("POST", f"/.well-known/est/{path}", body=base64.b64encode(body), headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
-
-    with ThreadPoolExecutor(max_workers=len(server_urls)) as pool:
-        return list(pool.map(one, server_urls))
-
-
 @pytest.mark.e2e
 def test_two_servers_one_database_reenroll_one_certificate_once(pki_dir, tmp_path, new_database):
     """40 re-enrollments with one certificate, 20 to each of two gunicorn servers (2 workers each) on one database: one 200, 39 403."""
@@ -209,7 +182,7 @@ def test_two_servers_one_database_reenroll_one_certificate_once(pki_dir, tmp_pat
 
         key = ec.generate_private_key(ec.SECP256R1())
         csr = der(make_csr("NPPTWIN1", key=key))
-        (status, _), = post_all([("127.0.0.1", servers[0].port)], servers[0].ca_file, "simpleenroll", csr, None)
+        ((status, _),) = fire(servers[0], [("simpleenroll", csr)])
         assert status == 200
         store = open_store(servers[0].config)
         (device,) = store.find_devices(search="NPPTWIN1")
@@ -218,8 +191,7 @@ def test_two_servers_one_database_reenroll_one_certificate_once(pki_dir, tmp_pat
         cert_file.write_bytes(pem(old))
         key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
-        addresses = [("127.0.0.1", servers[i % 2].port) for i in range(WRITERS)]
-        results = post_all(addresses, servers[0].ca_file, "simplereenroll", csr, (cert_file, key_file))
+        results = fire(servers, [("simplereenroll", csr)] * WRITERS, client_cert=(cert_file, key_file))
         statuses = sorted(status for status, _ in results)
         assert statuses == [200] + [403] * (WRITERS - 1), [r for r in results if r[0] not in (200, 403)][:3] or statuses
         old_serial = device.current_serial
