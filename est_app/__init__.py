@@ -54,7 +54,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     if database_url is None:
         os.makedirs(app.instance_path, exist_ok=True)
         database_url = f"sqlite:///{Path(app.instance_path) / 'est.db'}"
-    store = Store(database_url)
+    store = Store(database_url, settings.database)
     try:
         store.create_schema()
     except SchemaOutdated as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import limits
+import sqlalchemy
 import yaml
 
 EST_OPERATIONS = frozenset(
@@ -119,6 +120,33 @@ class CASettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: Optional[str] = None
+    # PostgreSQL's password: a file (a systemd credential), else libpq's ~/.pgpass or service file; never the URL.
+    password_file: Optional[Path] = None
+    connect_timeout: int = 5
+    statement_timeout: int = 10
+
+    def __post_init__(self) -> None:
+        _positive(self, "connect_timeout", "statement_timeout")
+        try:
+            url = sqlalchemy.engine.make_url(self.url) if self.url is not None else None
+        except sqlalchemy.exc.ArgumentError:
+            raise ValueError(f"url {self.url!r} is not a SQLAlchemy URL such as sqlite:////var/lib/est/est.db or postgresql+psycopg://est@db.example/est") from None
+        if url is not None and (url.password is not None or "password" in url.query):
+            raise ValueError(
+                "url holds a password, and passwords never go in the YAML: put it in database.password_file "
+                "(a systemd credential), ~/.pgpass or a PostgreSQL service file"
+            )
+        if self.password_file is not None and (url is None or url.get_backend_name() != "postgresql"):
+            raise ValueError("password_file is for a postgresql+psycopg:// url; SQLite has no password")
+
+    def read_password(self) -> Optional[str]:
+        """The password in ``password_file`` (trailing CR/LF stripped), or None; ConfigError naming the file when unreadable."""
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"database.password_file {self.password_file}: cannot read it ({exc.strerror})") from None
 
 
 @dataclass(frozen=True)

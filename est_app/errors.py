@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
 from flask import Flask, Response, current_app, g
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,10 @@ def describe(exc: BaseException) -> ErrorDescription:
     if isinstance(exc, HTTPException):
         headers = {k: v for k, v in exc.get_headers() if k.lower() not in ("content-type", "content-length")}
         return ErrorDescription(exc.code or 500, f"{exc.name}: {exc.description}", headers)
+    if isinstance(exc, OperationalError):
+        # Down, restarting, unreachable, locked or timed out: not a fault of ours or the client's. Details to the log.
+        log.warning("database unavailable, request id %s: %s", g.get("request_id", "-"), " ".join(str(exc.orig or exc).split())[:300])
+        return describe(ServiceUnavailable("the database is unavailable; try again later", retry_after=10))
     request_id = g.get("request_id") or uuid.uuid4().hex[:16]
     log.error("internal error, request id %s", request_id, exc_info=exc)
     return ErrorDescription(500, f"Internal server error (request id {request_id}); the operator's log has details", {})

@@ -14,9 +14,9 @@ from est_app import create_app
 from est_app.audit import cli_actor
 from est_app.ca.development import create_root_ca, write_certificate, write_private_key
 from est_app.cli import est
-from est_app.config import Settings, parse_config
+from est_app.config import Settings, load_config, parse_config
 from est_app.state import state
-from est_app.store import AuditEvent
+from est_app.store import AuditEvent, Store
 
 USER = "gateway"
 PASSWORD = "correct horse battery staple"
@@ -44,12 +44,16 @@ def password_hash() -> str:
 
 
 @pytest.fixture
-def config_data(pki_dir, tmp_path):
-    """``config_data(**overrides)``: `est init`'s configuration as data, ``overrides`` merged in, on a fresh database."""
+def config_data(pki_dir, tmp_path, new_database):
+    """``config_data(**overrides)``: `est init`'s configuration as data, ``overrides`` merged in, on the test's
+    own fresh database (one per test, made at the first call: ``new_database``)."""
     base = yaml.safe_load((pki_dir / "config.yaml").read_text())
+    database: dict = {}
 
     def merge(**overrides) -> dict:
-        data = {**base, "database": {"url": f"sqlite:///{tmp_path / 'est.db'}"}, "rate_limit": {"enabled": False}}
+        if not database:
+            database.update(new_database(tmp_path))
+        data = {**base, "database": dict(database), "rate_limit": {"enabled": False}}
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key] = {**data[key], **value}
@@ -135,6 +139,51 @@ def postgres_cluster():
     cluster.start()
     yield cluster
     cluster.remove()
+
+
+DATABASES = ("sqlite", "postgresql")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "both_databases: run once on SQLite and once on PostgreSQL (the `database` fixture)")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    # Only tests that are marked and reach the database (through make_config or new_database) run twice.
+    if "database" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_databases"):
+        metafunc.parametrize("database", DATABASES, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def database(request) -> str:
+    """Which database the tests' configs use: "sqlite", unless the test is marked ``both_databases``."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="module")
+def new_database(request, database):
+    """``new_database(directory)``: the YAML ``database`` section of a new, empty database of that kind
+    (SQLite: ``directory``/est.db; PostgreSQL: on the session's cluster, its password in ``password_file``)."""
+
+    cluster = request.getfixturevalue("postgres_cluster") if database == "postgresql" else None
+
+    def make(directory: Path) -> dict:
+        if cluster is None:
+            return {"url": f"sqlite:///{directory / 'est.db'}"}
+        name = cluster.create_database()
+        # The schema first: gunicorn workers starting together on an empty PostgreSQL database race to create it.
+        store = Store(cluster.url(name))
+        store.create_schema()
+        store.engine.dispose()
+        return {"url": cluster.url(name, password=False), "password_file": str(cluster.password_file)}
+
+    return make
+
+
+def open_store(config: Path) -> Store:
+    """The store a config.yaml names, opened as the server opens it (password file, timeouts)."""
+    settings = load_config(config)
+    return Store(settings.database.url, settings.database)
 
 
 @pytest.fixture

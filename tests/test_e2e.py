@@ -1,7 +1,7 @@
 """End to end: the real server (gunicorn, TLS, loopback) driven by curl, openssl and strongSwan pki.
 
 Servers start lazily, once per module, each on its own database with the test
-user added through the CLI: base64 (64 columns, plus a ``pumps`` label in
+user added through the CLI (SQLite, then PostgreSQL): base64 (64 columns, plus a ``pumps`` label in
 DER), base64 on one line (for strongSwan), and DER through both launch paths
 (``est-server`` and ``gunicorn -c deploy/gunicorn.conf.py wsgi:app``).
 """
@@ -19,7 +19,7 @@ from .e2e_clients import Reply, call, openssl, openssl_csr, openssl_verify, pkcs
 from .pki import der, make_csr, rsa_key
 from .server import RunningServer, start_server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_databases]
 
 SERVERS = {
     "base64": {"labels": {"pumps": {"response_format": "der"}}},
@@ -33,7 +33,7 @@ CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
 
 
 @pytest.fixture(scope="module")
-def servers(pki_dir, tmp_path_factory):
+def servers(pki_dir, tmp_path_factory, new_database):
     """``servers(name)``: the running server configured as ``SERVERS[name]``, started on first use."""
     started: dict[str, RunningServer] = {}
 
@@ -43,7 +43,7 @@ def servers(pki_dir, tmp_path_factory):
             started[name] = server = start_server(
                 pki_dir,
                 workdir,
-                database={"url": f"sqlite:///{workdir / 'est.db'}"},
+                database=new_database(workdir),
                 rate_limit={"enabled": False},
                 **SERVERS[name],
             )

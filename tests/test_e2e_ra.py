@@ -6,7 +6,7 @@ certificates (``tls.client_ca_file``), once per response format: ``base64`` on
 one line (what strongSwan pki needs) and ``der``. Clients are curl, openssl,
 strongSwan pki and, where the TLS session itself matters (tls-unique) or many
 requests must be in flight at once, Python's ssl + http.client. Outcomes are
-read back from the server's own SQLite store.
+read back from the server's own store; each module runs on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,12 +30,12 @@ from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID
 from est_app.auth import fingerprint
 from est_app.store import Store
 
-from .conftest import PASSWORD, USER, run_cli
+from .conftest import PASSWORD, USER, open_store, run_cli
 from .e2e_clients import Reply, call, openssl, openssl_csr, openssl_verify, pkcs7_certs, pki, response_format
 from .pki import der, make_csr, pem, rsa_key
 from .server import RunningServer, start_server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_databases]
 
 AUTH = ("--user", f"{USER}:{PASSWORD}")
 PKCS10 = ("--header", "Content-Type: application/pkcs10")
@@ -95,7 +94,7 @@ def client_certs(pki_dir, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 
 @pytest.fixture(scope="module")
-def servers(pki_dir, tmp_path_factory, client_certs):
+def servers(pki_dir, tmp_path_factory, client_certs, new_database):
     """``servers(name)``: the server configured as ``SERVERS[name]``, started on first use.
 
     Each has its own database, the test user, and the gateway's RA certificate registered for ``pumps``.
@@ -110,7 +109,7 @@ def servers(pki_dir, tmp_path_factory, client_certs):
                 workdir,
                 tls={"client_ca_file": str(pki_dir / "ca.pem")},
                 server={"workers": 3},
-                database={"url": f"sqlite:///{workdir / 'est.db'}"},
+                database=new_database(workdir),
                 rate_limit={"enabled": False},
                 **SERVERS[name],
             )
@@ -136,9 +135,9 @@ _stores: dict[Path, Store] = {}
 
 
 def store_of(server: RunningServer) -> Store:
-    """The server's own store, opened read-side from this process (SQLite in WAL mode allows it)."""
+    """The server's own store, opened read-side from this process."""
     if server.config not in _stores:
-        _stores[server.config] = Store(yaml.safe_load(server.config.read_text())["database"]["url"])
+        _stores[server.config] = open_store(server.config)
     return _stores[server.config]
 
 
@@ -558,8 +557,10 @@ def test_bootstrap_issues_a_30_day_client_certificate_once(server):
 # --- 7. concurrent first enrollments ------------------------------------------------------------
 
 
-def fire(server: RunningServer, jobs: list[tuple[str, bytes]], client_cert: tuple[Path, Path] | None = None) -> list[tuple[int, bytes]]:
+def fire(server: RunningServer | list[RunningServer], jobs: list[tuple[str, bytes]], client_cert: tuple[Path, Path] | None = None) -> list[tuple[int, bytes]]:
     """POST every (path, DER CSR) at once, each on its own TLS connection; (status, body) back, in order.
+
+    Given a list of servers (on one database), the jobs go to each in turn.
 
     With ``client_cert`` the requests authenticate with it over mutual TLS, else with HTTP Basic. A barrier
     releases all threads together; it sits before connecting, since a gthread worker's thread that has
@@ -567,9 +568,11 @@ def fire(server: RunningServer, jobs: list[tuple[str, bytes]], client_cert: tupl
     """
     barrier = threading.Barrier(len(jobs))
     token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    servers = server if isinstance(server, list) else [server]
 
-    def one(job: tuple[str, bytes]) -> tuple[int, bytes]:
-        path, csr = job
+    def one(numbered: tuple[int, tuple[str, bytes]]) -> tuple[int, bytes]:
+        i, (path, csr) = numbered
+        server = servers[i % len(servers)]
         context = ssl.create_default_context(cafile=str(server.ca_file))
         headers = {"Content-Type": "application/pkcs10"}
         if client_cert:
@@ -586,7 +589,7 @@ def fire(server: RunningServer, jobs: list[tuple[str, bytes]], client_cert: tupl
             conn.close()
 
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        return list(pool.map(one, jobs))
+        return list(pool.map(one, enumerate(jobs)))
 
 
 def certificate_in(body: bytes, fmt: str) -> x509.Certificate:

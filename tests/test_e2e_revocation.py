@@ -2,7 +2,7 @@
 
 Once per response format (``base64`` and ``der``), with ``ca.crl_url`` and ``ca.ocsp_url`` pointing
 at the server itself: two pumps enroll with curl; `est-admin cert revoke` (the CLI, writing the
-server's own SQLite database from another process) revokes one, with the serial exactly as
+server's own database, SQLite or PostgreSQL, from another process) revokes one, with the serial exactly as
 `openssl x509 -serial` prints it; relying parties then see it as a RADIUS server would:
 
 - the CRL from the distribution point named in the certificate, via curl, checked by
@@ -44,7 +44,7 @@ from .conftest import PASSWORD, USER, run_cli
 from .e2e_clients import Reply, call, curl, openssl, run, response_format
 from .server import RunningServer, free_port, start_server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_databases]
 
 AUTH = ("--user", f"{USER}:{PASSWORD}")
 PKCS10 = ("--header", "Content-Type: application/pkcs10")
@@ -52,7 +52,7 @@ FORMATS = ["base64", "der"]
 
 
 @pytest.fixture(scope="module")
-def servers(pki_dir, tmp_path_factory):
+def servers(pki_dir, tmp_path_factory, new_database):
     """``servers(fmt)``: a server in that response format whose certificates point at its own /crl and /ocsp."""
     started: dict[str, RunningServer] = {}
 
@@ -66,7 +66,7 @@ def servers(pki_dir, tmp_path_factory):
                     pki_dir,
                     workdir,
                     server={"workers": 3},
-                    database={"url": f"sqlite:///{workdir / 'est.db'}"},
+                    database=new_database(workdir),
                     rate_limit={"enabled": False},
                     response_format=fmt,
                     ca={"crl_url": f"https://127.0.0.1:{port}/crl", "ocsp_url": f"https://127.0.0.1:{port}/ocsp"},
@@ -417,14 +417,14 @@ def test_freeradius_refuses_a_revoked_pump_by_crl(servers, pki_dir, tmp_path):
 
 @needs_freeradius
 @pytest.mark.parametrize("signer", ["ca", "delegated"])
-def test_freeradius_refuses_a_revoked_pump_by_ocsp_at_once(pki_dir, tmp_path, signer):
+def test_freeradius_refuses_a_revoked_pump_by_ocsp_at_once(pki_dir, tmp_path, signer, new_database):
     """Section 6: revoked after FreeRADIUS loaded its CRL, the pump is refused at its next login through OCSP."""
     overrides = {}
     if signer == "delegated":
         cert, key = mint_server_certificate(pki_dir, tmp_path / "ocsp-responder", ExtendedKeyUsageOID.OCSP_SIGNING)
         overrides = {"ca": {"ocsp_responder_cert_file": str(cert), "ocsp_responder_key_file": str(key)}}
     server = start_server(
-        pki_dir, tmp_path, database={"url": f"sqlite:///{tmp_path / 'est.db'}"}, rate_limit={"enabled": False},
+        pki_dir, tmp_path, database=new_database(tmp_path), rate_limit={"enabled": False},
         response_format="der", **overrides,
     )
     relay = OCSPRelay(server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import sqlite3
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -38,6 +39,7 @@ def test_cacerts_holds_the_self_signed_root(client, pki_dir):
     assert root == x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
 
 
+@pytest.mark.both_databases
 def test_enroll_returns_exactly_the_issued_certificate_and_records_it(app, client, pki_dir):
     response = enroll(client, base64.b64encode(der(make_csr("NPPBBB4"))))
     assert response.status_code == 200, response.get_data(as_text=True)
@@ -136,6 +138,7 @@ def test_not_after_never_past_the_ca(make_app, pki_dir):
     assert cert.not_valid_after_utc == ca.not_valid_after_utc
 
 
+@pytest.mark.both_databases
 def test_serials_are_random_unique_and_long(app, client):
     serials = set()
     for _ in range(50):
@@ -147,6 +150,7 @@ def test_serials_are_random_unique_and_long(app, client):
         assert state().store.count_certificates() == 50
 
 
+@pytest.mark.both_databases
 def test_serial_collision_draws_again(app, client, monkeypatch):
     draws = iter([0x1234567890ABCDEF1, 0x1234567890ABCDEF1, 0x2234567890ABCDEF2])
     monkeypatch.setattr("est_app.ca.authority.x509.random_serial_number", lambda: next(draws))

@@ -29,6 +29,8 @@ from .test_name_policy import subject_csr
 from .test_protocol import ca, cli, client_certs, foreign_ca, register_ra  # noqa: F401  (fixtures)
 from .test_protocol import issued, post, refused, serial, store
 
+pytestmark = pytest.mark.both_databases  # the store's part (one owner, deleting) on SQLite and PostgreSQL
+
 PUMP_PATTERN = "NPP[A-Z0-9]{4}"
 ATTACK_LABELS = {"pumps": {"auth": ["cert"], "subject_cn_pattern": PUMP_PATTERN}, "wards": {}}
 RESERVED = "CSR commonName 'NPPAAA1' is reserved to label 'pumps' (it matches that label's subject_cn_pattern)"

@@ -343,6 +343,7 @@ def test_proxy_header_name_is_configurable(make_app, register_ra, client_certs):
 
 
 @pytest.mark.parametrize("rekey", [False, True], ids=["renew with the same key", "rekey with a new key"])
+@pytest.mark.both_databases
 def test_reenroll_supersedes_the_old_certificate(make_app, rekey):
     app = make_app()
     client = app.test_client()
@@ -422,6 +423,7 @@ def test_reenroll_refuses_a_device_certificate_from_a_client_ca_file_anchor(make
     refused(post(app.test_client(), "simplereenroll", device_csr(ec_key()), cert=presented), 401, "was not issued by this CA")
 
 
+@pytest.mark.both_databases
 def test_reenroll_keeps_the_profile_of_the_label_the_certificate_was_issued_on(make_app):
     # Any path will do (strongSwan cannot reach labelled ones), but only the response encoding is the path's.
     app = make_app(labels={"servers": {"auth": ["cert"], "extended_key_usage": ["serverAuth", "clientAuth"], "response_format": "der"}})
@@ -646,6 +648,7 @@ def test_bootstrap_honours_the_label_enrollment_policy(make_app, label_settings,
 # --- 7. the device registry -------------------------------------------------------------
 
 
+@pytest.mark.both_databases
 def test_default_policy_renews_the_device(make_app):
     app = make_app()
     client = app.test_client()
@@ -657,6 +660,7 @@ def test_default_policy_renews_the_device(make_app):
     assert [(c.serial, c.status) for c in s.device_certificates(device.id)] == [(serial(first), "superseded"), (serial(second), "valid")]
 
 
+@pytest.mark.both_databases
 def test_reject_policy_refuses_a_second_enrollment(make_app):
     app = make_app(labels={"strict": {"duplicate_policy": "reject"}})
     client = app.test_client()

@@ -204,6 +204,7 @@ def mint_responder(issuer_key, issuer_cert, eku=(ExtendedKeyUsageOID.OCSP_SIGNIN
 
 
 @pytest.mark.parametrize("reason", sorted(REASONS))
+@pytest.mark.both_databases
 def test_cert_revoke_records_status_time_and_reason(env, reason):
     cert, _ = enroll(env.client)
     output = revoke_cli(env, serial(cert), reason)
@@ -247,6 +248,7 @@ def test_cert_revoke_of_an_unknown_serial_changes_nothing(env):
         assert [e for e in state().store.audit_events() if e.event == "revoke"] == []
 
 
+@pytest.mark.both_databases
 def test_cert_revoke_twice_keeps_the_first_revocation(env):
     cert, _ = enroll(env.client)
     revoke_cli(env, serial(cert), "keyCompromise")
@@ -284,6 +286,7 @@ def test_cert_revoke_accepts_the_serial_as_openssl_prints_it(env, style):
     assert record_of(env, serial(cert)).status == "revoked"
 
 
+@pytest.mark.both_databases
 def test_device_revoke_revokes_the_current_certificate(env):
     old, key = enroll(env.client, "NPPDEV1")
     current, _ = enroll(env.client, "NPPDEV1")  # renew policy: the first is superseded
@@ -341,6 +344,7 @@ def test_crl_is_signed_by_the_ca_and_well_formed(build, ca, pki_dir):
     assert result.returncode == 0 and b"verify OK" in result.stderr + result.stdout, result.stderr
 
 
+@pytest.mark.both_databases
 def test_crl_number_grows_by_one_per_revocation(env):
     certs = [enroll(env.client, f"NPPN{i}")[0] for i in range(3)]
     first = crl_number(get_crl(env.client))
@@ -375,6 +379,7 @@ def test_crl_is_served_from_the_cache_between_revocations(env):
         assert state().crl.current().der is state().crl.current().der  # the cached object itself
 
 
+@pytest.mark.both_databases
 def test_a_revocation_in_another_process_reaches_this_workers_next_request(env):
     """The cross-worker guarantee: a second app on the same database revokes; the first serves the new CRL at once."""
     cert, _ = enroll(env.client)
@@ -445,6 +450,7 @@ def test_est_crl_resigns_now(env):
     assert crl_number(get_crl(env.client)) == first + 1
 
 
+@pytest.mark.both_databases
 def test_crl_leaves_out_superseded_certificates(env):
     old, _ = enroll(env.client, "NPPSUP")
     new, _ = enroll(env.client, "NPPSUP")
@@ -516,6 +522,7 @@ def test_ca_signed_ocsp_response_verifies_for_openssl_relying_parties(env, pki_d
 
 
 @pytest.mark.parametrize("reason", sorted(REASONS))
+@pytest.mark.both_databases
 def test_ocsp_revoked_with_time_and_reason(env, ca, reason):
     _, ca_cert = ca
     cert, _ = enroll(env.client)
@@ -537,6 +544,7 @@ def test_ocsp_revocation_is_seen_by_the_next_request(env, ca):
     assert ocsp_post(env.client, body).certificate_status == ocsp.OCSPCertStatus.REVOKED
 
 
+@pytest.mark.both_databases
 def test_ocsp_unknown_serial(env, ca):
     _, ca_cert = ca
     enroll(env.client)
@@ -564,6 +572,7 @@ def test_ocsp_unauthorized_for_another_issuer(env):
     assert response.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
 
 
+@pytest.mark.both_databases
 def test_ocsp_superseded_certificates_stay_good(env, ca):
     """Re-enrollment supersedes, it does not revoke: the old certificate is still good until revoked or expired."""
     _, ca_cert = ca
@@ -755,6 +764,7 @@ def test_revoked_ra_certificate_is_refused_from_the_next_request(build, tmp_path
         assert not state().store.find_devices(search="NPPRA02") and not state().store.find_devices(search="NPPRA03")
 
 
+@pytest.mark.both_databases
 def test_revoked_device_certificate_cannot_reenroll(env):
     cert, key = enroll(env.client, "NPPSTOLEN")
     renewed = with_cert(env.client, REENROLL, make_csr("NPPSTOLEN", key), cert)
@@ -769,6 +779,7 @@ def test_revoked_device_certificate_cannot_reenroll(env):
     assert device.current_serial == serial(current)  # nothing issued
 
 
+@pytest.mark.both_databases
 def test_revocation_by_another_worker_is_refused_by_this_one(env):
     """The credential check reads the store each request: no worker keeps trusting a revoked certificate."""
     cert, key = enroll(env.client, "NPPXW")

@@ -4,8 +4,9 @@ Each CA has its own CRL, listing exactly the revoked certificates it issued.
 CRLs live in the store, numbered. A CA's CRL is re-signed on every revocation
 of one of its certificates (by whichever process revoked) and when half its
 lifetime has passed; each worker keeps the DER of the newest number it has
-seen and only re-reads the store when that number moves. Nothing is rebuilt
-per request.
+seen (read when the worker starts, and on each /crl or /readyz) and only
+re-reads the store when that number moves. Nothing is rebuilt per request.
+While the database is down a worker serves the CRL it holds, as it is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, Optional
+
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..ca import CertificateAuthority
 from ..ca.crl import build_crl
@@ -34,8 +37,11 @@ class CRLCache:
         self.store = store
         self.lifetime = lifetime
         self._scope = (authority.issuer_id, top_level)
-        self._current: Optional[CRLRecord] = None
         self._lock = threading.Lock()
+        try:  # held from the start, so this worker can serve it should the database be down at its first /crl
+            self._current: Optional[CRLRecord] = store.current_crl(*self._scope)
+        except SQLAlchemyError:  # down, or not migrated yet: the first /crl reads it
+            self._current = None
 
     def regenerate(self, now: Optional[datetime] = None) -> CRLRecord:
         """Sign and store a new CRL of everything this CA has revoked now."""
@@ -50,7 +56,21 @@ class CRLCache:
         return record
 
     def current(self, now: Optional[datetime] = None) -> CRLRecord:
-        """The CA's newest CRL, re-signed first when none exists or half its lifetime has gone."""
+        """The CA's newest CRL, re-signed first when none exists or half its lifetime has gone.
+
+        With the database down: the CRL this worker holds, however old (relying parties judge its
+        nextUpdate); OperationalError (a 503) only when it holds none.
+        """
+        try:
+            return self._newest(now)
+        except OperationalError:
+            held = self._current
+            if held is None:
+                raise
+            log.warning("the database is unavailable: serving the CRL held, number %s, next update %s", held.number, held.next_update)
+            return held
+
+    def _newest(self, now: Optional[datetime]) -> CRLRecord:
         now = (now or datetime.now(timezone.utc)).replace(tzinfo=None)
         number = self.store.current_crl_number(*self._scope)
         cached = self._current
@@ -65,6 +85,9 @@ class CRLCache:
     def is_fresh(self, now: Optional[datetime] = None) -> bool:
         now = (now or datetime.now(timezone.utc)).replace(tzinfo=None)
         latest = self.store.current_crl(*self._scope)
+        if latest is not None:
+            with self._lock:  # the probe keeps what this worker would serve with the database down current
+                self._current = latest
         return latest is not None and now < latest.next_update
 
 

@@ -3,15 +3,20 @@
 ``GET /crl`` (DER) and ``GET /crl.pem``: the top-level CA's CRL.
 ``GET /crl/<label>`` and ``GET /crl/<label>.pem``: the CRL of the CA that issues on that label
 (its own ``ca``, or the top-level CA's). ``/ocsp`` (POST, and GET per RFC 6960 A.1) answers for every CA.
+With the database down the CRLs held are served, and OCSP answers ``tryLater`` rather than guess a status.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from datetime import datetime, timezone
 
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import ocsp
 from flask import Blueprint, Response
+from sqlalchemy.exc import OperationalError
 
 from ..encoding import Base64Encoding, read_body
 from ..errors import NotFound
@@ -21,6 +26,9 @@ from ..state import state
 bp = Blueprint("revocation", __name__)
 OCSP_RESPONSE = "application/ocsp-response"
 PEM_LINES = Base64Encoding(64)
+TRY_LATER = ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER).public_bytes(Encoding.DER)
+
+log = logging.getLogger(__name__)
 
 
 @bp.get("/crl")
@@ -74,4 +82,9 @@ def ocsp_get(encoded: str) -> Response:
 
 
 def _ocsp(request_der: bytes) -> Response:
-    return Response(state().ocsp.respond(request_der, datetime.now(timezone.utc)), content_type=OCSP_RESPONSE)
+    try:
+        answer = state().ocsp.respond(request_der, datetime.now(timezone.utc))
+    except OperationalError as exc:  # only the status lookup reads the store; malformed and unauthorized still answer
+        log.warning("OCSP: the database is unavailable, answering tryLater: %s", " ".join(str(exc.orig or exc).split())[:200])
+        answer = TRY_LATER
+    return Response(answer, content_type=OCSP_RESPONSE)

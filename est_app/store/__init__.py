@@ -3,15 +3,20 @@ sessions and failed password checks.
 
 SQLite (the default) runs in WAL mode with full synchronous commits, a busy
 timeout, and ``BEGIN IMMEDIATE`` for writes, so several gunicorn workers can
-share one file safely. Any other SQLAlchemy URL (PostgreSQL) works as is;
-there the unique constraints settle races and the write is retried. The
-store knows bytes and fields, not X.509.
+share one file safely. On PostgreSQL (several servers on one database) the
+writes that decide a device's current certificate lock what they read: the
+device row and the certificate being replaced (``SELECT ... FOR UPDATE``), and
+a transaction-scoped advisory lock on the device id for a device not yet
+recorded; a supersede that changed no row means another writer got there first.
+When the database is down or times out, methods raise SQLAlchemy's
+``OperationalError`` (the app answers 503). The store knows bytes and fields, not X.509.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterator, Literal, Optional
@@ -19,6 +24,7 @@ from typing import Callable, Iterator, Literal, Optional
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..config import DatabaseSettings
 from .engine import create_engine
 from .records import (  # the store's records and errors, re-exported
     AlreadyRevoked,
@@ -53,12 +59,14 @@ def _naive_utc(value: Optional[datetime]) -> Optional[datetime]:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
-        self.engine = create_engine(url)
+    def __init__(self, url: str, settings: Optional[DatabaseSettings] = None) -> None:
+        """``settings``: the ``database`` section (password file, timeouts); ``url`` is the one to open."""
+        settings = settings or DatabaseSettings()
+        self.engine = create_engine(url, settings.read_password(), settings.connect_timeout, settings.statement_timeout)
         self._writer = self.engine.execution_options(est_write=True)
-        # Threads of one process queue here for the write lock rather than in SQLite's busy
-        # handler, which sleeps 1, 2, 5, 10 ... 100 ms between retries.
-        self._write_lock = threading.Lock()
+        # SQLite: threads of one process queue here for the write lock rather than in SQLite's busy
+        # handler, which sleeps 1, 2, 5, 10 ... 100 ms between retries. PostgreSQL locks rows instead.
+        self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -244,7 +252,8 @@ class Store:
         """
 
         def write(conn: Connection) -> Device:
-            rows = conn.execute(_DEVICES_BY_KEY, {"device_key": device_key}).all()
+            _lock_device_key(conn, device_key)
+            rows = conn.execute(_DEVICES_BY_KEY_FOR_UPDATE, {"device_key": device_key}).all()
             row = next((r for r in rows if r.label == record.label), None)
             if row is None and rows:
                 raise DeviceOnOtherLabel(Device(**rows[0]._mapping))
@@ -275,12 +284,18 @@ class Store:
         """
 
         def write(conn: Connection) -> None:
-            old = conn.execute(certificates.select().where(certificates.c.serial == old_serial)).first()
+            old = conn.execute(_CERTIFICATE_BY_SERIAL, {"serial": old_serial}).first()
+            if old is not None and old.device_id is not None:
+                # Lock the device first, as enroll_device does (one order: no deadlock), then the certificate,
+                # and read both again: a concurrent writer may have replaced it or deleted the device meanwhile.
+                conn.execute(_DEVICE_FOR_UPDATE, {"device_id": old.device_id}).first()
+                old = conn.execute(_CERTIFICATE_BY_SERIAL.with_for_update(), {"serial": old_serial}).first()
             if old is None or old.status != "valid":
                 raise NotCurrent(old.status if old else None)
             if old.device_id is None:
                 raise Orphaned(old_serial)
-            _supersede(conn, old_serial)
+            if not _supersede(conn, old_serial):
+                raise NotCurrent("superseded")  # not reached while the lock holds; the row count is the last word
             _insert_certificate(conn, record, old.device_id)
             conn.execute(
                 devices.update()
@@ -350,7 +365,8 @@ class Store:
         re-signs the CRLs. Returns the device as it was, or None when there is none.
         """
         with self._write() as conn:
-            row = conn.execute(devices.select().where(devices.c.id == device_id)).first()
+            # Locked before its certificates, in the order enroll_device and replace_certificate lock (no deadlock).
+            row = conn.execute(devices.select().where(devices.c.id == device_id).with_for_update()).first()
             if row is None:
                 return None
             if revoke_reason is not None:
@@ -374,9 +390,9 @@ class Store:
             row = conn.execute(certificates.select().where(certificates.c.serial == serial)).first()
             if row is None:
                 raise NotFound(serial)
-            if row.status == "revoked":
+            # The row count settles two revocations at once on PostgreSQL (the second finds it revoked).
+            if row.status == "revoked" or not conn.execute(_REVOKE, {"serial_": serial, "reason": reason, "now": utcnow()}).rowcount:
                 raise AlreadyRevoked(serial)
-            conn.execute(_REVOKE, {"serial_": serial, "reason": reason, "now": utcnow()})
             _insert_audit(conn, audit)
         return self.get_certificate(serial)
 
@@ -441,7 +457,9 @@ class Store:
 # and its cache key per call costs more CPU than SQLite spends executing it.
 _USER_BY_NAME = users.select().where(users.c.name == sa.bindparam("name"))
 # A device id on every label it is recorded on (one, unless recorded before one identity had one owner).
-_DEVICES_BY_KEY = devices.select().where(devices.c.device_key == sa.bindparam("device_key")).order_by(devices.c.id)
+_DEVICES_BY_KEY_FOR_UPDATE = devices.select().where(devices.c.device_key == sa.bindparam("device_key")).order_by(devices.c.id).with_for_update()
+_DEVICE_FOR_UPDATE = sa.select(devices.c.id).where(devices.c.id == sa.bindparam("device_id")).with_for_update()
+_CERTIFICATE_BY_SERIAL = certificates.select().where(certificates.c.serial == sa.bindparam("serial"))
 _DEVICE_UPDATE = devices.update().where(devices.c.id == sa.bindparam("device_id"))
 _SUPERSEDE = (
     certificates.update()
@@ -511,5 +529,14 @@ def _insert_audit(conn: Connection, event: Optional[AuditEvent]) -> None:
         conn.execute(audit_events.insert(), values)
 
 
-def _supersede(conn: Connection, serial: str) -> None:
-    conn.execute(_SUPERSEDE, {"serial_": serial})
+def _supersede(conn: Connection, serial: str) -> bool:
+    """Mark ``serial`` superseded; False when it was not valid (already superseded or revoked)."""
+    return conn.execute(_SUPERSEDE, {"serial_": serial}).rowcount == 1
+
+
+def _lock_device_key(conn: Connection, device_key: str) -> None:
+    """PostgreSQL: hold, until commit, a lock on the device id on every label, so that two first
+    enrollments of one id (on one label or two) run one after the other. SQLite: BEGIN IMMEDIATE did."""
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(b"est_app device " + device_key.encode()).digest()[:8], "big", signed=True)
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key))).all()

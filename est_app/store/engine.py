@@ -1,23 +1,41 @@
-"""Engines: SQLite tuned for several gunicorn workers on one file; anything else as given."""
+"""Engines: SQLite tuned for several gunicorn workers on one file; PostgreSQL bounded in time; anything else as given.
+
+A database that is down, restarting or locked must cost a request seconds, not
+a hang: PostgreSQL connections give up after ``connect_timeout`` and each
+statement (lock waits included) after ``statement_timeout``; SQLite waits at
+most ``statement_timeout`` for a lock. Pooled connections are pinged before
+use, so a restarted PostgreSQL is used again without restarting est_app.
+"""
+
+from typing import Optional
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 
-def create_engine(url: str) -> Engine:
-    engine = sa.create_engine(url)
-    if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine)
-    return engine
+def create_engine(url: str, password: Optional[str] = None, connect_timeout: int = 5, statement_timeout: int = 10) -> Engine:
+    """An engine for ``url``; ``password`` (PostgreSQL, from ``database.password_file``) is never part of the URL."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        engine = sa.create_engine(parsed)
+        if engine.dialect.name == "sqlite":
+            _configure_sqlite(engine, statement_timeout)
+        return engine
+    # connect_args win over the URL's query: keep any options it gives (search_path, ...) before ours.
+    options = " ".join(filter(None, (parsed.query.get("options"), f"-c statement_timeout={statement_timeout * 1000}")))
+    connect_args = {"connect_timeout": connect_timeout, "options": options}
+    if password is not None:
+        connect_args["password"] = password
+    return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, busy_seconds: int) -> None:
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record) -> None:
         # Hand transaction control to the "begin" hook below (pysqlite's own is unreliable).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=10000", "foreign_keys=ON"):
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", f"busy_timeout={busy_seconds * 1000}", "foreign_keys=ON"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
