@@ -48,7 +48,8 @@ devices = sa.Table(
     sa.UniqueConstraint("label", "device_key", name="uq_devices_label_key"),
     sa.Index("ix_devices_device_key", "device_key"),  # one identity, one owner: looked up across labels
     sa.Index("ix_devices_current_status_id", "current_status", "id"),
-    sa.Index("ix_devices_current_not_after_status", "current_not_after", "current_status"),
+    sa.Index("ix_devices_current_status_not_after", "current_status", "current_not_after"),
+    sa.Index("ix_devices_current_not_after", "current_not_after"),
     sqlite_autoincrement=True,  # a deleted device's id is never given to another
 )
 

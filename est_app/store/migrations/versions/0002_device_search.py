@@ -80,9 +80,11 @@ def upgrade() -> None:
         "UPDATE devices SET current_status = (SELECT status FROM certificates WHERE serial = devices.current_serial), "
         "current_not_after = (SELECT not_after FROM certificates WHERE serial = devices.current_serial)"
     )
-    # Status alone walks (status, id) newest first; an expiry window is a range of (not_after, status).
+    # Status alone walks (status, id) newest first; status and an expiry window is one range of
+    # (status, not_after); a window alone, of (not_after).
     op.create_index("ix_devices_current_status_id", "devices", ["current_status", "id"])
-    op.create_index("ix_devices_current_not_after_status", "devices", ["current_not_after", "current_status"])
+    op.create_index("ix_devices_current_status_not_after", "devices", ["current_status", "current_not_after"])
+    op.create_index("ix_devices_current_not_after", "devices", ["current_not_after"])
     for statement in _SQLITE if op.get_bind().dialect.name == "sqlite" else _POSTGRESQL:
         op.execute(statement)
 
@@ -90,7 +92,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     for statement in _SQLITE_DROP if op.get_bind().dialect.name == "sqlite" else _POSTGRESQL_DROP:
         op.execute(statement)
-    op.drop_index("ix_devices_current_not_after_status", "devices")
+    op.drop_index("ix_devices_current_not_after", "devices")
+    op.drop_index("ix_devices_current_status_not_after", "devices")
     op.drop_index("ix_devices_current_status_id", "devices")
     op.drop_column("devices", "current_not_after")
     op.drop_column("devices", "current_status")
