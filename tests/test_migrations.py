@@ -45,8 +45,9 @@ from est_app.store.schema import certificates, devices, metadata
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .e2e_clients import openssl_csr
-from .pki import der, ec_key
+from .pki import der
 from .server import start_server
+from .test_admin_api import mint_client_certificate
 from .test_e2e import enroll, issued
 
 DATA = Path(__file__).parent / "data"
@@ -122,44 +123,24 @@ def current_copies(url: str) -> list[tuple]:
 # --- revision 0001, filled the way the last version wrote, then upgraded -------------------------
 
 
-def issue(ca_key, ca_cert: x509.Certificate, cn: str, not_after: datetime) -> x509.Certificate:
-    """A real certificate from the test CA (OCSP and CRLs name it by serial and issuer)."""
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(ec_key().public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.now(timezone.utc) - timedelta(days=1))
-        .not_valid_after(not_after)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-
-def fill_revision_1(url: str, config: Path) -> dict[str, x509.Certificate]:
+def fill_revision_1(url: str, config: Path) -> dict[str, tuple[x509.Certificate, datetime]]:
     """Users, an RA, devices with valid, superseded and revoked certificates, an orphan, a CRL,
     audit events, a dashboard session and a back-off, written to revision 0001's tables."""
     settings = load_config(config)
     authority = load_authority(settings.ca)
-    ca_cert = authority.certificate
-    ca_key = serialization.load_pem_private_key(settings.ca.key_file.read_bytes(), None)
     now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
-    soon, later = now + timedelta(days=20), now + timedelta(days=300)
-    certs = {
-        "valid": issue(ca_key, ca_cert, "NPPVALID1", later),
-        "old": issue(ca_key, ca_cert, "NPPRENEW2", later),
-        "renewed": issue(ca_key, ca_cert, "NPPRENEW2", soon),
-        "revoked": issue(ca_key, ca_cert, "NPPREVOKED3", later),
-        "orphan": issue(ca_key, ca_cert, "NPPGONE4", later),
-    }
+    names = {"valid": "NPPVALID1", "old": "NPPRENEW2", "renewed": "NPPRENEW2", "revoked": "NPPREVOKED3", "orphan": "NPPGONE4"}
+    certs = {name: mint_client_certificate(settings.ca.cert_file.parent, cn) for name, cn in names.items()}
     serial = {name: f"{cert.serial_number:x}" for name, cert in certs.items()}
+    # As recorded: only the renewed one expires within 30 days (OCSP and CRLs go by serial and issuer alone).
+    not_after = {name: now + timedelta(days=20 if name == "renewed" else 300) for name in names}
 
     def certificate(name: str, device_id, status: str, issuer=authority.issuer_id, revoked_at=None, revocation_reason=None) -> dict:
         cert = certs[name]
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         return dict(serial=serial[name], device_id=device_id, common_name=cn, subject=f"CN={cn}", label="default",
                     requester=f"user:{USER}", operation="simpleenroll", not_before=cert.not_valid_before_utc.replace(tzinfo=None),
-                    not_after=cert.not_valid_after_utc.replace(tzinfo=None), status=status, issued_at=now, der=der(cert),
+                    not_after=not_after[name], status=status, issued_at=now, der=der(cert),
                     issuer=issuer, revoked_at=revoked_at, revocation_reason=revocation_reason)  # fmt: skip
 
     def device(device_id: int, key: str, current: str) -> dict:
@@ -196,7 +177,7 @@ def fill_revision_1(url: str, config: Path) -> dict[str, x509.Certificate]:
             for table in ("users", "ra_clients", "devices", "audit_events"):
                 conn.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
     engine.dispose()
-    return certs
+    return {name: (cert, not_after[name]) for name, cert in certs.items()}
 
 
 def ocsp_status(server, cert: x509.Certificate, ca_cert: x509.Certificate) -> ocsp.OCSPCertStatus:
@@ -236,9 +217,7 @@ def test_a_filled_revision_1_database_upgrades_and_serves(database_url, config_f
     assert "upgraded from schema revision 0001 to 0002" in upgraded.output
     assert snapshot(database_url) == before  # every row, every column, as it was
     assert [(key, status, not_after) for key, status, not_after, *_ in current_copies(database_url)] == [
-        ("NPPVALID1", "valid", certs["valid"].not_valid_after_utc.replace(tzinfo=None)),
-        ("NPPRENEW2", "valid", certs["renewed"].not_valid_after_utc.replace(tzinfo=None)),
-        ("NPPREVOKED3", "revoked", certs["revoked"].not_valid_after_utc.replace(tzinfo=None)),
+        ("NPPVALID1", "valid", certs["valid"][1]), ("NPPRENEW2", "valid", certs["renewed"][1]), ("NPPREVOKED3", "revoked", certs["revoked"][1])
     ]
     assert run_cli("db", "current", config=config).exit_code == 0
     assert "nothing to do" in run_cli("db", "upgrade", config=config).output
@@ -249,8 +228,8 @@ def test_a_filled_revision_1_database_upgrades_and_serves(database_url, config_f
         # The upgraded users sign in: the gateway enrolls a new pump, the admin lists and filters.
         cert = issued(enroll(server, openssl_csr("ec", "NPPNEW5")), "base64", pki_dir / "ca.pem")
         assert cert.subject.rfc4514_string() == "CN=NPPNEW5"
-        assert ocsp_status(server, certs["revoked"], ca_cert) == ocsp.OCSPCertStatus.REVOKED
-        assert ocsp_status(server, certs["valid"], ca_cert) == ocsp.OCSPCertStatus.GOOD
+        assert ocsp_status(server, certs["revoked"][0], ca_cert) == ocsp.OCSPCertStatus.REVOKED
+        assert ocsp_status(server, certs["valid"][0], ca_cert) == ocsp.OCSPCertStatus.GOOD
         assert ocsp_status(server, cert, ca_cert) == ocsp.OCSPCertStatus.GOOD
         listed = admin_get(server, "/api/v1/devices")
         assert [(d["name"], d["status"]) for d in listed["items"]] == [
