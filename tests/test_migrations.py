@@ -488,3 +488,20 @@ def test_init_creates_at_head_and_db_current_says_so(tmp_path):
     data = yaml.safe_load(config.read_text())
     assert Store(data["database"]["url"]).schema_status().at_head
     assert "nothing to do" in run_cli("init", "--dir", str(tmp_path / "pki")).output
+
+
+def test_a_postgresql_role_that_may_not_create_pg_trgm_gets_one_line_and_no_change(postgres_cluster, config_for):
+    database = postgres_cluster.create_database()
+    postgres_cluster.psql(f"CREATE ROLE {database}_owner LOGIN PASSWORD 'not a secret, a test'", database)
+    postgres_cluster.psql(f'ALTER SCHEMA public OWNER TO {database}_owner; REVOKE CREATE ON DATABASE "{database}" FROM PUBLIC', database)
+    url = postgres_cluster.url(database).replace(f"est:{postgres_cluster.password}@", f"{database}_owner:not%20a%20secret%2C%20a%20test@")
+    config = config_for(url)
+    refused = run_cli("db", "upgrade", config=config)
+    assert refused.exit_code == 1
+    assert refused.output.splitlines() == [
+        f"Error: database {url.split(':not')[0]}:***@{url.split('@')[1]}: upgrade failed, nothing changed: "
+        'permission denied to create extension "pg_trgm"'
+    ]
+    assert Store(url).schema_status().empty  # revision 0001's tables went with the rest
+    postgres_cluster.psql("CREATE EXTENSION pg_trgm", database)  # what the docs tell a superuser to run
+    assert run_cli("db", "upgrade", config=config).exit_code == 0

@@ -7,6 +7,7 @@ build the app, which refuses a database that is not at this version's revision.
 from __future__ import annotations
 
 import click
+import sqlalchemy as sa
 
 from ..config import ConfigError, Settings, load_config
 from ..store import SchemaOutdated, Store
@@ -28,6 +29,8 @@ def upgrade_database(url: str) -> None:
         before = store.upgrade_schema()
     except SchemaOutdated as exc:
         raise click.ClickException(f"database {shown}: {exc}") from None
+    except sa.exc.SQLAlchemyError as exc:  # unreachable, or refused (PostgreSQL: no right to create pg_trgm): nothing changed
+        raise click.ClickException(f"database {shown}: upgrade failed, nothing changed: {_first_line(exc)}") from None
     finally:
         store.engine.dispose()
     if before.at_head:
@@ -66,6 +69,8 @@ def db_current(ctx: click.Context) -> None:
     shown = store.engine.url.render_as_string(hide_password=True)
     try:
         found = store.schema_status()
+    except sa.exc.SQLAlchemyError as exc:
+        raise click.ClickException(f"database {shown} cannot be read: {_first_line(exc)}") from None
     finally:
         store.engine.dispose()
     if found.at_head:
@@ -87,3 +92,8 @@ def _settings(ctx: click.Context) -> Settings:
 
 def _revision(revision: str | None) -> str:
     return revision or "none (no alembic_version table)"
+
+
+def _first_line(exc: sa.exc.SQLAlchemyError) -> str:
+    """The driver's message without SQLAlchemy's SQL echo and the server's hints."""
+    return (str(exc.orig or exc).strip().splitlines() or ["(no message)"])[0]
