@@ -416,7 +416,7 @@ def test_indexed_search_and_filters_give_what_the_scan_gives(database_url):
         with store.engine.connect() as conn:
             return [row[0] for row in conn.execute(sa.text(query + " ORDER BY d.id DESC"), params)]
 
-    for term in SEARCH_TERMS:
+    for term in SEARCH_TERMS + (["NPP\x00", "\x00\x00\x00"] if database_url.startswith("sqlite") else []):  # PostgreSQL text holds no NUL
         page = reports.devices(search=term, limit=100)
         assert [d.device_key for d in page.items] == scan(search=term), term
         assert page.total == len(page.items)

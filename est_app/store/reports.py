@@ -122,9 +122,10 @@ class Reports:
 
     def _device_key_contains(self, term: str):
         """``device_key LIKE '%term%'``; on SQLite only among the trigram index's candidates (3+ characters:
-        FTS5 trigrams match nothing shorter). The index folds case at least as LIKE does, so it never drops a match."""
+        FTS5 trigrams match nothing shorter; no NUL, which ends an FTS5 query). The index folds case at
+        least as LIKE does, so it never drops a match."""
         contains = devices.c.device_key.contains(term, autoescape=True)
-        if self.engine.dialect.name != "sqlite" or len(term) < 3:
+        if self.engine.dialect.name != "sqlite" or len(term) < 3 or "\x00" in term:
             return contains
         phrase = '"' + term.replace('"', '""') + '"'
         candidates = sa.select(_devices_search.c.rowid).where(_devices_search.c.devices_search.op("MATCH")(phrase))
