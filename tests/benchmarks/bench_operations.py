@@ -770,7 +770,7 @@ def statement_times(engine: Engine, action: Callable[[], object]) -> list[Statem
     found: list[tuple[str, object]] = []
 
     def record(conn, cursor, statement, parameters, context, executemany) -> None:
-        if statement not in ("BEGIN", "COMMIT", "ROLLBACK") and not statement.startswith("PRAGMA"):
+        if statement.lstrip().upper().startswith("SELECT"):  # the queries; writes (a session touched) are not re-run
             found.append((statement, parameters))
 
     sa.event.listen(engine, "before_cursor_execute", record)
