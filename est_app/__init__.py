@@ -58,7 +58,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     try:
         store.create_schema()
     except SchemaOutdated as exc:
-        raise ConfigError(f"database {store.engine.url.render_as_string(hide_password=True)}: {exc}; back it up, then migrate (docs/DEPLOYMENT.md)") from None
+        raise ConfigError(f"database {store.engine.url.render_as_string(hide_password=True)}: {exc} (docs/DEPLOYMENT.md)") from None
 
     authorities = load_authorities(settings, defer_key=defer_ca_key)
     # Client certificates may come from any CA issuing here (device re-enrollment) or from tls.client_ca_file (RAs).

@@ -149,17 +149,6 @@ def test_idle_timeout_and_absolute_lifetime(make_dashboard):
     assert response.status_code == 302 and "notice=ended" in response.headers["Location"]
 
 
-def test_an_old_database_loses_its_cookie_signing_key(make_app, tmp_path):
-    make_app()  # creates the database
-    database = tmp_path / "est.db"
-    with sqlite3.connect(database) as conn:
-        conn.execute("CREATE TABLE app_secrets (name VARCHAR(64) PRIMARY KEY, value BLOB NOT NULL)")
-        conn.execute("INSERT INTO app_secrets VALUES ('session_key', x'00112233')")
-    create_app(tmp_path / "config.yaml")  # the next start
-    with sqlite3.connect(database) as conn:
-        assert not conn.execute("SELECT name FROM sqlite_master WHERE name = 'app_secrets'").fetchall()
-
-
 # --- network gate -------------------------------------------------------------
 
 

@@ -84,6 +84,6 @@ def test_a_database_from_an_older_version_stops_start_with_a_clear_message(make_
     db = sqlite3.connect(tmp_path / "est.db")
     db.execute("CREATE TABLE certificates (serial VARCHAR(64) PRIMARY KEY, der BLOB NOT NULL)")
     db.commit()
-    with pytest.raises(ConfigError, match=r"table certificates lacks column\(s\) device_id, common_name.*back it up, then migrate"):
+    with pytest.raises(ConfigError, match=r"table certificates lacks column\(s\) device_id, common_name.*not a database est_app can upgrade in place"):
         create_app(make_config())
     assert db.execute("SELECT count(*) FROM certificates").fetchone() == (0,)  # nothing dropped or altered

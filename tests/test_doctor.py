@@ -258,25 +258,30 @@ def test_database_missing_or_outdated(deployment, tmp_path):
     empty = tmp_path / "empty.db"
     empty.touch(mode=0o600)
     fresh = doctor(offline_config(deployment, tmp_path, database={"url": f"sqlite:///{empty}"}))
-    assert has_line(fresh, "WARN", "database", "lacks table audit_events, table auth_failures", "which est-server adds when it starts")
+    assert has_line(fresh, "WARN", "database", "has no tables yet, which est-server creates at schema revision 0002 when it starts")
     assert not lines(fresh, "FAIL", "database") and "Traceback" not in fresh.output
     with sqlite3.connect(empty) as conn:  # looked at, nothing created
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    assert has_line(doctor(offline_config(deployment, tmp_path)), "OK", "database", "its schema is this version's (revision 0002)")
 
-    # The previous version's schema: est-server adds the issuer columns in place (Store.create_schema).
+    # A database one revision behind: est-server refuses it, the doctor names the command.
     with sqlite3.connect(deployment / "est.db") as conn:
-        conn.execute("DROP INDEX ix_crls_issuer_number")
-        conn.execute("ALTER TABLE certificates DROP COLUMN issuer")
-        conn.execute("ALTER TABLE crls DROP COLUMN issuer")
-    previous = doctor(offline_config(deployment, tmp_path))
-    assert has_line(previous, "WARN", "database", "lacks column ", "column certificates.issuer", "column crls.issuer", "which est-server adds when it starts", "back it up"), previous.output
-    assert not lines(previous, "FAIL", "database") and not lines(previous, r"\w+", "crl")  # no CRL query on a schema without issuers
+        conn.execute("UPDATE alembic_version SET version_num = '0001'")
+    behind = doctor(offline_config(deployment, tmp_path))
+    assert behind.exit_code == 1
+    assert has_line(behind, "FAIL", "database", "at schema revision 0001, this version needs 0002", "back it up, then run `est-admin db upgrade`", "est-server refuses to start")
+    assert not lines(behind, r"\w+", "crl")  # no CRL query on a schema this version does not know
 
+    # Made before migrations (no alembic_version), and then one lacking a column that cannot be added in place.
+    with sqlite3.connect(deployment / "est.db") as conn:
+        conn.execute("DROP TABLE alembic_version")
+    before = doctor(offline_config(deployment, tmp_path))
+    assert has_line(before, "FAIL", "database", "made before schema migrations", "est-admin db upgrade")
     with sqlite3.connect(deployment / "est.db") as conn:
         conn.execute("ALTER TABLE certificates DROP COLUMN revocation_reason")
     outdated = doctor(offline_config(deployment, tmp_path))
     assert outdated.exit_code == 1
-    assert has_line(outdated, "FAIL", "database", "table certificates lacks column(s) revocation_reason", "migrate")
+    assert has_line(outdated, "FAIL", "database", "table certificates lacks column(s) revocation_reason", "not a database est_app can upgrade in place")
 
 
 def test_configuration_errors_are_one_line(deployment, tmp_path):

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import serialization
 
 from ..ca.development import create_root_ca, create_tls_certificate, write_certificate, write_private_key
 from ..config import load_config
-from ..store import Store
 from . import est
+from .database import upgrade_database
 
 CONFIG_TEMPLATE = """\
 # est_app configuration written by `est init`. Reference: docs/CONFIGURATION.md.
@@ -110,7 +110,7 @@ def init_command(directory: Path | None, hosts: tuple[str, ...], bind: str) -> N
     if not paths["est.db"].exists():  # it holds password hashes: owner only, like the keys
         os.close(os.open(paths["est.db"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     settings = load_config(paths["config.yaml"])
-    Store(settings.database.url or f"sqlite:///{paths['est.db']}").create_schema()
+    upgrade_database(settings)  # a new one at head; an older one upgraded
     click.echo(f"ready: est-server --config {paths['config.yaml']}")
 
 

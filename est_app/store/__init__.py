@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..config import DatabaseSettings
+from . import migrations
 from .engine import create_engine
 from .records import (  # the store's records and errors, re-exported
     AlreadyRevoked,
@@ -45,7 +46,7 @@ from .records import (  # the store's records and errors, re-exported
     User,
     UserExists,
 )
-from .schema import ADDED_COLUMNS, admin_sessions, audit_events, auth_failures, certificates, crls, devices, metadata, ra_clients, users
+from .schema import admin_sessions, audit_events, auth_failures, certificates, crls, devices, ra_clients, users
 
 MAX_USER_NAME = users.c.name.type.length  # longer names are refused before any lookup
 
@@ -75,25 +76,29 @@ class Store:
             yield conn
 
     def create_schema(self) -> None:
-        """Create what is missing, add the ADDED_COLUMNS in place; refuse (SchemaOutdated) a database made by an older version."""
-        with self._write() as conn:  # serialised, so workers starting together do not race
-            # Held the key that signed dashboard cookies (before server-side sessions): not to be kept.
-            conn.exec_driver_sql("DROP TABLE IF EXISTS app_secrets")
-            metadata.create_all(conn)
-            refused, added, _ = _schema_gaps(conn)
-            if refused:
-                raise SchemaOutdated(refused[0])
-            for column in added:
-                _add_column(conn, column)
-            for table in metadata.sorted_tables:
-                for index in table.indexes:
-                    index.create(conn, checkfirst=True)
+        """At start-up: create the schema at head in an empty database; refuse (SchemaOutdated) any other not at head.
 
-    def schema_problems(self) -> tuple[list[str], list[str]]:
-        """Read-only: (why create_schema would refuse this database, what it would create or add in place); both empty when current."""
+        An existing database is never upgraded here: ``est-admin db upgrade`` does it
+        (:meth:`upgrade_schema`), when the operator has a backup and every host runs this version.
+        """
+        found = self.schema_status()
+        if found.empty:
+            with self._write() as conn:  # serialised: workers and hosts starting together create it once
+                found = migrations.status(conn)
+                if found.empty:
+                    migrations.upgrade(conn)
+        if found.problem:
+            raise SchemaOutdated(found.problem)
+
+    def upgrade_schema(self) -> migrations.SchemaStatus:
+        """Run the migrations to head (adopting a database made before them); returns where it stood before."""
+        with self._write() as conn:
+            return migrations.upgrade(conn)
+
+    def schema_status(self) -> migrations.SchemaStatus:
+        """Read-only: the database's schema revision against this version's."""
         with self.engine.connect() as conn:
-            refused, added, missing = _schema_gaps(conn)
-        return refused, [f"table {name}" for name in missing] + [f"column {column.table.name}.{column.name}" for column in added]
+            return migrations.status(conn)
 
     def _one(self, query, cls):
         with self.engine.connect() as conn:
@@ -480,34 +485,6 @@ def _issued_by(column: sa.Column, issuer: Optional[str], or_unrecorded: bool):
     if issuer is None:
         return sa.true()
     return sa.or_(column == issuer, column.is_(None)) if or_unrecorded else column == issuer
-
-
-def _schema_gaps(conn: Connection) -> tuple[list[str], list[sa.Column], list[str]]:
-    """The one schema rule: (refusals, one line per table lacking columns not in ADDED_COLUMNS; the
-    ADDED_COLUMNS missing, added in place; the tables missing, which create_all makes whole)."""
-    inspector = sa.inspect(conn)
-    present_tables = set(inspector.get_table_names())
-    refused, added, missing_tables = [], [], []
-    for table in metadata.sorted_tables:
-        if table.name not in present_tables:
-            missing_tables.append(table.name)
-            continue
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        missing = [column for column in table.columns if column.name not in present]
-        lacking = [column.name for column in missing if (table.name, column.name) not in ADDED_COLUMNS]
-        if lacking:
-            refused.append(f"table {table.name} lacks column(s) {', '.join(lacking)}")
-        added += [column for column in missing if (table.name, column.name) in ADDED_COLUMNS]
-    return refused, added, missing_tables
-
-
-def _add_column(conn: Connection, column: sa.Column) -> None:
-    """ALTER TABLE ... ADD COLUMN for one of the schema's ADDED_COLUMNS (nullable, so old rows stay as they are)."""
-    preparer = conn.dialect.identifier_preparer
-    # PostgreSQL: another server may add it between our look and our ALTER.
-    guard = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
-    spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
-    conn.execute(sa.text(f"ALTER TABLE {preparer.format_table(column.table)} ADD COLUMN{guard} {spec}"))
 
 
 def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: Optional[int] = None) -> None:

@@ -137,6 +137,9 @@ class Device:
     current_serial: str
     requester: str
     client_address: str
+    # The current certificate's status and notAfter as the device row keeps them (for the registry's filters).
+    current_status: Optional[str] = None
+    current_not_after: Optional[datetime] = None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,11 @@
 
 Lists are keyset-paginated (``after`` = the last id or serial of the previous
 page), so page N costs the same as page 1 however many devices there are.
-Every filter maps to an indexed column except the substring search.
+Every filter maps to an index. The device list filters on the current
+certificate's status and expiry as the device row keeps them (revision 0002),
+and finds substrings through the trigram index (PostgreSQL: pg_trgm, which
+LIKE uses; SQLite: the FTS5 table ``devices_search`` gives candidates, LIKE
+decides); the certificate list's common-name substring search is a scan.
 
 Operators name a device two ways, and every surface (CLI, admin API,
 dashboard) resolves them through :meth:`Reports.find_device`: the **device
@@ -24,13 +28,15 @@ from .schema import audit_events, certificates, devices
 
 
 MAX_ID = 2**63 - 1  # the largest integer key SQLite and PostgreSQL hold
+# SQLite's FTS5 trigram index of devices.device_key (revision 0002; no such table on PostgreSQL).
+_devices_search = sa.table("devices_search", sa.column("rowid"), sa.column("devices_search"))
 
 
 @dataclass(frozen=True)
 class DeviceSummary(Device):
-    status: Optional[str]  # the current certificate's
-    not_after: Optional[datetime]
-    revoked_at: Optional[datetime]
+    status: Optional[str] = None  # the current certificate's
+    not_after: Optional[datetime] = None
+    revoked_at: Optional[datetime] = None
 
 
 class DeviceNotFound(LookupError):
@@ -100,19 +106,30 @@ class Reports:
         """Devices by id (newest first), with their current certificate's status and expiry."""
         current = certificates.alias("current")
         joined = devices.outerjoin(current, current.c.serial == devices.c.current_serial)
-        where = _filters(devices.c.label, current, label, status, expires_within_days)
+        where = _filters(devices.c.label, devices.c.current_status, devices.c.current_not_after, label, status, expires_within_days)
         if search:
             term = search.strip()
-            match = devices.c.device_key.contains(term, autoescape=True)
+            match = self._device_key_contains(term)
             where.append(sa.or_(match, devices.c.id == int(term)) if term.isascii() and term.isdigit() and len(term) <= 18 else match)
-        columns = [*devices.c, current.c.status, current.c.not_after, current.c.revoked_at]
-        query = sa.select(*columns).select_from(joined).where(*where).order_by(devices.c.id.desc()).limit(limit + 1)
+        count = sa.select(sa.func.count()).select_from(devices).where(*where)
         if after is not None:
-            query = query.where(devices.c.id < min(after, MAX_ID))
-        # The join cannot change the total unless a filter looks at the current certificate.
-        count_from = joined if (status or expires_within_days is not None) else devices
-        count = sa.select(sa.func.count()).select_from(count_from).where(*where)
+            where.append(devices.c.id < min(after, MAX_ID))
+        # The page's ids first, from the indexes alone; then only those rows joined to their certificate.
+        page = sa.select(devices.c.id).where(*where).order_by(devices.c.id.desc()).limit(limit + 1)
+        columns = [*devices.c, current.c.status, current.c.not_after, current.c.revoked_at]
+        query = sa.select(*columns).select_from(joined).where(devices.c.id.in_(page.scalar_subquery())).order_by(devices.c.id.desc())
         return self._page(query, count, limit, DeviceSummary, lambda d: str(d.id))
+
+    def _device_key_contains(self, term: str):
+        """``device_key LIKE '%term%'``; on SQLite only among the trigram index's candidates (3+ characters:
+        FTS5 trigrams match nothing shorter; no NUL, which ends an FTS5 query). The index folds case at
+        least as LIKE does, so it never drops a match."""
+        contains = devices.c.device_key.contains(term, autoescape=True)
+        if self.engine.dialect.name != "sqlite" or len(term) < 3 or "\x00" in term:
+            return contains
+        phrase = '"' + term.replace('"', '""') + '"'
+        candidates = sa.select(_devices_search.c.rowid).where(_devices_search.c.devices_search.op("MATCH")(phrase))
+        return sa.and_(devices.c.id.in_(candidates), contains)
 
     def certificates(
         self,
@@ -125,7 +142,7 @@ class Reports:
         limit: int = 50,
     ) -> Page:
         """Certificates, newest issue first (``after`` is the last serial of the previous page)."""
-        where = _filters(certificates.c.label, certificates, label, status, expires_within_days)
+        where = _filters(certificates.c.label, certificates.c.status, certificates.c.not_after, label, status, expires_within_days)
         if search:
             term = search.strip()
             where.append(sa.or_(certificates.c.common_name.contains(term, autoescape=True), certificates.c.serial == term.lower()))
@@ -201,14 +218,14 @@ class Reports:
             return [AuditEvent(**row._mapping) for row in conn.execute(query)]
 
 
-def _filters(label_column, certificate, label: Optional[str], status: Optional[str], expires_within_days: Optional[int]) -> list:
-    """The label, status and expiry-window conditions both lists share (``certificate``: the table or its alias)."""
+def _filters(label_column, status_column, not_after_column, label: Optional[str], status: Optional[str], expires_within_days: Optional[int]) -> list:
+    """The label, status and expiry-window conditions both lists share."""
     where = []
     if label:
         where.append(label_column == label)
     if status:
-        where.append(certificate.c.status == status)
+        where.append(status_column == status)
     if expires_within_days is not None:
         now = utcnow()
-        where.append(certificate.c.not_after.between(now, now + timedelta(days=expires_within_days)))
+        where.append(not_after_column.between(now, now + timedelta(days=expires_within_days)))
     return where

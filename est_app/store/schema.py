@@ -1,4 +1,10 @@
-"""The tables. Times are UTC; serial numbers are lowercase hex without leading zeros."""
+"""The tables at the newest revision. Times are UTC; serial numbers are lowercase hex without leading zeros.
+
+Alembic revisions (est_app/store/migrations/) make these; a change here is a new revision there,
+and a test checks that the upgraded database matches this file. The revisions also make what
+SQLAlchemy does not describe: the triggers behind ``devices.current_*`` and the substring search
+index (pg_trgm GIN on PostgreSQL, the FTS5 table ``devices_search`` on SQLite).
+"""
 
 import sqlalchemy as sa
 
@@ -36,8 +42,14 @@ devices = sa.Table(
     sa.Column("current_serial", sa.String(64), nullable=False, index=True),
     sa.Column("requester", sa.String(256), nullable=False),
     sa.Column("client_address", sa.String(64), nullable=False),
+    # The current certificate's status and notAfter, kept equal to it by triggers (revision 0002) for the filters.
+    sa.Column("current_status", sa.String(16)),
+    sa.Column("current_not_after", sa.DateTime),
     sa.UniqueConstraint("label", "device_key", name="uq_devices_label_key"),
     sa.Index("ix_devices_device_key", "device_key"),  # one identity, one owner: looked up across labels
+    sa.Index("ix_devices_current_status_id", "current_status", "id"),
+    sa.Index("ix_devices_current_status_not_after", "current_status", "current_not_after"),
+    sa.Index("ix_devices_current_not_after", "current_not_after"),
     sqlite_autoincrement=True,  # a deleted device's id is never given to another
 )
 
@@ -93,10 +105,6 @@ crls = sa.Table(
     sa.Column("issuer", sa.String(64)),
     sa.Index("ix_crls_issuer_number", "issuer", "number"),
 )
-
-# Nullable columns that Store.create_schema() adds in place to an older database (a bridge until
-# Alembic migrations); any other missing column is refused.
-ADDED_COLUMNS = frozenset({("certificates", "issuer"), ("crls", "issuer")})
 
 # Signed-in dashboard sessions. The cookie holds a random token; only its SHA-256 is kept here.
 admin_sessions = sa.Table(

@@ -17,7 +17,7 @@ import yaml
 from ...config import ConfigError, Settings, parse_config
 from ...profiles import EnrollmentProfile
 from ...store import Store
-from ...store.schema import metadata
+from ..database import database_url, open_store
 from .report import Report, count, one_line
 
 # systemd's LoadCredential= files exist only while the service runs.
@@ -96,9 +96,7 @@ def check_file(report: Report, subject: str, path: Path, secret: bool = True) ->
 
 def check_database(report: Report, settings: Settings) -> Optional[Store]:
     """The store when it answers with this version's schema; None otherwise (its findings say why)."""
-    from ... import instance_path  # the package imports the CLI first
-
-    url = settings.database.url or f"sqlite:///{instance_path() / 'est.db'}"
+    url = database_url(settings)
     try:
         parsed = sa.engine.make_url(url)
         url_shown = parsed.render_as_string(hide_password=True)
@@ -108,22 +106,22 @@ def check_database(report: Report, settings: Settings) -> Optional[Store]:
                 report.fail("database", f"{url_shown}: no such file", "point database.url at the server's database; est-admin init or est-server creates it")
                 return None
             check_file(report, "database", path)
-        store = Store(url)
+        store = open_store(settings)
     except (sa.exc.ArgumentError, ImportError) as exc:
         report.fail("database", f"database.url cannot be used: {one_line(str(exc))}", "fix database.url, or install its driver (PostgreSQL: psycopg)")
         return None
     try:
-        refused, pending = store.schema_problems()
+        found = store.schema_status()
     except sa.exc.SQLAlchemyError as exc:
         report.fail("database", f"{url_shown} cannot be reached: {one_line(str(exc.orig or exc))}", "start the database, or fix database.url; enrollment answers 503 meanwhile")
         return None
-    if refused:
-        report.fail("database", f"{url_shown}: {'; '.join(refused)}", "back it up, then migrate (docs/DEPLOYMENT.md); est-server refuses to start")
+    if found.empty:
+        report.warn("database", f"{url_shown} has no tables yet, which est-server creates at schema revision {found.head} when it starts", "start est, or run est-admin db upgrade")
         return None
-    if pending:
-        report.warn("database", f"{url_shown} lacks {', '.join(pending)}, which est-server adds when it starts", "back it up, then restart est")
+    if found.problem:
+        report.fail("database", f"{url_shown}: {found.problem}", "est-server refuses to start until then (docs/DEPLOYMENT.md)")
         return None
-    report.ok("database", f"{url_shown} answers; its schema is this version's ({len(metadata.tables)} tables)")
+    report.ok("database", f"{url_shown} answers; its schema is this version's (revision {found.current})")
     return store
 
 
