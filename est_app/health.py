@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask, Response
 
 from .ca import CertificateAuthority
-from .errors import ServiceUnavailable, text_response
+from .ca.signers import KeyUnavailable
+from .errors import text_response
 from .ratelimit import exempt
 from .revocation import CRLCache
 from .state import state
@@ -83,8 +84,8 @@ def _ca_key_signs(authority: CertificateAuthority) -> str | None:
     """The CA key (a file's or a token's) signs a fresh payload and the CA certificate's public key verifies it."""
     try:
         return authority.signer.probe(authority.certificate.public_key())
-    except ServiceUnavailable as exc:  # the token is away: say so; the worker re-opens it at the next use
-        return exc.message
+    except KeyUnavailable as exc:  # the token is away: say so; the worker re-opens it at the next use
+        return exc.problem
 
 
 def _crl_is_fresh(crl: CRLCache) -> str | None:

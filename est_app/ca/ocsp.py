@@ -83,16 +83,12 @@ class OCSPResponder:
         builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
             request.issuer_name_hash, request.issuer_key_hash, serial, algorithm, status, now, now + self.validity, revoked_at, reason
         )
-        # The signer's certificate rides along even when it is the CA's: FreeRADIUS (OpenSSL's
-        # OCSP_basic_verify without extra certificates) looks for the signer only in the response.
-        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, signer_certificate)
-        builder = builder.certificates([signer_certificate])
         for extension in extensions:
             if isinstance(extension.value, x509.OCSPNonce):
                 builder = builder.add_extension(extension.value, critical=False)
         digest = None if isinstance(signer.public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)) else hashes.SHA256()
         try:
-            return signer.sign_ocsp(builder, digest).public_bytes(serialization.Encoding.DER)
+            return signer.sign_ocsp(builder, signer_certificate, digest).public_bytes(serialization.Encoding.DER)
         except ServiceUnavailable:  # the token is away: relying parties ask again later
             return _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
 

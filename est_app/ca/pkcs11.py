@@ -16,7 +16,7 @@ takes well under a millisecond on SoftHSM). When an operation fails the
 session is dropped and the operation retried once on a new one, after
 re-initialising the module (SoftHSM, like a re-plugged USB token, is only
 found again after C_Finalize/C_Initialize); when that fails too the token is
-unavailable: :class:`~est_app.errors.ServiceUnavailable` (503), and the next
+unavailable: :class:`~.signers.KeyUnavailable` (a 503), and the next
 use tries again. Nothing logs in per request.
 """
 
@@ -28,6 +28,7 @@ import os
 import threading
 import urllib.parse
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
@@ -37,13 +38,15 @@ from asn1crypto import ocsp as asn1_ocsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
 
 from ..config import ConfigError
-from ..errors import ServiceUnavailable
-from .signers import Signer
+from .signers import PROBE_DIGEST, KeyUnavailable, Signer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,6 +137,13 @@ _sessions: dict[tuple[str, str, Optional[str]], "TokenSession"] = {}
 _registry_lock = threading.Lock()
 
 
+def _module(path: Path) -> _Module:
+    """The module at ``path``, by its real path: two names of one library must not initialise it twice."""
+    real = os.path.realpath(path)
+    with _registry_lock:
+        return _modules.setdefault(real, _Module(real))
+
+
 class TokenSession:
     """This process's one logged-in session on a token, shared by every key in it."""
 
@@ -148,9 +158,9 @@ class TokenSession:
 
     @classmethod
     def shared(cls, module_path: Path, uri: PKCS11URI, pin_file: Path, where: str) -> "TokenSession":
+        module = _module(module_path)
         with _registry_lock:
-            module = _modules.setdefault(str(module_path), _Module(str(module_path)))
-            return _sessions.setdefault((str(module_path), uri.token, uri.serial), cls(module, uri, pin_file, where))
+            return _sessions.setdefault((module.path, uri.token, uri.serial), cls(module, uri, pin_file, where))
 
     def run(self, operation: Callable[[object], T], key: PKCS11URI) -> T:
         """``operation(private_key)`` on ``key``, on this process's session; ServiceUnavailable when the token is away."""
@@ -164,7 +174,7 @@ class TokenSession:
                     problem = f"{type(exc).__name__} {exc}".strip()
                     log.warning("PKCS#11 token %s (%s), attempt %d: %s", self.token_label, self.where, attempt, problem)
                     self._forget()
-            raise ServiceUnavailable(f"the CA key's token {self.token_label!r} is unavailable ({problem}); try again later", RETRY_AFTER)
+            raise KeyUnavailable(f"token {self.token_label!r}", problem, RETRY_AFTER)
 
     def _private_key(self, key: PKCS11URI, reinitialise: bool):
         import pkcs11
@@ -219,24 +229,36 @@ class PKCS11Signer(Signer):
 
         try:
             extractable, sensitive = self._token.run(lambda k: (k[Attribute.EXTRACTABLE], k[Attribute.SENSITIVE]), self.uri)
-        except ServiceUnavailable as exc:
-            raise ConfigError(f"{self.where}.key: {exc.message}") from None
+            self.sign(b"est_app start-up check", PROBE_DIGEST)  # verified against the certificate inside
+        except KeyUnavailable as exc:
+            raise ConfigError(f"{self.where}.key: the key {exc.problem} ({exc.detail})") from None
         if extractable or not sensitive:
             raise ConfigError(f"{self.where}.key: the key can leave the token (CKA_EXTRACTABLE or not CKA_SENSITIVE); generate one inside it with est-admin init")
-        if self.probe(self.public_key):
-            raise ConfigError(f"{self.where}.key: the key in the token does not belong to {self.where}.cert_file")
 
     def sign(self, data: bytes, algorithm: Optional[hashes.HashAlgorithm]) -> bytes:
+        """Signed in the token, and verified here against the CA certificate before it is used.
+
+        The check costs a verification (tens of microseconds) and catches a token whose key under
+        this label is no longer the CA certificate's (re-created, swapped) before anything is issued.
+        """
         from pkcs11 import Mechanism
         from pkcs11.util.ec import encode_ecdsa_signature
 
         if algorithm is None:
             raise ValueError("a token key signs with a digest (sha256, sha384 or sha512)")
-        if isinstance(self.public_key, ec.EllipticCurvePublicKey):
-            digest = hashlib.new(algorithm.name, data).digest()
-            return encode_ecdsa_signature(self._token.run(lambda k: k.sign(digest, mechanism=Mechanism.ECDSA), self.uri))
-        mechanism = {"sha256": Mechanism.SHA256_RSA_PKCS, "sha384": Mechanism.SHA384_RSA_PKCS, "sha512": Mechanism.SHA512_RSA_PKCS}[algorithm.name]
-        return self._token.run(lambda k: k.sign(data, mechanism=mechanism), self.uri)
+        try:
+            if isinstance(self.public_key, ec.EllipticCurvePublicKey):
+                digest = hashlib.new(algorithm.name, data).digest()
+                signature = encode_ecdsa_signature(self._token.run(lambda k: k.sign(digest, mechanism=Mechanism.ECDSA), self.uri))
+                self.public_key.verify(signature, digest, ec.ECDSA(Prehashed(algorithm)))
+            else:
+                mechanism = {"sha256": Mechanism.SHA256_RSA_PKCS, "sha384": Mechanism.SHA384_RSA_PKCS, "sha512": Mechanism.SHA512_RSA_PKCS}[algorithm.name]
+                signature = self._token.run(lambda k: k.sign(data, mechanism=mechanism), self.uri)
+                self.public_key.verify(signature, data, padding.PKCS1v15(), algorithm)
+        except InvalidSignature:
+            log.error("%s.key: the token's signature does not verify with %s.cert_file", self.where, self.where)
+            raise KeyUnavailable(f"token {self.uri.token!r}", "its key under that label does not belong to the CA certificate") from None
+        return signature
 
     def sign_certificate(self, builder: x509.CertificateBuilder, algorithm: Optional[hashes.HashAlgorithm]) -> x509.Certificate:
         draft = builder.sign(self._throwaway(), algorithm)
@@ -250,11 +272,19 @@ class PKCS11Signer(Signer):
         signed["signature"] = self.sign(draft.tbs_certlist_bytes, algorithm)
         return x509.load_der_x509_crl(signed.dump())
 
-    def sign_ocsp(self, builder: ocsp.OCSPResponseBuilder, algorithm: Optional[hashes.HashAlgorithm]) -> ocsp.OCSPResponse:
-        draft = builder.sign(self._throwaway(), algorithm)
+    def sign_ocsp(
+        self, builder: ocsp.OCSPResponseBuilder, certificate: x509.Certificate, algorithm: Optional[hashes.HashAlgorithm]
+    ) -> ocsp.OCSPResponse:
+        # cryptography insists that the responder certificate be the signing key's: the draft names the
+        # throwaway's, then the real responderID (byKey) and certificate replace it before the TBS is signed.
+        key, stand_in = self._throwaway(), throwaway_certificate(isinstance(self.public_key, ec.EllipticCurvePublicKey))
+        draft = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, stand_in).certificates([stand_in]).sign(key, algorithm)
         response = asn1_ocsp.OCSPResponse.load(draft.public_bytes(serialization.Encoding.DER))
         basic = asn1_ocsp.BasicOCSPResponse.load(response["response_bytes"]["response"].contents)
-        basic["signature"] = self.sign(draft.tbs_response_bytes, algorithm)
+        real = asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
+        basic["tbs_response_data"]["responder_id"] = asn1_ocsp.ResponderId({"by_key": real.public_key.sha1})
+        basic["certs"] = [real]
+        basic["signature"] = self.sign(basic["tbs_response_data"].dump(), algorithm)
         response["response_bytes"]["response"] = asn1_core.ParsableOctetString(basic.dump())
         return ocsp.load_der_ocsp_response(response.dump())
 
@@ -274,6 +304,22 @@ def throwaway_key(elliptic: bool):
     return key
 
 
+_throwaway_certificates: dict[bool, x509.Certificate] = {}
+
+
+def throwaway_certificate(elliptic: bool) -> x509.Certificate:
+    """A self-signed certificate of :func:`throwaway_key`, which cryptography's OCSP builder wants to see."""
+    certificate = _throwaway_certificates.get(elliptic)
+    if certificate is None:
+        key = throwaway_key(elliptic)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "est_app stand-in, never published")])
+        now = datetime.now(timezone.utc)
+        builder = x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        builder = builder.serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1))
+        certificate = _throwaway_certificates[elliptic] = builder.sign(key, hashes.SHA256())
+    return certificate
+
+
 def generate_key_in_token(module_path: Path, token_label: str, pin: str, label: str, key_type: str) -> CertificatePublicKeyTypes:
     """Generate a CA key pair inside the token (private half sensitive, never extractable); its public key.
 
@@ -284,7 +330,7 @@ def generate_key_in_token(module_path: Path, token_label: str, pin: str, label: 
     from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
     try:
-        lib = _modules.setdefault(str(module_path), _Module(str(module_path))).library()[0]
+        lib = _module(module_path).library()[0]
         session = lib.get_token(token_label=token_label).open(rw=True, user_pin=pin)
     except pkcs11.PKCS11Error as exc:
         raise ConfigError(f"token {token_label!r} in {module_path}: cannot log in ({type(exc).__name__} {exc})".strip()) from None

@@ -19,7 +19,18 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509 import ocsp
 
+from ..errors import ServiceUnavailable
+
 PROBE_DIGEST = hashes.SHA256()
+
+
+class KeyUnavailable(ServiceUnavailable):
+    """503: the device holding the CA key (a token) cannot be reached now; ``problem`` says so for /readyz."""
+
+    def __init__(self, device: str, detail: str, retry_after: int = 30) -> None:
+        super().__init__(f"the CA key's {device} is unavailable; try again later", retry_after)
+        self.problem = f"is in {device}, which is unavailable"
+        self.detail = detail  # what the device said: for the log and the operator, not for clients
 
 
 class Signer(ABC):
@@ -36,8 +47,14 @@ class Signer(ABC):
         """The builder's CRL, signed."""
 
     @abstractmethod
-    def sign_ocsp(self, builder: ocsp.OCSPResponseBuilder, algorithm: Optional[hashes.HashAlgorithm]) -> ocsp.OCSPResponse:
-        """The builder's OCSP response, signed."""
+    def sign_ocsp(
+        self, builder: ocsp.OCSPResponseBuilder, certificate: x509.Certificate, algorithm: Optional[hashes.HashAlgorithm]
+    ) -> ocsp.OCSPResponse:
+        """The builder's OCSP response, signed, naming ``certificate`` (the signer's) by key hash and carrying it.
+
+        The certificate rides along even when it is the CA's: FreeRADIUS (OpenSSL's
+        OCSP_basic_verify without extra certificates) looks for the signer only in the response.
+        """
 
     @abstractmethod
     def sign(self, data: bytes, algorithm: Optional[hashes.HashAlgorithm]) -> bytes:
@@ -78,7 +95,10 @@ class FileSigner(Signer):
     def sign_crl(self, builder: x509.CertificateRevocationListBuilder, algorithm: Optional[hashes.HashAlgorithm]) -> x509.CertificateRevocationList:
         return builder.sign(self.private_key, algorithm)
 
-    def sign_ocsp(self, builder: ocsp.OCSPResponseBuilder, algorithm: Optional[hashes.HashAlgorithm]) -> ocsp.OCSPResponse:
+    def sign_ocsp(
+        self, builder: ocsp.OCSPResponseBuilder, certificate: x509.Certificate, algorithm: Optional[hashes.HashAlgorithm]
+    ) -> ocsp.OCSPResponse:
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, certificate).certificates([certificate])
         return builder.sign(self.private_key, algorithm)
 
     def sign(self, data: bytes, algorithm: Optional[hashes.HashAlgorithm]) -> bytes:

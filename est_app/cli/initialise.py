@@ -173,7 +173,7 @@ def _token_ca(
         else:
             public_key = generate_key_in_token(module, token, read_pin(pin_file, "--pin-file"), object_label, key_type)
             signer = PKCS11Signer(uri, module, pin_file, public_key)
-            ca_cert = root_ca_certificate("est_app CA", public_key, signer)
+            ca_cert = root_ca_certificate("est_app development CA", public_key, signer)
             write_certificate(paths["ca.pem"], ca_cert)
             click.echo(f"created CA {paths['ca.pem']}; its {key_type} key was generated in token {token!r} as {object_label!r} and cannot leave it")
     except ConfigError as exc:
