@@ -90,3 +90,25 @@ def token_pki_dir(directory: Path, key_type: str = "ec-p256") -> tuple[Path, str
     )
     assert result.exit_code == 0, result.output
     return directory, label
+
+
+ATTRIBUTES_SCRIPT = """
+import json, sys, pkcs11
+from pkcs11 import Attribute, ObjectClass
+module, token, pin, label = sys.argv[1:]
+session = pkcs11.lib(module).get_token(token_label=token).open(user_pin=pin)
+key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+names = ("EXTRACTABLE", "SENSITIVE", "NEVER_EXTRACTABLE", "ALWAYS_SENSITIVE", "LOCAL", "PRIVATE", "TOKEN")
+print(json.dumps({name: bool(key[getattr(Attribute, name)]) for name in names}))
+"""
+
+
+def key_attributes(token: str, label: str = "issuing-ca") -> dict[str, bool]:
+    """The private key's boolean attributes (CKA_EXTRACTABLE, CKA_SENSITIVE, ...), read by a process of its own."""
+    import json
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", ATTRIBUTES_SCRIPT, str(MODULE), token, PIN, label], check=True, capture_output=True, text=True,
+    )
+    return json.loads(result.stdout)

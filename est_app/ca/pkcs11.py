@@ -155,6 +155,7 @@ class TokenSession:
         self._pid: Optional[int] = None
         self._generation: Optional[int] = None
         self._keys: dict[tuple[Optional[str], Optional[bytes]], object] = {}
+        self._refused_pin: Optional[str] = None
 
     @classmethod
     def shared(cls, module_path: Path, uri: PKCS11URI, pin_file: Path, where: str) -> "TokenSession":
@@ -166,6 +167,8 @@ class TokenSession:
         """``operation(private_key)`` on ``key``, on this process's session; ServiceUnavailable when the token is away."""
         import pkcs11
 
+        pin_errors = (pkcs11.exceptions.PinIncorrect, pkcs11.exceptions.PinInvalid, pkcs11.exceptions.PinLenRange,
+                      pkcs11.exceptions.PinLocked, pkcs11.exceptions.PinExpired)
         with self._lock:
             for attempt in (1, 2):
                 try:
@@ -174,21 +177,28 @@ class TokenSession:
                     problem = f"{type(exc).__name__} {exc}".strip()
                     log.warning("PKCS#11 token %s (%s), attempt %d: %s", self.token_label, self.where, attempt, problem)
                     self._forget()
+                    if isinstance(exc, (ConfigError, *pin_errors)):  # retrying cannot help; a wrong PIN again could lock the token
+                        break
             raise KeyUnavailable(f"token {self.token_label!r}", problem, RETRY_AFTER)
 
     def _private_key(self, key: PKCS11URI, reinitialise: bool):
         import pkcs11
         from pkcs11 import ObjectClass
 
-        if self._session is None or self._pid != os.getpid() or reinitialise:
+        if self._session is None or not self._current() or reinitialise:
             self._forget()
             lib, self._generation = self.module.library(self._generation if reinitialise else None)
             token = lib.get_token(token_label=self.token_label, **({"token_serial": self.serial} if self.serial else {}))
             pin = read_pin(self.pin_file, self.where)
+            if pin == self._refused_pin:
+                raise ConfigError(f"{self.where}.pin_file {self.pin_file}: the token refused this PIN; it is not tried again until the file changes")
             try:
                 self._session = token.open(user_pin=pin)
             except pkcs11.exceptions.UserAlreadyLoggedIn:  # a dropped session's login outlived it
                 self._session = token.open()
+            except (pkcs11.exceptions.PinIncorrect, pkcs11.exceptions.PinInvalid, pkcs11.exceptions.PinLenRange):
+                self._refused_pin = pin  # tokens lock themselves after a few wrong PINs: never twice the same
+                raise
             self._pid = os.getpid()
         found = self._keys.get((key.object, key.id))
         if found is None:
@@ -200,12 +210,17 @@ class TokenSession:
             found = self._keys[(key.object, key.id)] = self._session.get_key(**attributes)
         return found
 
+    def _current(self) -> bool:
+        """Whether the session's handles are still this process's and the module's: after a fork or a
+        re-initialisation, the same handle numbers may name another session and another key."""
+        return self._pid == os.getpid() and self._generation == self.module.generation
+
     def _forget(self) -> None:
-        """Drop the session; closed (and logged out) only in the process that opened it."""
+        """Drop the session; closed (and logged out) only while its handle is still its own."""
         import pkcs11
 
         session, self._session, self._keys = self._session, None, {}
-        if session is not None and self._pid == os.getpid():
+        if session is not None and self._current():
             try:
                 session.close()
             except pkcs11.PKCS11Error:
@@ -329,9 +344,17 @@ def generate_key_in_token(module_path: Path, token_label: str, pin: str, label: 
     from pkcs11 import Attribute, KeyType, ObjectClass
     from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
+    module = _module(module_path)
     try:
-        lib = _module(module_path).library()[0]
-        session = lib.get_token(token_label=token_label).open(rw=True, user_pin=pin)
+        lib, generation = module.library()
+        try:
+            token = lib.get_token(token_label=token_label)
+        except pkcs11.exceptions.NoSuchToken:  # initialised since this process loaded the module: look again
+            token = module.library(generation)[0].get_token(token_label=token_label)
+        try:
+            session = token.open(rw=True, user_pin=pin)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:  # this process signs with the token already (the tests)
+            session = token.open(rw=True)
     except pkcs11.PKCS11Error as exc:
         raise ConfigError(f"token {token_label!r} in {module_path}: cannot log in ({type(exc).__name__} {exc})".strip()) from None
     try:
