@@ -161,7 +161,10 @@ class TokenSession:
     def shared(cls, module_path: Path, uri: PKCS11URI, pin_file: Path, where: str) -> "TokenSession":
         module = _module(module_path)
         with _registry_lock:
-            return _sessions.setdefault((module.path, uri.token, uri.serial), cls(module, uri, pin_file, where))
+            session = _sessions.setdefault((module.path, uri.token, uri.serial), cls(module, uri, pin_file, where))
+        if session.pin_file != pin_file:  # one login per token and process: one PIN
+            raise ConfigError(f"{where}.pin_file {pin_file}: {session.where} names the same token with pin_file {session.pin_file}; name one file in both")
+        return session
 
     def run(self, operation: Callable[[object], T], key: PKCS11URI) -> T:
         """``operation(private_key)`` on ``key``, on this process's session; ServiceUnavailable when the token is away."""
