@@ -13,6 +13,7 @@ with the key in SoftHSM.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import shutil
@@ -75,6 +76,7 @@ def softhsm() -> SoftHSM:
     global _instance
     if _instance is None:
         _instance = SoftHSM(Path(tempfile.mkdtemp(prefix="softhsm-")))
+        atexit.register(shutil.rmtree, _instance.root, True)
     return _instance
 
 
