@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -261,3 +262,37 @@ def test_a_forked_process_signs_on_its_own_session_and_threads_share_one(tmp_pat
         for thread in threads:
             thread.join()
         assert results == [None] * 160
+
+
+# --- the systemd unit with each token drop-in ------------------------------------------------------
+
+UNIT = Path(__file__).resolve().parent.parent / "deploy" / "est.service"
+DROP_INS = sorted((UNIT.parent / "est.service.d").glob("pkcs11-*.conf"))
+
+
+def unit_with(drop_in: Path | None, directory: Path) -> Path:
+    """The unit as systemd would merge it with ``drop_in`` (a drop-in is read after the unit, in the same
+    sections), its ExecStart pointed at this venv's est-server (verify insists the binary exists)."""
+    text = UNIT.read_text().replace("/opt/est/venv/bin/est-server", str(BIN / "est-server"))
+    unit = directory / "est.service"
+    unit.write_text(text + ("\n" + drop_in.read_text() if drop_in else ""))
+    return unit
+
+
+def exposure(unit: Path) -> float:
+    result = run("systemd-analyze", "security", "--offline=true", unit, check=False)
+    return float(re.search(rb"Overall exposure level for est.service: ([0-9.]+)", result.stdout).group(1))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("drop_in", DROP_INS, ids=[d.stem for d in DROP_INS])
+def test_token_drop_ins_verify_and_stay_hardened(drop_in, tmp_path):
+    assert {d.stem for d in DROP_INS} == {"pkcs11-softhsm", "pkcs11-usb", "pkcs11-network"}
+    unit = unit_with(drop_in, tmp_path)
+    result = run("systemd-analyze", "verify", unit, check=False)
+    complaints = [line for line in (result.stdout + result.stderr).decode().splitlines() if "est.service" in line]
+    assert result.returncode == 0 and not complaints, complaints
+    entries = [line.split("=", 1) for line in drop_in.read_text().splitlines() if "=" in line and not line.startswith("#")]
+    assert entries[:2] == [["LoadCredential", ""], ["LoadCredential", "ca-pin:/etc/est/ca-pin"]]  # the PIN, not the passphrase
+    base = exposure(unit_with(None, tmp_path))
+    assert exposure(unit) <= base + 0.3, "a token drop-in may open only what the token needs"
