@@ -163,6 +163,38 @@ def test_key_generated_in_the_token_signs_certificates_crls_and_ocsp(tmp_path, k
     assert b"Response verify OK" in result.stderr and b"cert.pem: revoked" in result.stdout
 
 
+def test_a_labels_own_ca_in_the_same_token_shares_its_session(tmp_path):
+    pki, token = token_pki_dir(tmp_path / "pki")
+    hsm = softhsm()
+    result = run_cli(
+        "init", "--dir", str(tmp_path / "pumps"), "--pkcs11-module", str(MODULE), "--token", token,
+        "--pin-file", str(hsm.pin_file), "--object", "pump-ca", "--key-type", "ec-p384",
+    )
+    assert result.exit_code == 0, result.output
+    pump_ca_section = yaml.safe_load((tmp_path / "pumps" / "config.yaml").read_text())["ca"]
+    assert pump_ca_section["key"] == f"pkcs11:token={token};object=pump-ca"
+    config = yaml.safe_load((pki / "config.yaml").read_text())
+    config["labels"] = {"pumps": {"ca": pump_ca_section}}
+    (pki / "config.yaml").write_text(yaml.safe_dump(config))
+    app = token_app(pki)
+    client = app.test_client()
+
+    top, pump = (x509.load_pem_x509_certificate((d / "ca.pem").read_bytes()) for d in (pki, tmp_path / "pumps"))
+    assert top.public_key() != pump.public_key()
+    issued(enroll(client, "NPPTOP1")).verify_directly_issued_by(top)
+    response = client.post("/.well-known/est/pumps/simpleenroll", data=base64.b64encode(der(make_csr("NPPPUMP1"))), headers={**basic_auth(), **CSR_HEADERS})
+    issued(response).verify_directly_issued_by(pump)
+    with app.app_context():
+        signers = [authority.signer for authority in state().authorities]
+        assert len(signers) == 2 and signers[0]._token is signers[1]._token  # one login for the token
+    assert client.get("/readyz").get_data(as_text=True) == "ready\n"
+
+    config["labels"]["pumps"]["ca"]["pin_file"] = str(tmp_path / "other-pin")
+    (pki / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"labels.pumps.ca.pin_file .*other-pin: ca names the same token with pin_file"):
+        create_app(pki / "config.yaml")
+
+
 def test_init_keeps_the_token_ca_and_refuses_a_file_key_folder(tmp_path, pki_dir):
     pki, token = token_pki_dir(tmp_path / "pki")
     before = (pki / "ca.pem").read_bytes()
