@@ -6,7 +6,9 @@ throwaway key of the CA key's family (which puts the right signatureAlgorithm
 into the to-be-signed part), then its TBS bytes are signed in the token and
 the outer structure is reassembled with asn1crypto around the token's
 signature. ECDSA is CKM_ECDSA over a digest computed here (SoftHSM 2.6 and
-many HSMs lack CKM_ECDSA_SHA256), RSA is CKM_SHA*_RSA_PKCS (PKCS#1 v1.5).
+many HSMs lack CKM_ECDSA_SHA256), its r || s put into DER by cryptography
+(a tenth of the cost of pkcs11.util.ec's asn1crypto encoder); RSA is
+CKM_SHA*_RSA_PKCS (PKCS#1 v1.5).
 
 Sessions: a process logs in to a token once, so every CA in the same token
 shares one :class:`TokenSession` per process, opened at first use and again
@@ -40,7 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
@@ -260,14 +262,15 @@ class PKCS11Signer(Signer):
         this label is no longer the CA certificate's (re-created, swapped) before anything is issued.
         """
         from pkcs11 import Mechanism
-        from pkcs11.util.ec import encode_ecdsa_signature
 
         if algorithm is None:
             raise ValueError("a token key signs with a digest (sha256, sha384 or sha512)")
         try:
             if isinstance(self.public_key, ec.EllipticCurvePublicKey):
                 digest = hashlib.new(algorithm.name, data).digest()
-                signature = encode_ecdsa_signature(self._token.run(lambda k: k.sign(digest, mechanism=Mechanism.ECDSA), self.uri))
+                raw = self._token.run(lambda k: k.sign(digest, mechanism=Mechanism.ECDSA), self.uri)  # r || s
+                half = len(raw) // 2
+                signature = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
                 self.public_key.verify(signature, digest, ec.ECDSA(Prehashed(algorithm)))
             else:
                 mechanism = {"sha256": Mechanism.SHA256_RSA_PKCS, "sha384": Mechanism.SHA384_RSA_PKCS, "sha512": Mechanism.SHA512_RSA_PKCS}[algorithm.name]
