@@ -89,7 +89,7 @@ class TLSSettings:
 @dataclass(frozen=True)
 class CASettings:
     cert_file: Path
-    key_file: Path
+    key_file: Optional[Path] = None
     chain_file: Optional[Path] = None
     key_passphrase_env: Optional[str] = None
     key_passphrase_file: Optional[Path] = None
@@ -103,9 +103,24 @@ class CASettings:
     # A delegated OCSP signer (EKU OCSPSigning, issued by this CA); by default the CA signs.
     ocsp_responder_cert_file: Optional[Path] = None
     ocsp_responder_key_file: Optional[Path] = None
+    # The key in a PKCS#11 token instead of key_file: an RFC 7512 URI, the vendor's module, the user PIN's file.
+    key: Optional[str] = None
+    pkcs11_module: Optional[Path] = None
+    pin_file: Optional[Path] = None
 
     def __post_init__(self) -> None:
         _positive(self, "cert_validity_days", "crl_lifetime_hours")
+        if (self.key_file is None) == (self.key is None):
+            raise ValueError("set key_file (a PEM key) or key (a pkcs11: URI), one of them")
+        if self.key is not None:
+            if not self.key.startswith("pkcs11:"):
+                raise ValueError("key must be a PKCS#11 URI (RFC 7512) such as pkcs11:token=est-ca;object=issuing-ca")
+            if self.pkcs11_module is None or self.pin_file is None:
+                raise ValueError("key (a pkcs11: URI) needs pkcs11_module and pin_file")
+            if self.key_passphrase_env or self.key_passphrase_file:
+                raise ValueError("key_passphrase_env and key_passphrase_file are for key_file; a token's PIN comes from pin_file")
+        elif self.pkcs11_module is not None or self.pin_file is not None:
+            raise ValueError("pkcs11_module and pin_file go with key (a pkcs11: URI), not with key_file")
         if (self.ocsp_responder_cert_file is None) != (self.ocsp_responder_key_file is None):
             raise ValueError("ocsp_responder_cert_file and ocsp_responder_key_file go together")
         for name in ("crl_url", "ocsp_url"):
@@ -363,8 +378,8 @@ def _check_files_exist(settings: Settings, source: str) -> None:
     for section, obj in sections.items():
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            # The passphrase file may be a systemd credential, present only while the service runs.
-            if isinstance(value, Path) and f.name != "key_passphrase_file" and not value.is_file():
+            # The passphrase and PIN files may be systemd credentials, present only while the service runs.
+            if isinstance(value, Path) and f.name not in ("key_passphrase_file", "pin_file") and not value.is_file():
                 raise ConfigError(f"{source}: {section}.{f.name}: no such file: {value}")
 
 

@@ -3,8 +3,8 @@
 ``/healthz`` answers 200 ``ok`` whenever the process can answer at all; it
 touches nothing. ``/readyz`` answers 200 ``ready`` only when this worker can
 issue: the store answers a query on its certificates table, and for every CA
-(the top-level ``ca`` and each label's own) the key signs a fresh payload
-that the CA certificate verifies, the certificate is within its validity, and
+(the top-level ``ca`` and each label's own) the key, in its file or its
+PKCS#11 token, signs a fresh payload that the CA certificate verifies, the certificate is within its validity, and
 its CRL in the store is current (when there is none yet, or it has expired,
 the probe signs one, as serving the CRL would). Otherwise 503 with one line naming what failed; the
 details go to the log, not to the unauthenticated caller.
@@ -16,15 +16,13 @@ anything about devices.
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 
 import sqlalchemy as sa
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from flask import Blueprint, Flask, Response
 
 from .ca import CertificateAuthority
+from .ca.signers import KeyUnavailable
 from .errors import text_response
 from .ratelimit import exempt
 from .revocation import CRLCache
@@ -83,25 +81,11 @@ def _store_answers() -> str | None:
 
 
 def _ca_key_signs(authority: CertificateAuthority) -> str | None:
-    """The CA key signs a fresh payload and the CA certificate's public key verifies it."""
-    key, public_key = authority.private_key, authority.certificate.public_key()
-    payload = b"est_app readiness " + os.urandom(16)
-    if isinstance(key, rsa.RSAPrivateKey):
-        args: tuple = (padding.PKCS1v15(), hashes.SHA256())
-    elif isinstance(key, ec.EllipticCurvePrivateKey):
-        args = (ec.ECDSA(hashes.SHA256()),)
-    elif isinstance(key, dsa.DSAPrivateKey):
-        args = (hashes.SHA256(),)
-    elif isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
-        args = ()
-    else:
-        return f"of unsupported type {type(key).__name__}"
-    signature = key.sign(payload, *args)
+    """The CA key (a file's or a token's) signs a fresh payload and the CA certificate's public key verifies it."""
     try:
-        public_key.verify(signature, payload, *args)
-    except Exception:
-        return "does not match the CA certificate"
-    return None
+        return authority.signer.probe(authority.certificate.public_key())
+    except KeyUnavailable as exc:  # the token is away: say so; the worker re-opens it at the next use
+        return exc.problem
 
 
 def _crl_is_fresh(crl: CRLCache) -> str | None:

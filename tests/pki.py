@@ -40,3 +40,11 @@ def encrypt_key_file(source, target, passphrase: bytes) -> None:
     """Write the unencrypted PEM key at ``source`` to ``target``, encrypted with ``passphrase``."""
     key = serialization.load_pem_private_key(source.read_bytes(), None)
     target.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(passphrase)))
+
+
+def ca_signer(pki_dir):
+    """What signs for the CA `est init` made in ``pki_dir`` (its key in a file or a token), loaded as the server loads it."""
+    from est_app.ca.authority import load_authority
+    from est_app.config import load_config
+
+    return load_authority(load_config(pki_dir / "config.yaml").ca).signer

@@ -32,7 +32,7 @@ from est_app.store import Store
 
 from .conftest import PASSWORD, USER, open_store, run_cli
 from .e2e_clients import Reply, call, openssl, openssl_csr, openssl_verify, pkcs7_certs, pki, response_format
-from .pki import der, make_csr, pem, rsa_key
+from .pki import ca_signer, der, make_csr, pem, rsa_key
 from .server import RunningServer, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.both_databases]
@@ -60,12 +60,11 @@ SERVERS = {
 
 
 def mint_client_certificate(pki_dir: Path, out: Path, cn: str) -> tuple[Path, Path]:
-    """A clientAuth certificate from the server's own CA; returns (cert.pem, key.pem)."""
-    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), None)
+    """A clientAuth certificate from the server's own CA (its key in a file or a token); returns (cert.pem, key.pem)."""
     ca = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
         .issuer_name(ca.subject)
@@ -76,8 +75,8 @@ def mint_client_certificate(pki_dir: Path, out: Path, cn: str) -> tuple[Path, Pa
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
+    cert = ca_signer(pki_dir).sign_certificate(builder, hashes.SHA256())
     cert_path, key_path = out / f"{cn}.pem", out / f"{cn}.key"
     cert_path.write_bytes(pem(cert))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))

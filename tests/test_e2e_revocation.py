@@ -42,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from . import server as server_module
 from .conftest import PASSWORD, USER, run_cli
 from .e2e_clients import Reply, call, curl, openssl, run, response_format
+from .pki import ca_signer
 from .server import RunningServer, free_port, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.both_databases]
@@ -266,7 +267,7 @@ def doc_block(starts_with: str) -> str:
 
 
 def mint_server_certificate(pki_dir: Path, out: Path, eku) -> tuple[Path, Path]:
-    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), None)
+    """A certificate with ``eku`` from the server's own CA (its key in a file or a token); returns (cert.pem, key.pem)."""
     ca = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
@@ -283,7 +284,7 @@ def mint_server_certificate(pki_dir: Path, out: Path, eku) -> tuple[Path, Path]:
         .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
     )
     cert, key_file = out.with_suffix(".pem"), out.with_suffix(".key")
-    cert.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    cert.write_bytes(ca_signer(pki_dir).sign_certificate(builder, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return cert, key_file
 

@@ -26,6 +26,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID
 from est_app import create_app
 from est_app.ca.authority import issuer_id
 from est_app.ca.development import create_root_ca, write_certificate, write_private_key
+from est_app.ca.signers import FileSigner
 from est_app.config import ConfigError
 from est_app.state import state
 
@@ -286,7 +287,7 @@ def test_readyz_checks_every_ca(app, client, pump_ca):
     with app.app_context():
         pump_issuer = issuer_id(pump_ca[1])
         assert state().store.current_crl_number(pump_issuer) is not None  # readiness signed the pump CA's first CRL
-        state().authorities.for_label("pumps")._private_key = ec.generate_private_key(ec.SECP256R1())
+        state().authorities.for_label("pumps")._signer = FileSigner(ec.generate_private_key(ec.SECP256R1()))
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.get_data(as_text=True) == "not ready: labels.pumps.ca key does not match the CA certificate\n"

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from est_app.ca.signers import FileSigner
 from est_app.state import state
 from est_app.store.schema import crls
 
@@ -267,7 +268,7 @@ def test_readyz_is_503_when_the_store_is_unreachable_and_recovers(make_app, tmp_
 
 def test_readyz_is_503_when_the_ca_key_does_not_match(app, client):
     with app.app_context():
-        state().authority._private_key = ec.generate_private_key(ec.SECP384R1())  # as if the key file had been swapped
+        state().authority._signer = FileSigner(ec.generate_private_key(ec.SECP384R1()))  # as if the key file had been swapped
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.get_data(as_text=True) == "not ready: ca key does not match the CA certificate\n"

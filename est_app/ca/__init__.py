@@ -1,4 +1,4 @@
-"""The CA service: CSR checks, certificate profiles and issuing. No HTTP here."""
+"""The CA service: CSR checks, certificate profiles, issuing, and the signers (a key in a file or a PKCS#11 token). No HTTP here."""
 
 from .authority import Authorities, CertificateAuthority, issued_subject, load_authorities, load_authority
 from .csr import CSRPolicy, check_policy, load_csr

@@ -7,8 +7,10 @@ self-signed root). :func:`load_authorities` loads the top-level ``ca`` and
 every label's own ``labels.<name>.ca`` into :class:`Authorities`. Its parts,
 :func:`load_ca_chain` (no key read) and :func:`load_ca_key`, serve checks that
 must not need the key's passphrase (``est-admin doctor``).
+The key signs through a :class:`~.signers.Signer`: a PEM file's (``key_file``)
+or a PKCS#11 token's (``key``, a ``pkcs11:`` URI), chosen by :func:`load_ca_signer`.
 Commands that never sign can defer the key to its first use, so they run
-without the passphrase (which systemd hands only to the running service).
+without the passphrase or PIN (which systemd hands only to the running service).
 :class:`CertificateAuthority` knows nothing of HTTP or storage.
 """
 
@@ -19,7 +21,7 @@ import os
 from functools import partial
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,6 +32,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from ..config import CASettings, ConfigError, Settings
 from .profile import CertificateProfile
+from .signers import FileSigner, Signer
 
 # Backdating absorbs clock skew on devices whose clocks drift.
 BACKDATE = timedelta(minutes=5)
@@ -64,14 +67,14 @@ class CertificateAuthority:
 
     def __init__(
         self,
-        private_key,  # the key, or a function loading it at first use
+        signer: Signer | Callable[[], Signer],  # or a function loading it at first use
         chain: tuple[x509.Certificate, ...],
         digest: str = "sha256",
         crl_url: str | None = None,
         ocsp_url: str | None = None,
         name: str = "ca",
     ) -> None:
-        self._private_key = private_key
+        self._signer = signer
         self.chain = chain
         self.certificate = chain[0]
         self.name = name
@@ -93,11 +96,11 @@ class CertificateAuthority:
             self._pointers.append((x509.AuthorityInformationAccess([access]), False))
 
     @property
-    def private_key(self):
-        """The signing key, loaded now if it was deferred (a :class:`ConfigError` if it cannot be)."""
-        if callable(self._private_key):
-            self._private_key = self._private_key()
-        return self._private_key
+    def signer(self) -> Signer:
+        """What signs with the CA key, loaded now if it was deferred (a :class:`ConfigError` if it cannot be)."""
+        if not isinstance(self._signer, Signer):
+            self._signer = self._signer()
+        return self._signer
 
     @property
     def digest(self) -> hashes.HashAlgorithm | None:
@@ -152,7 +155,7 @@ class CertificateAuthority:
                 builder = builder.add_extension(san, critical=False)
             except x509.ExtensionNotFound:
                 pass
-        return builder.sign(self.private_key, self._digest)
+        return self.signer.sign_certificate(builder, self._digest)
 
     def certs_only(self, certificate: x509.Certificate, profile: CertificateProfile) -> bytes:
         """The certs-only PKCS#7 an enrollment answers with."""
@@ -211,8 +214,8 @@ def load_authority(settings: CASettings, where: str = "ca", defer_key: bool = Fa
     """Load and cross-check the CA named by a ``ca`` section (``where``: its key, for messages);
     ``defer_key`` loads the key at first use."""
     chain = load_ca_chain(settings, where)
-    key = partial(load_ca_key, settings, chain[0], where) if defer_key else load_ca_key(settings, chain[0], where)
-    authority = CertificateAuthority(key, chain, settings.digest, settings.crl_url, settings.ocsp_url, where)
+    signer = partial(load_ca_signer, settings, chain[0], where) if defer_key else load_ca_signer(settings, chain[0], where)
+    authority = CertificateAuthority(signer, chain, settings.digest, settings.crl_url, settings.ocsp_url, where)
     problem = authority.validity_problem()
     if problem:
         raise ConfigError(f"{where}.cert_file {settings.cert_file} {problem}")
@@ -235,6 +238,17 @@ def load_ca_chain(settings: CASettings, where: str = "ca") -> tuple[x509.Certifi
         raise ConfigError(f"{where}.cert_file {settings.cert_file} is not a CA certificate (basicConstraints CA:TRUE missing)")
     pool = load_certificates(settings.chain_file, f"{where}.chain_file") if settings.chain_file else []
     return _chain_to_root(certificate, pool, where)
+
+
+def load_ca_signer(settings: CASettings, certificate: x509.Certificate, where: str = "ca") -> Signer:
+    """The signer of a ``ca`` section's key: in a PKCS#11 token (``key``) or a PEM file (``key_file``), checked against ``certificate``."""
+    if settings.key is not None:
+        from .pkcs11 import PKCS11Signer
+
+        signer = PKCS11Signer(settings.key, settings.pkcs11_module, settings.pin_file, certificate.public_key(), where)
+        signer.check()
+        return signer
+    return FileSigner(load_ca_key(settings, certificate, where))
 
 
 def load_ca_key(settings: CASettings, certificate: x509.Certificate, where: str = "ca") -> PrivateKeyTypes:

@@ -46,5 +46,5 @@ def build_crl(
         ],
         revoked_certificates=entries,
     )
-    crl = builder.sign(authority.private_key, authority.digest)
+    crl = authority.signer.sign_crl(builder, authority.digest)
     return this_update, next_update, crl.public_bytes(Encoding.DER)

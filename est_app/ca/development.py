@@ -2,7 +2,8 @@
 
 Keys are EC P-256 (fast to sign, understood by every EST client and by
 FreeRADIUS); files holding private keys are created with mode 0600 and never
-overwritten.
+overwritten. The CA certificate can also be made for a key in a PKCS#11 token
+(:func:`root_ca_certificate` with that key's signer).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .signers import FileSigner, Signer
 
 
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -32,14 +36,19 @@ def write_certificate(path: Path, certificate: x509.Certificate) -> None:
 
 def create_root_ca(common_name: str, days: int = 3650) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
+    return key, root_ca_certificate(common_name, key.public_key(), FileSigner(key), days)
+
+
+def root_ca_certificate(common_name: str, public_key: CertificatePublicKeyTypes, signer: Signer, days: int = 3650) -> x509.Certificate:
+    """A self-signed CA certificate (pathLen 0: it issues end entities only) for ``public_key``, signed by ``signer``."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.now(timezone.utc)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=days))
@@ -49,15 +58,14 @@ def create_root_ca(common_name: str, days: int = 3650) -> tuple[ec.EllipticCurve
         )
         .add_extension(ski, critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return key, cert
+    return signer.sign_certificate(builder, hashes.SHA256())
 
 
 def create_tls_certificate(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str], days: int = 825
+    ca_signer: Signer, ca_cert: x509.Certificate, hosts: list[str], days: int = 825
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A serverAuth certificate whose SAN names each of ``hosts`` (DNS names or IP addresses)."""
+    """A serverAuth certificate whose SAN names each of ``hosts`` (DNS names or IP addresses), issued by ``ca_cert``."""
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -66,7 +74,7 @@ def create_tls_certificate(
         except ValueError:
             names.append(x509.DNSName(host))
     now = datetime.now(timezone.utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
         .issuer_name(ca_cert.subject)
@@ -81,7 +89,6 @@ def create_tls_certificate(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
     )
-    return key, cert
+    return key, ca_signer.sign_certificate(builder, hashes.SHA256())

@@ -5,7 +5,7 @@ issuerKeyHash choose the CA, and the answer is about certificates that CA
 issued, signed by it or by its own delegated responder certificate (issued
 by it, EKU OCSPSigning). A request about any other issuer gets
 ``unauthorized``; anything unparsable gets ``malformedRequest``, never an
-exception.
+exception; a CA key whose token is away gets ``tryLater``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..config import ConfigError
-from ..errors import BadRequest, parsing_client_input
+from ..errors import BadRequest, ServiceUnavailable, parsing_client_input
 from .authority import Authorities, CertificateAuthority, key_belongs_to
 from .crl import REASONS
+from .signers import FileSigner, Signer
 
 # status lookup: serial (hex) -> (status, revoked_at, reason, issuer id) or None when unknown
 Lookup = Callable[[str], Optional[tuple[str, Optional[datetime], Optional[str], Optional[str]]]]
 HASHES = (hashes.SHA1, hashes.SHA256, hashes.SHA384, hashes.SHA512)
-Signer = tuple[x509.Certificate, object]
+Responder = tuple[x509.Certificate, Optional[Signer]]  # the certificate in answers, and what signs (None: the CA)
 
 
 class OCSPResponder:
@@ -37,7 +38,7 @@ class OCSPResponder:
         self,
         authorities: Authorities,
         lookup: Lookup,
-        signers: Optional[dict[str, Signer]] = None,
+        signers: Optional[dict[str, Responder]] = None,
         validity: timedelta = timedelta(hours=1),
     ) -> None:
         """``signers``: delegated responders by the issuer id of the CA that certified each; the other CAs sign themselves."""
@@ -45,7 +46,7 @@ class OCSPResponder:
         self.lookup = lookup
         self.validity = validity
         # (hash name, issuer name hash, issuer key hash) that identify a CA in a request -> (CA, signer)
-        self._issuers: dict[tuple[str, bytes, bytes], tuple[CertificateAuthority, Signer]] = {}
+        self._issuers: dict[tuple[str, bytes, bytes], tuple[CertificateAuthority, Responder]] = {}
         for authority in authorities:
             signer = (signers or {}).get(authority.issuer_id) or (authority.certificate, None)  # None: the CA's own key
             for algorithm in HASHES:
@@ -67,9 +68,9 @@ class OCSPResponder:
         issuer = self._issuers.get(key)
         if issuer is None:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
-        authority, (signer_certificate, signer_key) = issuer
-        if signer_key is None:
-            signer_key = authority.private_key  # loaded at first use when the CA defers it (the CLI)
+        authority, (signer_certificate, signer) = issuer
+        if signer is None:
+            signer = authority.signer  # loaded at first use when the CA defers it (the CLI)
         found = self.lookup(format(serial, "x"))
         revoked_at = reason = None
         if found is None or self.authorities.issuer_of(found[3]) is not authority:
@@ -82,22 +83,21 @@ class OCSPResponder:
         builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
             request.issuer_name_hash, request.issuer_key_hash, serial, algorithm, status, now, now + self.validity, revoked_at, reason
         )
-        # The signer's certificate rides along even when it is the CA's: FreeRADIUS (OpenSSL's
-        # OCSP_basic_verify without extra certificates) looks for the signer only in the response.
-        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, signer_certificate)
-        builder = builder.certificates([signer_certificate])
         for extension in extensions:
             if isinstance(extension.value, x509.OCSPNonce):
                 builder = builder.add_extension(extension.value, critical=False)
-        digest = None if isinstance(signer_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else hashes.SHA256()
-        return builder.sign(signer_key, digest).public_bytes(serialization.Encoding.DER)
+        digest = None if isinstance(signer.public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)) else hashes.SHA256()
+        try:
+            return signer.sign_ocsp(builder, signer_certificate, digest).public_bytes(serialization.Encoding.DER)
+        except ServiceUnavailable:  # the token is away: relying parties ask again later
+            return _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
     return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER)
 
 
-def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority) -> Signer:
+def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority) -> Responder:
     """A delegated responder: issued by the CA, with EKU OCSPSigning; its key unencrypted PEM."""
     certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
     key = serialization.load_pem_private_key(key_path.read_bytes(), None)
@@ -111,4 +111,4 @@ def load_signer(cert_path: Path, key_path: Path, authority: CertificateAuthority
     if not key_belongs_to(key, certificate):
         where = authority.name
         raise ConfigError(f"{where}.ocsp_responder_key_file {key_path} does not belong to {where}.ocsp_responder_cert_file {cert_path}")
-    return certificate, key
+    return certificate, FileSigner(key)

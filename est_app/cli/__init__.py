@@ -65,7 +65,7 @@ def require_ca_key(purpose: str, authorities: Iterable["CertificateAuthority"]) 
 
     for authority in authorities:
         try:
-            authority.private_key
+            authority.signer
         except ConfigError as exc:
             raise click.ClickException(f"cannot {purpose} without the CA key: {exc}") from None
 

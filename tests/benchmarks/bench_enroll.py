@@ -8,6 +8,7 @@ Run from the repository root (pytest does not collect it: the name is bench_*.py
     python -m tests.benchmarks.bench_enroll --no-credential-cache       # auth_cache_seconds: 0
     python -m tests.benchmarks.bench_enroll --devices 2000              # distinct device ids
     python -m tests.benchmarks.bench_enroll --profile /tmp/prof --profile-gil   # py-spy the workers
+    python -m tests.benchmarks.bench_enroll --ca-keys file,softhsm     # CA key in a file, then in SoftHSM
 
 What it does, all in one temporary directory that is removed at the end:
 
@@ -26,6 +27,12 @@ What it does, all in one temporary directory that is removed at the end:
    closed during the run (their TIME_WAIT entries in /proc/net/tcp). A Lua
    ``done()`` hook prints latency percentiles (p50, p90, p99, p99.9) and exact
    2xx / non-2xx counts.
+With ``--ca-keys file,softhsm`` steps 1 to 4 run for a CA key in a PEM file and
+for one generated inside a SoftHSM token (``est-admin init --pkcs11-module``), and
+the floor adds what one signature costs each way (the token's includes the
+throwaway-key signature cryptography's builders need, and the check of the
+token's signature against the CA certificate).
+
 4. Checks there were no non-2xx responses or socket errors, and that the store
    gained one certificate per 2xx response, plus the requests in flight when
    wrk stopped (the server finishes and records them, wrk never reads them;
@@ -100,9 +107,14 @@ def run(cmd: list[str], *, input: Optional[str] = None, timeout: float = 120) ->
     return result.stdout
 
 
-def init_pki(pki_dir: Path) -> None:
-    """`est-admin init` and one Basic user, through the real CLI."""
-    run([str(BIN / "est-admin"), "init", "--dir", str(pki_dir)])
+def init_pki(pki_dir: Path, ca_key: str = "file") -> None:
+    """`est-admin init` (``ca_key`` softhsm: the CA key generated in a new SoftHSM token) and one Basic user, through the real CLI."""
+    token: list[str] = []
+    if ca_key == "softhsm":
+        from tests.softhsm import MODULE, softhsm
+
+        token = ["--pkcs11-module", str(MODULE), "--token", softhsm().init_token(), "--pin-file", str(softhsm().pin_file)]
+    run([str(BIN / "est-admin"), "init", "--dir", str(pki_dir), *token])
     run([str(BIN / "est-admin"), "--config", str(pki_dir / "config.yaml"), "user", "add", USER], input=PASSWORD + "\n")
 
 
@@ -587,8 +599,48 @@ def check_results(results: list[RunResult]) -> list[str]:
     return problems
 
 
-def print_floor(floor: CryptoFloor) -> None:
-    print(f"\nPure-crypto floor, in-process, one core, CPU time per operation ({floor.iterations} iterations, EC P-256 CA):")
+@dataclass
+class SignatureCost:
+    """One signature over a certificate's TBS bytes, CPU and wall time (a network HSM waits, it does not compute)."""
+
+    ca_key: str
+    sign_cpu_us: float
+    sign_wall_us: float
+    throwaway_us: float  # the token signer's draft: cryptography's builder signing with the cached throwaway key
+
+
+def measure_signature(pki_dir: Path, ca_key: str, iterations: int) -> SignatureCost:
+    from est_app.ca import load_authority
+    from est_app.ca.pkcs11 import throwaway_key
+    from est_app.config import load_config
+
+    authority = load_authority(load_config(pki_dir / "config.yaml").ca)
+    tbs, digest = authority.certificate.tbs_certificate_bytes, hashes.SHA256()
+    builder = x509.CertificateBuilder().subject_name(authority.certificate.subject).issuer_name(authority.certificate.subject)
+    builder = builder.public_key(authority.certificate.public_key()).serial_number(1)
+    builder = builder.not_valid_before(authority.certificate.not_valid_before_utc).not_valid_after(authority.certificate.not_valid_after_utc)
+    elliptic = isinstance(authority.certificate.public_key(), ec.EllipticCurvePublicKey)
+    authority.signer.sign(tbs, digest)  # session open, key found
+    cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
+    for _ in range(iterations):
+        authority.signer.sign(tbs, digest)
+    cpu, wall = time.thread_time_ns() - cpu, time.perf_counter_ns() - wall
+    t0 = time.thread_time_ns()
+    for _ in range(iterations):
+        builder.sign(throwaway_key(elliptic), digest)
+    throwaway = time.thread_time_ns() - t0
+    return SignatureCost(ca_key, cpu / iterations / 1000, wall / iterations / 1000, throwaway / iterations / 1000)
+
+
+def print_signatures(costs: list[SignatureCost]) -> None:
+    print("\nOne CA signature over a certificate TBS, in-process (CPU / wall us); the token path also signs a draft with a cached throwaway key:")
+    for c in costs:
+        extra = f", plus the throwaway-key draft {c.throwaway_us:.1f} us CPU" if c.ca_key != "file" else ""
+        print(f"  {c.ca_key:<8} sign {c.sign_cpu_us:8.1f} / {c.sign_wall_us:8.1f} us{extra}")
+
+
+def print_floor(floor: CryptoFloor, ca_key: str = "file") -> None:
+    print(f"\nPure-crypto floor, in-process, one core, CPU time per operation ({floor.iterations} iterations, EC P-256 CA, key: {ca_key}):")
     print(f"  load_csr (parse + verify CSR signature)   {floor.load_csr_us:8.1f} us")
     print(f"  CertificateAuthority.issue (build + sign)  {floor.issue_us:8.1f} us")
     print(f"  certs_only (PKCS#7)                        {floor.certs_only_us:8.1f} us")
@@ -708,6 +760,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each run, wait up to SECONDS for other processes to leave the cores idle (shared machines)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
+    parser.add_argument("--ca-keys", default="file", help="where the CA key lives, one run each: file and/or softhsm (default file)")
     args = parser.parse_args(argv)
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -715,6 +768,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--modes: choose from {', '.join(MODES)}")
     levels = [int(c) for c in args.connections.split(",")]
     configs = parse_configs(args.configs, args.workers, args.threads)
+    ca_keys = [k.strip() for k in args.ca_keys.split(",") if k.strip()]
+    if set(ca_keys) - {"file", "softhsm"}:
+        parser.error("--ca-keys: choose from file, softhsm")
     if not Path(WRK).exists():
         parser.error(f"wrk not found ({WRK})")
 
@@ -724,20 +780,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     report: dict = {"configs": []}
     problems: list[str] = []
     try:
-        pki_dir = workdir / "pki"
-        init_pki(pki_dir)
+        pki_dirs = {key: workdir / f"pki-{key}" for key in ca_keys}
+        for key, pki_dir in pki_dirs.items():
+            init_pki(pki_dir, key)
         csr_der = make_csr_der(args.csr_key)
         bodies = [base64_body(csr_der)]
         if args.devices > 1:  # one CSR per device id, used in turn
             bodies += [base64_body(make_csr_der(args.csr_key, f"NPP{i:06d}")) for i in range(1, args.devices)]
-        store_url = f"sqlite:///{pki_dir / 'est.db'}"
 
         if args.crypto_iterations:
-            floor = measure_crypto_floor(pki_dir, csr_der, args.crypto_iterations)
-            print_floor(floor)
-            report["crypto_floor"] = {**asdict(floor), "ops_per_core": floor.ops_per_core}
+            for key, pki_dir in pki_dirs.items():
+                floor = measure_crypto_floor(pki_dir, csr_der, args.crypto_iterations)
+                print_floor(floor, key)
+                report[f"crypto_floor_{key}" if key != "file" else "crypto_floor"] = {**asdict(floor), "ops_per_core": floor.ops_per_core}
+            costs = [measure_signature(pki_dir, key, args.crypto_iterations) for key, pki_dir in pki_dirs.items()]
+            print_signatures(costs)
+            report["signatures"] = [asdict(c) for c in costs]
 
-        for workers, threads in configs:
+        for (workers, threads), ca_key in ((config, key) for key in ca_keys for config in configs):
+            pki_dir = pki_dirs[ca_key]
+            store_url = f"sqlite:///{pki_dir / 'est.db'}"
             overrides: dict = {"rate_limit": {"enabled": False}}
             server_opts = {k: v for k, v in (("workers", workers), ("threads", threads)) if v is not None}
             if server_opts:
@@ -749,7 +811,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 from est_app.config import load_config
 
                 effective = load_config(server.config).server
-                label = f"workers={effective.workers} threads={effective.threads}" + (
+                label = f"workers={effective.workers} threads={effective.threads}, CA key {ca_key}" + (
                     ", credential cache OFF" if args.no_credential_cache else ""
                 )
                 bench = Bench(args, workdir, server, store_url, bodies)
@@ -786,7 +848,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     f"{'OK' if all(r.rows_ok for r in results) else 'MISMATCH'}; "
                     f"store holds {bench.rows()} certificates in all"
                 )
-                entry = {"workers": effective.workers, "threads": effective.threads, "credential_cache": not args.no_credential_cache,
+                entry = {"workers": effective.workers, "threads": effective.threads, "ca_key": ca_key, "credential_cache": not args.no_credential_cache,
                          "tls_session_resumption": resumed, "runs": [{**asdict(r), "connections_per_request": r.connections_per_request,
                                                                       "server_us_per_request": r.server_us_per_request} for r in results]}  # fmt: skip
                 if args.profile:
@@ -809,7 +871,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  {'config':<7}" + "".join(f"{MODES[r['mode']][:10] + ' x' + str(r['connections']):>22}" for r in first))
             for entry in report["configs"]:
                 cells = [f"{r['rps']:.0f} / {fmt_ms(r['p99_ms'])} / {r['server_us_per_request']:.0f}" for r in entry["runs"]]
-                print(f"  {str(entry['workers']) + 'x' + str(entry['threads']):<7}" + "".join(f"{c:>22}" for c in cells))
+                name = f"{entry['workers']}x{entry['threads']}" + (f" {entry['ca_key']}" if len(ca_keys) > 1 else "")
+                print(f"  {name:<7}" + "".join(f"{c:>22}" for c in cells))
         print(f"\n{REFERENCE_NOTE}. Targets: 3,000/s keep-alive and 800/s new-connection at 8 clients, p99 < 50 ms at 32.")
         print("Latency is wrk's: from writing the request to the last byte of the answer; for new connections "
               "the TCP and TLS handshakes happen before the clock starts (throughput includes them).")

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from gunicorn.util import parse_address
 
 from ...ca import CertificateAuthority
+from ...ca.signers import FileSigner
 from ...config import Settings
 from ...encoding import CERTS_ONLY, CTE, ESTResponse, decode_body
 from ...errors import BadRequest
@@ -125,7 +126,7 @@ def stand_in_for(ca: CheckedCA) -> Optional[CertificateAuthority]:
     if not ca.current():
         return None
     section = ca.settings
-    return CertificateAuthority(_key_like(ca.chain[0].public_key()), ca.chain, section.digest, section.crl_url, section.ocsp_url, ca.where)
+    return CertificateAuthority(FileSigner(_key_like(ca.chain[0].public_key())), ca.chain, section.digest, section.crl_url, section.ocsp_url, ca.where)
 
 
 def pump_keys() -> dict[str, PrivateKeyTypes]:
