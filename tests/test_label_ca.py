@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from alembic import command
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
@@ -33,6 +34,7 @@ from est_app.state import state
 from .conftest import run_cli
 from .pki import ec_key, encrypt_key_file, make_csr
 from .test_enroll import certs_from
+from .test_migrations import migrate
 from .test_protocol import post, serverkeygen_parts
 from .test_revocation import key_hash, mint_responder, ocsp_post, ocsp_request, verify_signature, write_pem_files
 
@@ -351,8 +353,10 @@ def test_an_older_database_gains_the_issuer_columns_and_keeps_its_rows(make_app,
     number = crl_number(fetch_crl(client, "/crl"))
     old_app.extensions["est_app"].store.engine.dispose()
 
-    # Make it the database main's schema makes: no issuer columns (and so no index on crls.issuer).
+    # Make it the database an older version made: before migrations, no issuer columns (and so no index on crls.issuer).
+    migrate(f"sqlite:///{tmp_path / 'est.db'}", "0001", command.downgrade)
     db = sqlite3.connect(tmp_path / "est.db")
+    db.execute("DROP TABLE alembic_version")
     db.execute("DROP INDEX ix_crls_issuer_number")
     db.execute("ALTER TABLE certificates DROP COLUMN issuer")
     db.execute("ALTER TABLE crls DROP COLUMN issuer")
@@ -360,7 +364,9 @@ def test_an_older_database_gains_the_issuer_columns_and_keeps_its_rows(make_app,
     counts = {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ("certificates", "devices", "crls", "audit_events")}
     db.close()
 
-    app = create_app(make_config(**label_config(pump_ca_dir)))  # the same database, now with a pump CA too
+    config = make_config(**label_config(pump_ca_dir))  # the same database, now with a pump CA too
+    assert run_cli("db", "upgrade", config=config).exit_code == 0
+    app = create_app(config)
     client = app.test_client()
     db = sqlite3.connect(tmp_path / "est.db")
     assert {row[1] for row in db.execute("PRAGMA table_info(certificates)")} >= {"serial", "issuer"}
