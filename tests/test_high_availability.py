@@ -188,12 +188,13 @@ class Answer:
 
 
 def request(endpoint: Endpoint, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-            auth: tuple[str, str] | None = (USER, PASSWORD), cert: tuple[Path, Path] | None = None, timeout: float = 60) -> Answer:
-    """One request on a new TLS connection (so the proxy balances each one)."""
+            auth: tuple[str, str] | None = (USER, PASSWORD), cert: tuple[Path, Path] | None = None, timeout: float = 60,
+            source: str = "127.0.0.1") -> Answer:
+    """One request on a new TLS connection (so the proxy balances each one), from the loopback address ``source``."""
     context = ssl.create_default_context(cafile=str(endpoint.ca_file))
     if cert:
         context.load_cert_chain(*map(str, cert))
-    conn = http.client.HTTPSConnection("127.0.0.1", endpoint.port, context=context, timeout=timeout)
+    conn = http.client.HTTPSConnection("127.0.0.1", endpoint.port, context=context, timeout=timeout, source_address=(source, 0))
     headers = dict(headers or {})
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
@@ -469,7 +470,9 @@ def limited_cluster(pki_dir, postgres_cluster, redis_server, tmp_path_factory):
 
 
 def test_rate_limit_is_counted_once_across_hosts_and_redis_down_keeps_enrollment(limited_cluster, redis_server):
-    cacerts = [request(limited_cluster.front, "GET", "/.well-known/est/cacerts", auth=None).status for _ in range(30)]
+    # A client of its own (the start-up probes counted for 127.0.0.1).
+    client = "127.0.0.7"
+    cacerts = [request(limited_cluster.front, "GET", "/.well-known/est/cacerts", auth=None, source=client).status for _ in range(30)]
     assert cacerts.count(200) == 10 and cacerts.count(429) == 20, cacerts  # 2 hosts counting apart: 20 and 10
     for i in (0, 1):  # both hosts answered, and both refused: they share the count
         host = limited_cluster.host(i)
@@ -478,12 +481,12 @@ def test_rate_limit_is_counted_once_across_hosts_and_redis_down_keeps_enrollment
     redis_server.stop()
     try:
         # Each worker counts in memory from zero: the client is answered again, and enrollment works.
-        answers = [enroll(limited_cluster.front, f"NPPHANOREDIS{i}") for i in range(4)]
+        answers = [enroll(limited_cluster.front, f"NPPHANOREDIS{i}", source=client) for i in range(4)]
         assert [a.status for a in answers] == [200] * 4, answers
         for answer in answers:
             assert limited_cluster.store.get_certificate(serial(certificate(answer))) is not None
         # The limit still holds, per worker: 2 hosts x 1 worker x 10.
-        more = [request(limited_cluster.front, "GET", "/.well-known/est/cacerts", auth=None).status for _ in range(24)]
+        more = [request(limited_cluster.front, "GET", "/.well-known/est/cacerts", auth=None, source=client).status for _ in range(24)]
         assert more.count(429) >= 4 and 500 not in more, more
     finally:
         redis_server.start()
