@@ -11,7 +11,8 @@ device enrolled on both hosts at once stays one device; `kill -9` of a host unde
 loses no certificate and the proxy routes around it, and back when it returns; the client
 certificate reaches the hosts as HAProxy forwards it and cannot be forged; tls-unique
 proof of possession works on the passthrough port; one client's rate limit is counted
-once across both hosts, and enrollment goes on when Redis is down.
+once across both hosts, and enrollment goes on when Redis is down; with PostgreSQL down
+the proxy still reaches the hosts (none is ready, all are alive) and they recover alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -492,3 +494,48 @@ def test_rate_limit_is_counted_once_across_hosts_and_redis_down_keeps_enrollment
         redis_server.start()
     logs = "".join(h.log.read_text() for h in limited_cluster.hosts)
     assert "falling back to in-memory storage" in logs
+
+
+# --- the database is down (last: the hosts' pools hold dead connections afterwards) -----------------
+
+
+@contextmanager
+def database_down(cluster: Cluster, postgres_cluster):
+    """PostgreSQL stopped as if it crashed, until the proxy has taken both hosts out of the ready pool;
+    afterwards started again, and both hosts ready again, without a restart."""
+    ready = ("est_hosts", "est-a"), ("est_hosts", "est-b")
+    postgres_cluster.stop("immediate")
+    try:
+        cluster.proxy.wait_for(lambda s: all(s[k].startswith("DOWN") for k in ready), 60, "both hosts out of the ready pool")
+        yield
+    finally:
+        postgres_cluster.start()
+        cluster.store.engine.dispose()  # this test's own pooled connections died with the server
+    cluster.proxy.wait_for(lambda s: all(s[k] == "UP" for k in ready), 60, "both hosts ready again")
+
+
+def test_database_down_the_proxy_still_reaches_the_hosts_and_they_recover(cluster, postgres_cluster):
+    with database_down(cluster, postgres_cluster):
+        states = cluster.proxy.server_states()
+        assert states[("est_hosts_alive", "est-a")] == states[("est_hosts_alive", "est-b")] == "UP"
+        # Answered by a host (the CA chain needs no database), not by the proxy's "no server available".
+        answer = request(cluster.front, "GET", "/.well-known/est/cacerts", auth=None)
+        assert answer.status == 200 and pkcs7.load_der_pkcs7_certificates(base64.b64decode(answer.body))
+    # Recovery without a restart. (The first query on a connection pooled before the outage may still
+    # fail once: the pool's stale connections are the store's to check, est_app/store, "pg" engineer.)
+    answers = [enroll(cluster.front, f"NPPHADBBACK{i}") for i in range(3)]
+    assert 200 in [a.status for a in answers], answers
+
+
+@pytest.mark.xfail(reason="the database-down path (503 + Retry-After, last CRL, OCSP tryLater) is the 'pg' engineer's, not on this branch", strict=False)
+def test_database_down_crl_ocsp_and_enrollment_answer_as_designed_through_the_proxy(cluster, postgres_cluster):
+    ca = x509.load_pem_x509_certificate((cluster.pki_dir / "ca.pem").read_bytes())
+    cert = certificate(enroll(cluster.front, "NPPHADBDOWN"))
+    before = [crl_of(cluster.host(i)) for i in (0, 1)]  # each host holds the current CRL
+    with database_down(cluster, postgres_cluster):
+        assert crl_of(cluster.front).public_bytes(serialization.Encoding.DER) == before[0].public_bytes(serialization.Encoding.DER)
+        request_der = ocsp.OCSPRequestBuilder().add_certificate(cert, ca, hashes.SHA1()).build().public_bytes(serialization.Encoding.DER)
+        answer = request(cluster.front, "POST", "/ocsp", request_der, {"Content-Type": "application/ocsp-request"}, auth=None)
+        assert answer.status == 200 and ocsp.load_der_ocsp_response(answer.body).response_status == ocsp.OCSPResponseStatus.TRY_LATER
+        answer = enroll(cluster.front, "NPPHADBDOWN2")
+        assert answer.status == 503, answer
