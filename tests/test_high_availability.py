@@ -21,6 +21,7 @@ import base64
 import http.client
 import os
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -454,6 +455,37 @@ def test_proof_of_possession_label_is_served_through_the_passthrough_port(cluste
     # Through the terminating port the TLS session is the proxy's: the label refuses.
     status, _, body, _ = post_on_one_connection(cluster.front, "pop/simpleenroll", "1.2", pop_csr("NPPHAPOP2", "tls-unique"))
     assert status == 401 and b"requires proof-of-possession linking" in body, body
+
+
+def trickle(endpoint: Endpoint, head: bytes, body: bytes, every: float = 1.0) -> tuple[bytes, float]:
+    """Send ``head`` at once, then ``body`` one byte every ``every`` seconds (or ``head`` byte by byte when
+    ``body`` is empty); return the first bytes of the answer and the seconds until it came."""
+    context = ssl.create_default_context(cafile=str(endpoint.ca_file))
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", endpoint.port), timeout=90), server_hostname="localhost") as conn:
+        started = time.monotonic()
+        slow, fast = (body, head) if body else (head, b"")
+        conn.sendall(fast)
+        try:
+            for byte in slow:
+                conn.sendall(bytes([byte]))
+                time.sleep(every)
+        except OSError:
+            pass  # cut by the proxy: its answer is waiting
+        return conn.recv(64), time.monotonic() - started
+
+
+def test_slow_clients_are_cut_at_the_proxy(cluster):
+    """The proxy's deadlines: headers within 10 s (timeout http-request), a body within 20 s of them
+    (wait-for-body); its own 408, the hosts never see the request."""
+    before = [requests_answered(cluster.host(i), "simpleenroll", 408) for i in (0, 1)]
+    slow_headers = (b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: est.hospital.example\r\nX-Padding: " + b"x" * 60, b"")
+    slow_body = (b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: est.hospital.example\r\n"
+                 b"Content-Type: application/pkcs10\r\nContent-Length: 100\r\n\r\n", b"A" * 100)
+    with ThreadPoolExecutor(2) as pool:
+        (headers_answer, headers_after), (body_answer, body_after) = pool.map(lambda hb: trickle(cluster.front, *hb), (slow_headers, slow_body))
+    assert headers_answer.startswith(b"HTTP/1.1 408") and 9 < headers_after < 30, (headers_answer, headers_after)
+    assert body_answer.startswith(b"HTTP/1.1 408") and 19 < body_after < 45, (body_answer, body_after)
+    assert [requests_answered(cluster.host(i), "simpleenroll", 408) for i in (0, 1)] == before
 
 
 # --- rate limits in Redis -----------------------------------------------------------------------
