@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .server import REPO, free_port
+from .server import REPO, free_port, stop_process
 
 SHIPPED = REPO / "deploy" / "haproxy.cfg"
 HAPROXY = "haproxy"
@@ -96,13 +96,7 @@ class HAProxy:
         self.wait_for(lambda states: set(states.values()) == {"UP"}, timeout, "every server UP")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def command(self, line: str) -> str:
         """One command on the stats socket (``show stat``, ``show servers state``...)."""

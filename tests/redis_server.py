@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .server import free_port
+from .server import free_port, stop_process
 
 
 class RedisServer:
@@ -54,10 +54,4 @@ class RedisServer:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
