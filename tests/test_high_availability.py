@@ -41,7 +41,7 @@ from est_app.store import Store
 
 from .benchmarks.bench_enroll import process_tree
 from .conftest import PASSWORD, USER, run_cli
-from .haproxy import HAProxy
+from .haproxy import TRUSTED_SOURCE, HAProxy
 from .pki import der, ec_key, make_csr
 from .redis_server import RedisServer
 from .server import RunningServer, _answers, _launch, start_server, write_config
@@ -64,13 +64,11 @@ class Endpoint:
     port: int
     ca_file: Path
 
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
 
 @dataclass
 class Cluster:
+    """Two hosts (est-a, est-b) on one database behind the proxy; ``store`` reads that database directly."""
+
     pki_dir: Path
     database_url: str
     hosts: list[RunningServer]
@@ -126,7 +124,7 @@ def start_cluster(pki_dir: Path, workdir: Path, database_url: str, users: dict[t
     # The password is in the URL until database.password_file exists (the "pg" engineer's change).
     overrides = {
         "database": {"url": database_url},
-        "trusted_proxies": ["127.0.0.2"],
+        "trusted_proxies": [TRUSTED_SOURCE],
         "labels": LABELS,
         "server": {"workers": 2},
         "rate_limit": {"enabled": False},

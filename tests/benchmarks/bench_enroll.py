@@ -79,7 +79,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-from tests.haproxy import HAProxy  # noqa: E402
+from tests.haproxy import TRUSTED_SOURCE, HAProxy  # noqa: E402
 from tests.postgres import PostgresCluster  # noqa: E402
 from tests.server import BIN, RunningServer, start_server, write_config  # noqa: E402
 
@@ -566,7 +566,7 @@ def start_target(store: str, pki_dir: Path, workdir: Path, postgres: Optional[Po
         return start_server(pki_dir, workdir, **overrides), f"sqlite:///{pki_dir / 'est.db'}"
     assert postgres is not None
     url = postgres.url(postgres.create_database())
-    overrides = {**overrides, "database": {"url": url}, "trusted_proxies": ["127.0.0.2"]}
+    overrides = {**overrides, "database": {"url": url}, "trusted_proxies": [TRUSTED_SOURCE]}
     run_dir = Path(tempfile.mkdtemp(prefix=f"{store}-", dir=workdir))
     # The user through the CLI, which also creates the schema in one process (workers starting
     # together on an empty PostgreSQL database race to create it).
