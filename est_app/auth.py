@@ -3,7 +3,7 @@ proof-of-possession linking to the TLS session (RFC 7030 3.5).
 
 Client certificates are read from gunicorn's own TLS socket, from the WSGI
 environ key ``SSL_CLIENT_CERT`` (PEM), or from a reverse proxy's header
-(URL-escaped PEM) only when the immediate peer is a trusted proxy. Whatever
+(URL-escaped PEM, or base64 DER) only when the immediate peer is a trusted proxy. Whatever
 the source, the app verifies the certificate itself: issued by a trust
 anchor, valid now, EKU clientAuth, not revoked.
 
@@ -247,7 +247,18 @@ def _from_proxy_header() -> Optional[x509.Certificate]:
     if not state().proxies.is_trusted(peer):
         current_app.logger.warning("ignored %s header from untrusted address %s", settings.client_cert_header, peer)
         return None
-    return _load(urllib.parse.unquote(value).encode(), f"the {settings.client_cert_header} header")
+    source = f"the {settings.client_cert_header} header"
+    return _load(_forwarded_certificate(value, source), source)
+
+
+def _forwarded_certificate(value: str, source: str) -> bytes:
+    """A proxy's certificate header as PEM or DER: URL-escaped PEM (nginx's ``$ssl_client_escaped_cert``)
+    or base64 of the DER (HAProxy's ``ssl_c_der,base64``; between colons as RFC 9440's ``Client-Cert``)."""
+    text = urllib.parse.unquote(value).strip()
+    if text.startswith("-----BEGIN"):
+        return text.encode()
+    with parsing_client_input(f"client certificate from {source} is not a valid X.509 certificate"):
+        return base64.b64decode(text.strip(":"), validate=True)
 
 
 # --- who may use a label -----------------------------------------------------

@@ -4,6 +4,12 @@ Counts live in ``rate_limit.storage_uri``: ``memory://`` counts per worker;
 point it at Redis or Memcached for one count across workers and hosts. Note
 that an RA gateway enrolls all its devices from one address: size the limit
 for the gateway's batch, not for a single device.
+
+When that shared storage is unreachable, enrollment goes on: each worker
+counts in its own memory (the same limits, per worker) until the storage
+answers again (Flask-Limiter re-checks it after 1, 2, 4 ... 32 s), and a
+storage error never turns a request into a 500. A storage that does not
+answer costs each request at most :data:`STORAGE_TIMEOUT_SECONDS`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from werkzeug.exceptions import TooManyRequests
 from .config import RateLimitSettings
 from .errors import text_response
 
+# Redis connect and read timeouts unless the storage URI sets its own (redis-py reads
+# socket_connect_timeout and socket_timeout from the query string, and they win).
+STORAGE_TIMEOUT_SECONDS = 0.5
+
 
 def init_rate_limit(app: Flask, settings: RateLimitSettings) -> None:
     limiter = Limiter(
@@ -26,6 +36,9 @@ def init_rate_limit(app: Flask, settings: RateLimitSettings) -> None:
         app=app,
         default_limits=[settings.limit],
         storage_uri=settings.storage_uri,
+        storage_options=_storage_options(settings.storage_uri),
+        in_memory_fallback_enabled=not settings.storage_uri.startswith("memory://"),
+        swallow_errors=True,
         headers_enabled=False,  # its Retry-After would ride on every 200; only a 429 gets one
         enabled=settings.enabled,
     )
@@ -38,6 +51,12 @@ def init_rate_limit(app: Flask, settings: RateLimitSettings) -> None:
         return text_response(
             429, f"too many requests from this address (limit {exc.description}); retry in {retry} s", {"Retry-After": str(retry)}
         )
+
+
+def _storage_options(storage_uri: str) -> dict:
+    if storage_uri.startswith(("redis://", "rediss://")):
+        return {"socket_connect_timeout": STORAGE_TIMEOUT_SECONDS, "socket_timeout": STORAGE_TIMEOUT_SECONDS}
+    return {}
 
 
 def exempt(app: Flask, blueprint: Blueprint) -> None:

@@ -18,7 +18,22 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from sqlalchemy.engine import URL, make_url
+
 ROLE = "est"
+
+
+def database_section(url: str, directory: Path) -> dict:
+    """The YAML ``database`` section for a SQLAlchemy URL: a password in it moves to a file in
+    ``directory`` (``database.password_file``), as configs must have it (a URL holding one is refused)."""
+    parsed = make_url(url)
+    if parsed.password is None:
+        return {"url": url}
+    password_file = directory / f"{parsed.username}.password"
+    password_file.write_text(str(parsed.password))
+    password_file.chmod(0o600)
+    bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database)
+    return {"url": bare.render_as_string(), "password_file": str(password_file)}
 
 
 def server_bin() -> Optional[Path]:

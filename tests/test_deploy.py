@@ -381,3 +381,25 @@ def test_est_server_on_a_port_in_use_says_so_in_one_line_and_exits_2(pki_dir, tm
     assert result.returncode == 2
     assert result.stderr == f"est-server: server.bind 127.0.0.1:{port}: cannot listen there: Address already in use\n"
     assert result.stdout == ""
+
+
+def test_haproxy_cfg_is_valid_and_strips_what_est_app_believes_from_a_proxy(pki_dir, tmp_path):
+    """deploy/haproxy.cfg (rendered as tests/haproxy.py runs it) passes `haproxy -c -f`; every header
+    est_app believes from a trusted proxy is deleted before the proxy sets it; passed-through TLS
+    reaches the hosts from another address than the trusted one."""
+    from .haproxy import SHIPPED, check, proxy_files, render
+
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(render(proxy_files(pki_dir, tmp_path), (18001, 18002), 18003, 18004, tmp_path / "haproxy.sock"))
+    result = check(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    config.write_text(config.read_text().replace("balance roundrobin", "balance no-such-algorithm", 1))
+    assert check(config).returncode != 0  # the check can fail
+
+    lines = [line.split("#")[0].strip() for line in SHIPPED.read_text().splitlines()]
+    for header in (Settings.__dataclass_fields__["client_cert_header"].default, "X-Forwarded-For"):
+        deleted = lines.index(f"http-request del-header {header}")
+        (set_at,) = [i for i, line in enumerate(lines) if line.startswith(f"http-request set-header {header} ")]
+        assert deleted < set_at
+    sources = [line for line in lines if line.startswith("source ")]
+    assert len(sources) == 3 and len(set(sources)) == 2  # terminated traffic (2 backends) from one address, passthrough from another

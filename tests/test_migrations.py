@@ -45,6 +45,7 @@ from est_app.store.schema import certificates, devices, metadata
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .e2e_clients import openssl_csr
+from . import postgres
 from .pki import der
 from .server import start_server
 from .test_admin_api import mint_client_certificate
@@ -67,20 +68,8 @@ def database_url(request, tmp_path) -> str:
 
 @pytest.fixture
 def database_section(tmp_path):
-    """``database_section(url)``: the YAML ``database`` section for a URL; a password moves to a
-    password file, as configs must have it (a URL holding a password is refused)."""
-
-    def section(url: str) -> dict:
-        parsed = sa.engine.make_url(url)
-        if parsed.password is None:
-            return {"url": url}
-        password_file = tmp_path / f"{parsed.username}.password"
-        password_file.write_text(str(parsed.password))
-        password_file.chmod(0o600)
-        bare = sa.engine.URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database)
-        return {"url": bare.render_as_string(), "password_file": str(password_file)}
-
-    return section
+    """``database_section(url)``: the YAML ``database`` section for a URL (a password goes to a file)."""
+    return lambda url: postgres.database_section(url, tmp_path)
 
 
 @pytest.fixture

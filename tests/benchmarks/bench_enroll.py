@@ -7,6 +7,7 @@ Run from the repository root (pytest does not collect it: the name is bench_*.py
     python -m tests.benchmarks.bench_enroll --configs 2x4,2x8,3x4,4x2   # compare in one go
     python -m tests.benchmarks.bench_enroll --no-credential-cache       # auth_cache_seconds: 0
     python -m tests.benchmarks.bench_enroll --devices 2000              # distinct device ids
+    python -m tests.benchmarks.bench_enroll --stores sqlite,postgresql,haproxy   # SQLite, PostgreSQL, two hosts behind HAProxy
     python -m tests.benchmarks.bench_enroll --profile /tmp/prof --profile-gil   # py-spy the workers
     python -m tests.benchmarks.bench_enroll --ca-keys file,softhsm     # CA key in a file, then in SoftHSM
 
@@ -45,6 +46,12 @@ reports the CPU used by the server, by wrk and by every other process, and
 the server's CPU time per request, which other load disturbs least. On a
 shared machine, ``--wait-quiet`` waits for idle cores before each run.
 
+``--stores`` runs the same on SQLite (the default), on PostgreSQL (a throwaway
+cluster, tests/postgres.py) and on two hosts sharing that PostgreSQL behind
+HAProxy running deploy/haproxy.cfg (tests/haproxy.py): wrk then talks to the
+proxy. The server CPU counts every process serving: the proxy, the hosts and
+PostgreSQL's own processes.
+
 Exit status: 0 when every check passed, 1 when any did (the report says which).
 """
 
@@ -52,6 +59,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
+import io
+import itertools
 import json
 import os
 import re
@@ -76,7 +86,9 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-from tests.server import BIN, RunningServer, start_server  # noqa: E402
+from tests.haproxy import TRUSTED_SOURCE, HAProxy  # noqa: E402
+from tests.postgres import PostgresCluster, database_section  # noqa: E402
+from tests.server import BIN, RunningServer, start_server, write_config  # noqa: E402
 
 ENROLL_PATH = "/.well-known/est/simpleenroll"
 USER = "bench-gateway"
@@ -396,7 +408,9 @@ class RunResult:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path, server: RunningServer, store_url: str, bodies: list[str]) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, server: "RunningServer | ProxiedHosts", store_url: str, bodies: list[str],
+                 postgres: Optional[PostgresCluster] = None) -> None:
+        self.postgres = postgres  # its processes count as the server's CPU
         self.args = args
         self.workdir = workdir
         self.server = server
@@ -427,9 +441,10 @@ class Bench:
             WRK, "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s", "--timeout", "30s",
             "--latency", "-s", str(self.scripts[mode]), self.server.url + ENROLL_PATH,
         ]  # fmt: skip
-        pids = process_tree(self.server.process.pid)
+        pids = target_pids(self.server, self.postgres)
         rows_before = self.rows()
         closed = ClosedConnections(self.server.port)
+        proxied = self.server.connections_accepted() if isinstance(self.server, ProxiedHosts) else None
         cpu_before = cpu_seconds(pids)
         wrk_before = os.times()
         busy_before = busy_cpu_seconds()
@@ -488,7 +503,7 @@ class Bench:
             max_ms=raw["max_us"] / 1000,
             # Each answered connection closes cleanly into TIME_WAIT; those wrk drops when it
             # exits (a request in flight on each) end in a reset and leave none.
-            connections_closed=closed.count,
+            connections_closed=closed.count if proxied is None else self.server.connections_accepted() - proxied,
             server_cpu_s=server_cpu,
             wrk_cpu_s=wrk_cpu,
             other_cpu_s=max(0.0, busy_after - busy_before - server_cpu - wrk_cpu),
@@ -498,6 +513,92 @@ class Bench:
             rows_ok=ok <= rows_added <= ok + max(in_flight, 0),
             raw=raw,
         )
+
+
+# --------------------------------------------------------------------------- what is benchmarked
+
+STORES = {"sqlite": "SQLite", "postgresql": "PostgreSQL", "haproxy": "PostgreSQL, 2 hosts behind HAProxy"}
+
+
+@dataclass
+class ProxiedHosts:
+    """Two hosts on one database behind HAProxy; wrk talks to the proxy."""
+
+    hosts: list[RunningServer]
+    proxy: HAProxy
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+    @property
+    def port(self) -> int:
+        return self.proxy.port
+
+    @property
+    def ca_file(self) -> Path:
+        return self.hosts[0].ca_file
+
+    @property
+    def config(self) -> Path:
+        return self.hosts[0].config
+
+    @property
+    def log(self) -> Path:
+        return self.hosts[0].log
+
+    def connections_accepted(self) -> int:
+        """Client connections the proxy's EST frontend has accepted (HAProxy resets, rather than
+        closes, many of them, so TIME_WAIT entries undercount; its own counter does not)."""
+        (row,) = [r for r in csv.DictReader(io.StringIO(self.proxy.command("show stat").lstrip("# "))) if r["pxname"] == "est" and r["svname"] == "FRONTEND"]
+        return int(row["conn_tot"])
+
+    def alive(self) -> bool:
+        return all(h.alive() for h in self.hosts) and self.proxy.process is not None and self.proxy.process.poll() is None
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        for host in self.hosts:
+            host.stop()
+
+
+def target_pids(target: "RunningServer | ProxiedHosts", postgres: Optional[PostgresCluster]) -> list[int]:
+    """Every process serving the run: the server's master and workers; behind HAProxy, the proxy and both
+    hosts'; with PostgreSQL, its server processes too (SQLite's work is inside the workers)."""
+    processes = [target.proxy.process, *(h.process for h in target.hosts)] if isinstance(target, ProxiedHosts) else [target.process]
+    pids = [pid for process in processes for pid in process_tree(process.pid)]
+    if postgres is not None:
+        pids += process_tree(int((postgres.data / "postmaster.pid").read_text().split()[0]))
+    return pids
+
+
+def start_target(store: str, pki_dir: Path, workdir: Path, postgres: Optional[PostgresCluster], overrides: dict) -> tuple["RunningServer | ProxiedHosts", str]:
+    """The server(s) for ``store`` and the database URL they use; a PostgreSQL database is new for each run."""
+    if store == "sqlite":
+        return start_server(pki_dir, workdir, **overrides), f"sqlite:///{pki_dir / 'est.db'}"
+    assert postgres is not None
+    url = postgres.url(postgres.create_database())
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{store}-", dir=workdir))
+    overrides = {**overrides, "database": database_section(url, run_dir), "trusted_proxies": [TRUSTED_SOURCE]}
+    # The user through the CLI, which also creates the schema in one process (workers starting
+    # together on an empty PostgreSQL database race to create it).
+    config = write_config(pki_dir, run_dir / "cli.yaml", 8445, **overrides)
+    run([str(BIN / "est-admin"), "--config", str(config), "user", "add", USER], input=PASSWORD + "\n")
+    if store == "postgresql":
+        return start_server(pki_dir, run_dir, **overrides), url
+    hosts: list[RunningServer] = []
+    try:
+        for name in ("est-a", "est-b"):
+            (run_dir / name).mkdir()
+            hosts.append(start_server(pki_dir, run_dir / name, **overrides))
+        proxy = HAProxy(pki_dir, run_dir, (hosts[0].port, hosts[1].port))
+        target = ProxiedHosts(hosts, proxy)
+        proxy.start()
+    except BaseException:
+        for host in hosts:
+            host.stop()
+        raise
+    return target, url
 
 
 # --------------------------------------------------------------------------- checks and report
@@ -761,6 +862,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="before each run, wait up to SECONDS for other processes to leave the cores idle (shared machines)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
     parser.add_argument("--ca-keys", default="file", help="where the CA key lives, one run each: file and/or softhsm (default file)")
+    parser.add_argument("--stores", default="sqlite", help=f"databases and topologies to compare in one run: {', '.join(STORES)} (default sqlite)")
     args = parser.parse_args(argv)
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -771,6 +873,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ca_keys = [k.strip() for k in args.ca_keys.split(",") if k.strip()]
     if set(ca_keys) - {"file", "softhsm"}:
         parser.error("--ca-keys: choose from file, softhsm")
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if not stores or set(stores) - set(STORES):
+        parser.error(f"--stores: choose from {', '.join(STORES)}")
     if not Path(WRK).exists():
         parser.error(f"wrk not found ({WRK})")
 
@@ -779,7 +884,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="est-bench-"))
     report: dict = {"configs": []}
     problems: list[str] = []
+    postgres = PostgresCluster() if set(stores) - {"sqlite"} else None
     try:
+        if postgres is not None:
+            postgres.start()
         pki_dirs = {key: workdir / f"pki-{key}" for key in ca_keys}
         for key, pki_dir in pki_dirs.items():
             init_pki(pki_dir, key)
@@ -797,24 +905,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             print_signatures(costs)
             report["signatures"] = [asdict(c) for c in costs]
 
-        for (workers, threads), ca_key in ((config, key) for key in ca_keys for config in configs):
+        for ca_key, store, (workers, threads) in itertools.product(ca_keys, stores, configs):
             pki_dir = pki_dirs[ca_key]
-            store_url = f"sqlite:///{pki_dir / 'est.db'}"
             overrides: dict = {"rate_limit": {"enabled": False}}
             server_opts = {k: v for k, v in (("workers", workers), ("threads", threads)) if v is not None}
             if server_opts:
                 overrides["server"] = server_opts
             if args.no_credential_cache:
                 overrides["auth_cache_seconds"] = 0
-            server = start_server(pki_dir, workdir, **overrides)
+            server, store_url = start_target(store, pki_dir, workdir, postgres, overrides)
             try:
                 from est_app.config import load_config
 
                 effective = load_config(server.config).server
-                label = f"workers={effective.workers} threads={effective.threads}, CA key {ca_key}" + (
+                label = ("" if stores == ["sqlite"] else f"{STORES[store]}: ") + f"workers={effective.workers} threads={effective.threads}, CA key {ca_key}" + (
                     ", credential cache OFF" if args.no_credential_cache else ""
                 )
-                bench = Bench(args, workdir, server, store_url, bodies)
+                bench = Bench(args, workdir, server, store_url, bodies, postgres if store != "sqlite" else None)
                 resumed = tls_session_resumed(server)
                 print(f"\n== {label}  (wrk {args.wrk_threads} thread(s), {args.duration:g} s per run, {args.csr_key} CSR, "
                       f"{'one fixed CSR' if args.devices == 1 else f'{args.devices} device ids'}, TLS session resumption by server: {resumed})")
@@ -848,7 +955,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     f"{'OK' if all(r.rows_ok for r in results) else 'MISMATCH'}; "
                     f"store holds {bench.rows()} certificates in all"
                 )
-                entry = {"workers": effective.workers, "threads": effective.threads, "ca_key": ca_key, "credential_cache": not args.no_credential_cache,
+                entry = {"store": store, "workers": effective.workers, "threads": effective.threads, "ca_key": ca_key, "credential_cache": not args.no_credential_cache,
                          "tls_session_resumption": resumed, "runs": [{**asdict(r), "connections_per_request": r.connections_per_request,
                                                                       "server_us_per_request": r.server_us_per_request} for r in results]}  # fmt: skip
                 if args.profile:
@@ -868,11 +975,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if len(report["configs"]) > 1:
             print("\nComparison: req/s / p99 ms / server CPU us per request")
             first = report["configs"][0]["runs"]
-            print(f"  {'config':<7}" + "".join(f"{MODES[r['mode']][:10] + ' x' + str(r['connections']):>22}" for r in first))
+            width = (7 if stores == ["sqlite"] else 19) + (8 if len(ca_keys) > 1 else 0)
+            print(f"  {'config':<{width}}" + "".join(f"{MODES[r['mode']][:10] + ' x' + str(r['connections']):>22}" for r in first))
             for entry in report["configs"]:
                 cells = [f"{r['rps']:.0f} / {fmt_ms(r['p99_ms'])} / {r['server_us_per_request']:.0f}" for r in entry["runs"]]
-                name = f"{entry['workers']}x{entry['threads']}" + (f" {entry['ca_key']}" if len(ca_keys) > 1 else "")
-                print(f"  {name:<7}" + "".join(f"{c:>22}" for c in cells))
+                name = ("" if stores == ["sqlite"] else entry["store"] + " ") + f"{entry['workers']}x{entry['threads']}" + (f" {entry['ca_key']}" if len(ca_keys) > 1 else "")
+                print(f"  {name:<{width}}" + "".join(f"{c:>22}" for c in cells))
         print(f"\n{REFERENCE_NOTE}. Targets: 3,000/s keep-alive and 800/s new-connection at 8 clients, p99 < 50 ms at 32.")
         print("Latency is wrk's: from writing the request to the last byte of the answer; for new connections "
               "the TCP and TLS handshakes happen before the clock starts (throughput includes them).")
@@ -886,6 +994,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "new-connection mode reconnected on every request")
         return 0
     finally:
+        if postgres is not None:
+            postgres.remove()
         if args.keep:
             print(f"kept {workdir}")
         else:
