@@ -395,6 +395,9 @@ class Store:
             row = conn.execute(certificates.select().where(certificates.c.serial == serial)).first()
             if row is None:
                 raise NotFound(serial)
+            if row.device_id is not None:
+                # Device row first, as every writer locks (the status trigger then updates it): no deadlock with a delete.
+                conn.execute(_DEVICE_FOR_UPDATE, {"device_id": row.device_id}).all()
             # The row count settles two revocations at once on PostgreSQL (the second finds it revoked).
             if row.status == "revoked" or not conn.execute(_REVOKE, {"serial_": serial, "reason": reason, "now": utcnow()}).rowcount:
                 raise AlreadyRevoked(serial)
