@@ -6,13 +6,25 @@ issued, signed by it or by its own delegated responder certificate (issued
 by it, EKU OCSPSigning). A request about any other issuer gets
 ``unauthorized``; anything unparsable gets ``malformedRequest``, never an
 exception; a CA key whose token is away gets ``tryLater``.
+
+Answers are signed ahead and reused, as large CAs do: for each (CertID,
+status as read from the store) the signed bytes are kept in a bounded LRU
+cache and served again until half their validity has passed (so every
+answer has at least half of it left), then signed anew. Every request
+still reads the status from the store (one primary-key lookup), and an
+answer is reused only if that status equals the one it was signed for, so a
+revocation by any process or host on the same database shows in the very
+next answer without invalidation messages. Requests with a nonce, and
+serials the store does not know, are signed fresh each time.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -31,6 +43,16 @@ from .signers import FileSigner, Signer
 Lookup = Callable[[str], Optional[tuple[str, Optional[datetime], Optional[str], Optional[str]]]]
 HASHES = (hashes.SHA1, hashes.SHA256, hashes.SHA384, hashes.SHA512)
 Responder = tuple[x509.Certificate, Optional[Signer]]  # the certificate in answers, and what signs (None: the CA)
+CACHE_ENTRIES = 20_000  # signed answers kept per worker (about 1 KB each): a fleet of 10,000 pumps and room to spare
+
+
+class SignedAnswer(NamedTuple):
+    """A signed OCSP response, the store status it says, its thisUpdate, and when to sign it again."""
+
+    status: tuple
+    der: bytes
+    this_update: datetime
+    renew_at: datetime
 
 
 class OCSPResponder:
@@ -40,11 +62,16 @@ class OCSPResponder:
         lookup: Lookup,
         signers: Optional[dict[str, Responder]] = None,
         validity: timedelta = timedelta(hours=1),
+        cache_entries: int = CACHE_ENTRIES,
     ) -> None:
         """``signers``: delegated responders by the issuer id of the CA that certified each; the other CAs sign themselves."""
         self.authorities = authorities
         self.lookup = lookup
         self.validity = validity
+        self.cache_entries = cache_entries
+        # (hash name, issuer name hash, issuer key hash, serial) -> the answer last signed for it, least recently used first
+        self._answers: OrderedDict[tuple[str, bytes, bytes, int], SignedAnswer] = OrderedDict()
+        self._answers_lock = threading.Lock()
         # (hash name, issuer name hash, issuer key hash) that identify a CA in a request -> (CA, signer)
         self._issuers: dict[tuple[str, bytes, bytes], tuple[CertificateAuthority, Responder]] = {}
         for authority in authorities:
@@ -72,6 +99,12 @@ class OCSPResponder:
         if signer is None:
             signer = authority.signer  # loaded at first use when the CA defers it (the CLI)
         found = self.lookup(format(serial, "x"))
+        nonce = next((e.value for e in extensions if isinstance(e.value, x509.OCSPNonce)), None)
+        cache_key = (*key, serial) if nonce is None and found is not None else None
+        if cache_key is not None:
+            cached = self._cached(cache_key, tuple(found), now)
+            if cached is not None:
+                return cached
         revoked_at = reason = None
         if found is None or self.authorities.issuer_of(found[3]) is not authority:
             status = ocsp.OCSPCertStatus.UNKNOWN
@@ -83,14 +116,36 @@ class OCSPResponder:
         builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
             request.issuer_name_hash, request.issuer_key_hash, serial, algorithm, status, now, now + self.validity, revoked_at, reason
         )
-        for extension in extensions:
-            if isinstance(extension.value, x509.OCSPNonce):
-                builder = builder.add_extension(extension.value, critical=False)
+        if nonce is not None:
+            builder = builder.add_extension(nonce, critical=False)
         digest = None if isinstance(signer.public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)) else hashes.SHA256()
         try:
-            return signer.sign_ocsp(builder, signer_certificate, digest).public_bytes(serialization.Encoding.DER)
+            der = signer.sign_ocsp(builder, signer_certificate, digest).public_bytes(serialization.Encoding.DER)
         except ServiceUnavailable:  # the token is away: relying parties ask again later
             return _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
+        if cache_key is not None:
+            self._keep(cache_key, SignedAnswer(tuple(found), der, now, now + self.validity / 2))
+        return der
+
+    def _cached(self, cache_key: tuple, status: tuple, now: datetime) -> Optional[bytes]:
+        """The answer signed for ``cache_key`` if it says ``status`` and is not due for renewal."""
+        with self._answers_lock:
+            answer = self._answers.get(cache_key)
+            if answer is None or answer.status != status or not answer.this_update <= now < answer.renew_at:
+                return None
+            self._answers.move_to_end(cache_key)
+            return answer.der
+
+    def _keep(self, cache_key: tuple, answer: SignedAnswer) -> None:
+        with self._answers_lock:
+            self._answers[cache_key] = answer
+            self._answers.move_to_end(cache_key)
+            while len(self._answers) > self.cache_entries:
+                self._answers.popitem(last=False)
+
+    def cached_answers(self) -> int:
+        """How many signed answers the cache holds."""
+        return len(self._answers)
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:

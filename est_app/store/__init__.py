@@ -68,6 +68,7 @@ class Store:
         # SQLite: threads of one process queue here for the write lock rather than in SQLite's busy
         # handler, which sleeps 1, 2, 5, 10 ... 100 ms between retries. PostgreSQL locks rows instead.
         self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
+        self._status_query = _StatusQuery(self.engine.dialect)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -326,10 +327,28 @@ class Store:
         return self._one(certificates.select().where(certificates.c.serial == serial), CertificateRecord)
 
     def certificate_status(self, serial: str) -> Optional[tuple[str, Optional[datetime], Optional[str], Optional[str]]]:
-        """(status, revoked_at, reason, issuer) of a certificate, or None when unknown (every OCSP request: built once)."""
-        with self.engine.connect() as conn:
-            row = conn.execute(_STATUS_BY_SERIAL, {"serial": serial}).first()
-        return tuple(row) if row else None
+        """(status, revoked_at, reason, issuer) of a certificate, or None when unknown.
+
+        Every OCSP request asks, so this is one statement on a pooled DBAPI connection without
+        SQLAlchemy's per-execution work (a sixth of the time); its errors are raised as SQLAlchemy's.
+        """
+        query, dbapi_error, connection = self._status_query, self.engine.dialect.loaded_dbapi.Error, None
+        try:
+            connection = self.engine.raw_connection()
+            cursor = connection.cursor()
+            try:
+                cursor.execute(query.sql, query.parameters(serial))
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        except dbapi_error as exc:
+            if connection is not None:
+                connection.invalidate()  # a connection that failed is not handed out again
+            raise sa.exc.DBAPIError.instance(query.sql, (serial,), exc, dbapi_error) from exc
+        finally:
+            if connection is not None:
+                connection.close()  # back to the pool, which ends any transaction the driver began
+        return query.values(row) if row else None
 
     def expiring_certificates(self, before: datetime) -> list[CertificateRecord]:
         query = (
@@ -482,6 +501,23 @@ _REVOKE = (
 _STATUS_BY_SERIAL = sa.select(
     certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason, certificates.c.issuer
 ).where(certificates.c.serial == sa.bindparam("serial"))
+
+
+class _StatusQuery:
+    """_STATUS_BY_SERIAL compiled once for a dialect: its SQL, parameters in the driver's style, and the
+    column conversions SQLAlchemy would apply (SQLite keeps datetimes as text)."""
+
+    def __init__(self, dialect: sa.engine.Dialect) -> None:
+        compiled = _STATUS_BY_SERIAL.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.positional = compiled.positional
+        self.converters = [column.type.dialect_impl(dialect).result_processor(dialect, None) for column in _STATUS_BY_SERIAL.selected_columns]
+
+    def parameters(self, serial: str):
+        return (serial,) if self.positional else {"serial": serial}
+
+    def values(self, row) -> tuple:
+        return tuple(convert(value) if convert else value for convert, value in zip(self.converters, row))
 
 
 def _issued_by(column: sa.Column, issuer: Optional[str], or_unrecorded: bool):
