@@ -1,0 +1,146 @@
+"""Manual approval (issue 9, RFC 7030 4.2.3) through the test client, the CLI and the admin API."""
+
+from __future__ import annotations
+
+import base64
+from datetime import timedelta
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from est_app.state import state
+from est_app.store.schema import enrollment_requests
+
+from .conftest import basic_auth, run_cli
+from .pki import der, ec_key, make_csr
+
+ENROLL = "/.well-known/est/simpleenroll"
+KEYGEN = "/.well-known/est/serverkeygen"
+MANUAL = {"mode": "manual", "retry_after_seconds": 7}
+
+
+def post(client, csr, path: str = ENROLL):
+    return client.post(path, data=base64.b64encode(der(csr)), headers={"Content-Type": "application/pkcs10", **basic_auth()})
+
+
+def certificate_of(response):
+    body = response.get_data()
+    if response.headers.get("Content-Transfer-Encoding") == "base64":
+        body = base64.b64decode(body)
+    (certificate,) = pkcs7.load_der_pkcs7_certificates(body)
+    return certificate
+
+
+def pending(app) -> list:
+    with app.app_context():
+        with state().store.engine.connect() as conn:
+            return conn.execute(enrollment_requests.select().order_by(enrollment_requests.c.id)).all()
+
+
+def test_auto_is_todays_behaviour(make_app):
+    client = make_app().test_client()
+    assert post(client, make_csr("NPPAUTO1")).status_code == 200
+
+
+def test_manual_waits_then_issues_the_stored_csr_once_approved(make_app, make_config):
+    app = make_app(approval=MANUAL)
+    client = app.test_client()
+    csr = make_csr("NPPBBB4", key=ec_key())
+
+    first = post(client, csr)
+    assert first.status_code == 202
+    assert first.headers["Retry-After"] == "7"
+    assert first.content_type.startswith("text/plain")
+    assert "waiting for an operator" in first.get_data(as_text=True)
+    assert "Content-Transfer-Encoding" not in first.headers
+    again = post(client, csr)
+    assert again.status_code == 202
+    (row,) = pending(app)
+    assert (row.status, row.device_key, row.operation, row.requester) == ("pending", "NPPBBB4", "simpleenroll", "user:gateway")
+
+    listed = run_cli("request", "list", config=make_config(approval=MANUAL))
+    assert listed.exit_code == 0 and "NPPBBB4" in listed.output and str(row.id) in listed.output
+    approved = run_cli("request", "approve", str(row.id), config=make_config(approval=MANUAL))
+    assert approved.exit_code == 0, approved.output
+
+    issued = post(client, csr)
+    assert issued.status_code == 200, issued.get_data(as_text=True)
+    certificate = certificate_of(issued)
+    assert certificate.public_key() == csr.public_key()
+    assert pending(app)[0].status == "collected"
+    with app.app_context():
+        events = [e.event for e in state().store.audit_events(device="NPPBBB4")]
+    assert events == ["request", "request-approve", "enroll", "request-collect"]
+
+
+def test_rejected_requests_get_the_operators_reason(make_app, make_config):
+    app = make_app(approval=MANUAL)
+    client = app.test_client()
+    csr = make_csr("NPPREJ1")
+    assert post(client, csr).status_code == 202
+    (row,) = pending(app)
+    refused_without_reason = run_cli("request", "reject", str(row.id), config=make_config(approval=MANUAL))
+    assert refused_without_reason.exit_code != 0
+    rejected = run_cli("request", "reject", str(row.id), "--reason", "not in the asset list", config=make_config(approval=MANUAL))
+    assert rejected.exit_code == 0, rejected.output
+    answer = post(client, csr)
+    assert answer.status_code == 403
+    assert "not in the asset list" in answer.get_data(as_text=True)
+    assert post(client, csr).status_code == 403  # the same CSR stays refused
+
+
+def test_another_csr_replaces_the_pending_request(make_app):
+    app = make_app(approval=MANUAL)
+    client = app.test_client()
+    assert post(client, make_csr("NPPREP1")).status_code == 202
+    second = make_csr("NPPREP1", key=ec_key())
+    assert post(client, second).status_code == 202
+    (row,) = pending(app)  # replaced, not added
+    assert row.csr == der(second)
+    with app.app_context():
+        assert "request-replace" in [e.event for e in state().store.audit_events(device="NPPREP1")]
+
+
+def test_a_request_past_pending_hours_is_refused_as_expired(make_app):
+    app = make_app(approval={"mode": "manual", "pending_hours": 1})
+    client = app.test_client()
+    csr = make_csr("NPPOLD1")
+    assert post(client, csr).status_code == 202
+    with app.app_context():
+        with state().store.engine.begin() as conn:
+            conn.execute(enrollment_requests.update().values(created_at=enrollment_requests.c.created_at - timedelta(hours=2)))
+    answer = post(client, csr)
+    assert answer.status_code == 403
+    assert "expired after 1 hours" in answer.get_data(as_text=True)
+    assert pending(app)[0].status == "expired"
+    assert post(client, csr).status_code == 202  # the next try files a new request
+    assert [r.status for r in pending(app)] == ["expired", "pending"]
+
+
+def test_inventory_devices_issue_at_once_others_wait(make_app, make_config, tmp_path):
+    settings = {"approval": {"mode": "auto"}, "labels": {"pumps": {"approval": {"mode": "inventory"}}}}
+    app = make_app(**settings)
+    client = app.test_client()
+    listing = tmp_path / "inventory.csv"
+    listing.write_text("asset,serial\n1,NPPINV1\n2,NPPINV2\n")
+    added = run_cli("device", "allow", "--label", "pumps", "--file", str(listing), "--column", "serial", config=make_config(**settings))
+    assert added.exit_code == 0, added.output
+    assert post(client, make_csr("NPPINV1"), "/.well-known/est/pumps/simpleenroll").status_code == 200
+    assert post(client, make_csr("NPPOTHER"), "/.well-known/est/pumps/simpleenroll").status_code == 202
+    assert post(client, make_csr("NPPOTHER2")).status_code == 200  # the unlabelled path is auto
+
+
+def test_serverkeygen_makes_the_key_only_when_collected(make_app, make_config):
+    app = make_app(approval=MANUAL)
+    client = app.test_client()
+    csr = make_csr("NPPKEY1", key=ec_key())
+    assert post(client, csr, KEYGEN).status_code == 202
+    (row,) = pending(app)
+    assert row.operation == "serverkeygen"
+    assert run_cli("request", "approve", str(row.id), config=make_config(approval=MANUAL)).exit_code == 0
+    answer = post(client, csr, KEYGEN)
+    assert answer.status_code == 200
+    assert answer.content_type.startswith("multipart/mixed")
+    with app.app_context():
+        with state().store.engine.connect() as conn:
+            assert b"PRIVATE" not in conn.execute(sa.select(enrollment_requests.c.csr)).scalar_one()
