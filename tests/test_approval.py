@@ -6,6 +6,7 @@ import base64
 from datetime import timedelta
 
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from est_app.state import state
@@ -17,6 +18,10 @@ from .pki import der, ec_key, make_csr
 ENROLL = "/.well-known/est/simpleenroll"
 KEYGEN = "/.well-known/est/serverkeygen"
 MANUAL = {"mode": "manual", "retry_after_seconds": 7}
+
+
+def fresh_key():
+    return ec_key(ec.SECP256R1())
 
 
 def post(client, csr, path: str = ENROLL):
@@ -45,7 +50,7 @@ def test_auto_is_todays_behaviour(make_app):
 def test_manual_waits_then_issues_the_stored_csr_once_approved(make_app, make_config):
     app = make_app(approval=MANUAL)
     client = app.test_client()
-    csr = make_csr("NPPBBB4", key=ec_key())
+    csr = make_csr("NPPBBB4", key=fresh_key())
 
     first = post(client, csr)
     assert first.status_code == 202
@@ -93,10 +98,14 @@ def test_another_csr_replaces_the_pending_request(make_app):
     app = make_app(approval=MANUAL)
     client = app.test_client()
     assert post(client, make_csr("NPPREP1")).status_code == 202
-    second = make_csr("NPPREP1", key=ec_key())
+    second_key = fresh_key()
+    second = make_csr("NPPREP1", key=second_key)
     assert post(client, second).status_code == 202
     (row,) = pending(app)  # replaced, not added
     assert row.csr == der(second)
+    resigned = make_csr("NPPREP1", key=second_key)  # the same key and subject signed again: the same request
+    assert post(client, resigned).status_code == 202
+    assert pending(app)[0].csr == der(second)
     with app.app_context():
         assert "request-replace" in [e.event for e in state().store.audit_events(device="NPPREP1")]
 
@@ -108,7 +117,8 @@ def test_a_request_past_pending_hours_is_refused_as_expired(make_app):
     assert post(client, csr).status_code == 202
     with app.app_context():
         with state().store.engine.begin() as conn:
-            conn.execute(enrollment_requests.update().values(created_at=enrollment_requests.c.created_at - timedelta(hours=2)))
+            created_at = conn.execute(sa.select(enrollment_requests.c.created_at)).scalar_one()
+            conn.execute(enrollment_requests.update().values(created_at=created_at - timedelta(hours=2)))
     answer = post(client, csr)
     assert answer.status_code == 403
     assert "expired after 1 hours" in answer.get_data(as_text=True)
@@ -133,7 +143,7 @@ def test_inventory_devices_issue_at_once_others_wait(make_app, make_config, tmp_
 def test_serverkeygen_makes_the_key_only_when_collected(make_app, make_config):
     app = make_app(approval=MANUAL)
     client = app.test_client()
-    csr = make_csr("NPPKEY1", key=ec_key())
+    csr = make_csr("NPPKEY1", key=fresh_key())
     assert post(client, csr, KEYGEN).status_code == 202
     (row,) = pending(app)
     assert row.operation == "serverkeygen"
