@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .ca import check_policy, load_csr
-from .config import ApprovalSettings
+from .config import DEFAULT_LABEL, ApprovalSettings, Settings
 from .enrollment import Requester, device_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .profiles import EnrollmentProfile
@@ -172,6 +172,13 @@ class ApprovalService:
             event=event, actor=requester.name, client_address=requester.client_address, label=request.label,
             device=request.device_key, detail=detail,
         )
+
+
+def inventory_label(settings: Settings, label: object) -> str:
+    """``label`` if the configuration has it (or it is the unlabelled path's name): an inventory is per label."""
+    if label != DEFAULT_LABEL and label not in settings.labels:
+        raise BadRequest(f"no label {label!r} in the configuration")
+    return str(label)
 
 
 def public_key_hash(csr: x509.CertificateSigningRequest) -> str:

@@ -14,6 +14,7 @@ from est_app.store.schema import enrollment_requests
 
 from .conftest import basic_auth, run_cli
 from .pki import der, ec_key, make_csr
+from .test_admin_api import ADMIN, ADMIN_PASSWORD, add_admin
 
 ENROLL = "/.well-known/est/simpleenroll"
 KEYGEN = "/.well-known/est/serverkeygen"
@@ -154,3 +155,42 @@ def test_serverkeygen_makes_the_key_only_when_collected(make_app, make_config):
     with app.app_context():
         with state().store.engine.connect() as conn:
             assert b"PRIVATE" not in conn.execute(sa.select(enrollment_requests.c.csr)).scalar_one()
+
+
+def test_the_admin_api_lists_shows_decides_and_edits_the_inventory(make_app, make_config):
+    app = make_app(approval=MANUAL)
+    config = make_config(approval=MANUAL)
+    add_admin(config)
+    client = app.test_client()
+    admin = basic_auth(ADMIN, ADMIN_PASSWORD)
+    as_json = {**admin, "Content-Type": "application/json"}
+    hostile = make_csr("<script>alert(1)</script>", key=fresh_key())
+    assert post(client, hostile).status_code == 202
+    assert post(client, make_csr("NPPAPI2", key=fresh_key())).status_code == 202
+
+    listed = client.get("/api/v1/requests", headers=admin).get_json()["items"]
+    assert [r["device"] for r in listed] == ["<script>alert(1)</script>", "NPPAPI2"]
+    assert client.get("/api/v1/requests", headers={**basic_auth()}).status_code in (401, 403)  # not an admin
+    shown = client.get(f"/api/v1/requests/{listed[1]['id']}", headers=admin).get_json()
+    assert shown["csr_pem"].startswith("-----BEGIN CERTIFICATE REQUEST-----") and shown["public_key"] == "ec-p256"
+    assert client.get("/api/v1/requests/999", headers=admin).status_code == 404
+
+    no_reason = client.post(f"/api/v1/requests/{listed[0]['id']}/reject", headers=as_json, data="{}")
+    assert no_reason.status_code == 400 and "reason" in no_reason.get_json()["error"]
+    rejected = client.post(f"/api/v1/requests/{listed[0]['id']}/reject", headers=as_json, data='{"reason": "unknown device"}')
+    assert rejected.status_code == 200 and rejected.get_json()["decided_by"] == f"admin:{ADMIN}"
+    approved = client.post(f"/api/v1/requests/{listed[1]['id']}/approve", headers=as_json, data="{}")
+    assert approved.get_json()["status"] == "approved"
+    again = client.post(f"/api/v1/requests/{listed[1]['id']}/approve", headers=as_json, data="{}")
+    assert again.status_code == 409
+    with app.app_context():
+        decisions = [(e.event, e.actor) for e in state().store.audit_events() if e.event.startswith("request-")]
+    assert decisions == [("request-reject", f"admin:{ADMIN}"), ("request-approve", f"admin:{ADMIN}")]
+
+    added = client.post("/api/v1/inventory", headers=as_json, data='{"devices": ["NPPINV9", "NPPINV9", "NPPINV8"]}')
+    assert added.get_json() == {"label": "default", "added": 2, "listed_already": 0}
+    assert client.post("/api/v1/inventory", headers=as_json, data='{"label": "nosuch", "devices": ["X"]}').status_code == 400
+    items = client.get("/api/v1/inventory", headers=admin).get_json()["items"]
+    assert [i["device"] for i in items] == ["NPPINV8", "NPPINV9"]
+    assert client.delete("/api/v1/inventory/default/NPPINV8", headers=admin).status_code == 204
+    assert client.delete("/api/v1/inventory/default/NPPINV8", headers=admin).status_code == 404

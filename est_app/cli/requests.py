@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..approval import inventory_label
 from ..audit import cli_actor
 from ..config import DEFAULT_LABEL
 from ..errors import ESTError
@@ -85,8 +86,7 @@ def device_allow(names: tuple[str, ...], label: str, listing: Path | None, colum
     keys = list(names) + (_read_listing(listing, column) if listing else [])
     if not keys:
         raise click.UsageError("name at least one device, or give --file")
-    if label != DEFAULT_LABEL and label not in state().settings.labels:
-        raise click.ClickException(f"no label {label!r} in the configuration")
+    _call(lambda: inventory_label(state().settings, label))
     actor = cli_actor()
     audit = AuditEvent(event="inventory-add", actor=actor, label=label, detail=f"{len(keys)} device id(s)" + (f" from {listing.name}" if listing else ""))
     added = add_to_inventory(state().store, label, keys, actor, audit)
