@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -15,6 +16,8 @@ from est_app.store.schema import enrollment_requests
 from .conftest import basic_auth, run_cli
 from .pki import der, ec_key, make_csr
 from .test_admin_api import ADMIN, ADMIN_PASSWORD, add_admin
+from .test_dashboard import ADMIN as ADMIN_NAME
+from .test_dashboard import XSS, Browser, field, make_dashboard  # noqa: F401  (make_dashboard: a fixture)
 
 ENROLL = "/.well-known/est/simpleenroll"
 KEYGEN = "/.well-known/est/serverkeygen"
@@ -194,3 +197,47 @@ def test_the_admin_api_lists_shows_decides_and_edits_the_inventory(make_app, mak
     assert [i["device"] for i in items] == ["NPPINV8", "NPPINV9"]
     assert client.delete("/api/v1/inventory/default/NPPINV8", headers=admin).status_code == 204
     assert client.delete("/api/v1/inventory/default/NPPINV8", headers=admin).status_code == 404
+
+
+def test_the_dashboard_page_shows_escaped_requests_and_decides_with_csrf(make_dashboard):
+    app = make_dashboard(approval=MANUAL)
+    client = app.test_client()
+    assert post(client, make_csr(XSS, key=fresh_key())).status_code == 202
+    assert post(client, make_csr("NPPDASH2", key=fresh_key())).status_code == 202
+    hostile, plain = pending(app)
+    admin = Browser(app)
+    assert admin.login().status_code == 302
+
+    page = admin.get("/admin/requests")
+    assert page.status_code == 200
+    body = page.get_data(as_text=True)
+    assert XSS not in body and html.escape(XSS) in body  # the CN a device chose is shown, never run
+    assert "BEGIN CERTIFICATE REQUEST" in body and "ec-p256" in body
+    token = field(page, "csrf")
+
+    forged = admin.post(f"/admin/requests/{plain.id}/approve", {"csrf": "forged"})
+    assert forged.status_code == 400
+    assert pending(app)[1].status == "pending"
+    approved = admin.post(f"/admin/requests/{plain.id}/approve", {"csrf": token})
+    assert approved.status_code == 302
+    no_reason = admin.post(f"/admin/requests/{hostile.id}/reject", {"csrf": token, "reason": " "})
+    assert no_reason.status_code == 400
+    assert admin.post(f"/admin/requests/{hostile.id}/reject", {"csrf": token, "reason": "unknown pump"}).status_code == 302
+    assert [r.status for r in pending(app)] == ["rejected", "approved"]
+    assert [r.decided_by for r in pending(app)] == [f"admin:{ADMIN_NAME}"] * 2
+    again = admin.post(f"/admin/requests/{plain.id}/approve", {"csrf": token})
+    assert again.status_code == 409
+
+    assert admin.post("/admin/inventory", {"csrf": token, "label": "default", "devices": "NPPINV1\nNPPINV2\n"}).status_code == 302
+    assert admin.post("/admin/inventory", {"csrf": "forged", "label": "default", "devices": "NPPEVIL"}).status_code == 400
+    listed = admin.get("/admin/requests").get_data(as_text=True)
+    assert "NPPINV1" in listed and "NPPINV2" in listed and "NPPEVIL" not in listed
+    assert admin.post("/admin/inventory/remove", {"csrf": token, "label": "default", "device": "NPPINV1"}).status_code == 302
+    remaining = admin.get("/admin/requests").get_data(as_text=True)
+    assert 'name="device" value="NPPINV1"' not in remaining and 'name="device" value="NPPINV2"' in remaining
+    with app.app_context():
+        events = [(e.event, e.actor) for e in state().store.audit_events() if e.event.startswith(("request-", "inventory-"))]
+    assert events == [
+        ("request-approve", f"admin:{ADMIN_NAME}"), ("request-reject", f"admin:{ADMIN_NAME}"),
+        ("inventory-add", f"admin:{ADMIN_NAME}"), ("inventory-remove", f"admin:{ADMIN_NAME}"),
+    ]
