@@ -6,6 +6,7 @@ import base64
 import html
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
@@ -14,7 +15,7 @@ from est_app.state import state
 from est_app.store.schema import enrollment_requests
 
 from .conftest import basic_auth, run_cli
-from .pki import der, ec_key, make_csr
+from .pki import der, ec_key, make_csr, pem
 from .test_admin_api import ADMIN, ADMIN_PASSWORD, add_admin
 from .test_dashboard import ADMIN as ADMIN_NAME
 from .test_dashboard import XSS, Browser, field, make_dashboard  # noqa: F401  (make_dashboard: a fixture)
@@ -51,6 +52,7 @@ def test_auto_is_todays_behaviour(make_app):
     assert post(client, make_csr("NPPAUTO1")).status_code == 200
 
 
+@pytest.mark.both_databases
 def test_manual_waits_then_issues_the_stored_csr_once_approved(make_app, make_config):
     app = make_app(approval=MANUAL)
     client = app.test_client()
@@ -241,3 +243,36 @@ def test_the_dashboard_page_shows_escaped_requests_and_decides_with_csrf(make_da
         ("request-approve", f"admin:{ADMIN_NAME}"), ("request-reject", f"admin:{ADMIN_NAME}"),
         ("inventory-add", f"admin:{ADMIN_NAME}"), ("inventory-remove", f"admin:{ADMIN_NAME}"),
     ]
+
+
+def approve_all(app) -> None:
+    with app.app_context():
+        for row in pending(app):
+            if row.status == "pending":
+                state().approval.decide(row.id, True, "admin:test")
+
+
+@pytest.mark.parametrize("reenrollment_waits", [False, True])
+def test_simplereenroll_waits_only_where_the_label_says(make_app, reenrollment_waits):
+    app = make_app(approval={**MANUAL, "simplereenroll": reenrollment_waits})
+    client = app.test_client()
+    key = fresh_key()
+    csr = make_csr("NPPRENEW", key=key)
+    assert post(client, csr).status_code == 202
+    approve_all(app)
+    old = certificate_of(post(client, csr))
+
+    def reenroll():
+        return client.post(
+            "/.well-known/est/simplereenroll", data=der(make_csr("NPPRENEW", key=key)),
+            headers={"Content-Type": "application/pkcs10"}, environ_base={"SSL_CLIENT_CERT": pem(old).decode()},
+        )
+
+    if reenrollment_waits:
+        assert reenroll().status_code == 202
+        assert pending(app)[-1].operation == "simplereenroll"
+        approve_all(app)
+    renewed = reenroll()
+    assert renewed.status_code == 200, renewed.get_data(as_text=True)
+    assert certificate_of(renewed).serial_number != old.serial_number
+    assert len(pending(app)) == (2 if reenrollment_waits else 1)
