@@ -71,6 +71,9 @@ def test_manual_waits_then_issues_the_stored_csr_once_approved(make_app, make_co
 
     listed = run_cli("request", "list", config=make_config(approval=MANUAL))
     assert listed.exit_code == 0 and "NPPBBB4" in listed.output and str(row.id) in listed.output
+    shown = run_cli("request", "show", str(row.id), config=make_config(approval=MANUAL))
+    assert shown.exit_code == 0 and "public_key: ec-p256" in shown.output and "BEGIN CERTIFICATE REQUEST" in shown.output
+    assert run_cli("request", "show", "999", config=make_config(approval=MANUAL)).exit_code == 1
     approved = run_cli("request", "approve", str(row.id), config=make_config(approval=MANUAL))
     assert approved.exit_code == 0, approved.output
 
