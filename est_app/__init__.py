@@ -26,6 +26,7 @@ from .auth import ClientCertificateVerifier, VerifiedCredentials
 from .ca import load_authorities
 from .ca.ocsp import OCSPResponder, load_signer
 from .config import ConfigError, Settings, load_config
+from .approval import ApprovalService
 from .enrollment import EnrollmentService
 from .profiles import build_profiles
 from .proxy import TrustedProxies
@@ -87,6 +88,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         ocsp=OCSPResponder(authorities, store.certificate_status, signers),
         proxies=proxies,
         enrollment=EnrollmentService(store, authorities, profiles, issued=metrics.certificate_issued),
+        approval=ApprovalService(store, settings.approval),
     )
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)

@@ -46,6 +46,7 @@ ResponseFormat = Literal["base64", "der"]
 AuthMethod = Literal["basic", "cert"]
 DeviceId = Literal["cn", "serialNumber", "san"]
 DuplicatePolicy = Literal["reject", "renew"]
+ApprovalMode = Literal["auto", "manual", "inventory"]
 KeygenKeyType = Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"]
 OID_PATTERN = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 SanType = Literal["dns", "email", "ip", "uri"]
@@ -205,6 +206,27 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class ApprovalSettings:
+    """Manual approval (RFC 7030 4.2.3): who issues at once, and how long a request waits for an operator."""
+
+    mode: ApprovalMode = "auto"  # auto: issue at once; manual: every new enrollment waits; inventory: listed devices issue at once
+    retry_after_seconds: int = 60
+    pending_hours: int = 72
+    simplereenroll: bool = False  # re-enrollments wait too
+
+    def __post_init__(self) -> None:
+        _positive(self, "retry_after_seconds", "pending_hours")
+
+
+@dataclass(frozen=True)
+class LabelApprovalSettings:
+    """A label's approval overrides; ``None`` inherits the top-level ``approval``."""
+
+    mode: Optional[ApprovalMode] = None
+    simplereenroll: Optional[bool] = None
+
+
+@dataclass(frozen=True)
 class LabelSettings:
     """Overrides for one enrollment label; ``None`` inherits the deployment's value."""
 
@@ -226,6 +248,7 @@ class LabelSettings:
     san_types: Optional[tuple[SanType, ...]] = None
     san_dns_suffixes: Optional[tuple[str, ...]] = None
     max_san_count: Optional[int] = None
+    approval: Optional[LabelApprovalSettings] = None
 
     def __post_init__(self) -> None:
         _check_profile(self)
@@ -268,6 +291,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    approval: ApprovalSettings = field(default_factory=ApprovalSettings)
     max_body_bytes: int = 65536
     # How long a successful password check is remembered (0: re-check every request).
     auth_cache_seconds: int = 300

@@ -77,6 +77,17 @@ class ESTResponse(Response):
         self.parts = parts
 
 
+def waiting_for_approval(message: str, retry_after: int) -> Response:
+    """RFC 7030 4.2.3: 202 Accepted, ``Retry-After`` in seconds, one ``text/plain`` line saying what it waits for.
+
+    Not an :class:`ESTResponse`: no EST payload, so neither strategy adds or keeps
+    ``Content-Transfer-Encoding``; the body is the same text in both formats.
+    """
+    response = Response(message + "\n", status=202, content_type="text/plain; charset=utf-8")
+    response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
 class ResponseEncoding(Protocol):
     name: str
 

@@ -31,6 +31,8 @@ class EnrollmentProfile:
     duplicate_policy: Optional[str]  # None: the operation's default
     require_pop: bool
     serverkeygen_key_types: tuple[str, ...]
+    approval: str = "auto"  # auto | manual | inventory
+    approve_reenrollment: bool = False  # simplereenroll waits for approval too
 
     @property
     def name(self) -> str:
@@ -84,4 +86,10 @@ def _resolve(name: Optional[str], label: LabelSettings, settings: Settings, patt
         duplicate_policy=pick("duplicate_policy"),
         require_pop=pick("require_pop"),
         serverkeygen_key_types=pick("serverkeygen_key_types"),
+        approval=label.approval.mode if label.approval and label.approval.mode else settings.approval.mode,
+        approve_reenrollment=_pick_bool(label.approval.simplereenroll if label.approval else None, settings.approval.simplereenroll),
     )
+
+
+def _pick_bool(value: Optional[bool], default: bool) -> bool:
+    return default if value is None else value

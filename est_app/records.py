@@ -1,4 +1,4 @@
-"""The JSON shape of the store's records: devices, certificates and audit events.
+"""The JSON shape of the store's records: devices, certificates, audit events, enrollment requests, inventory.
 
 One shape for the admin API's answers and the CLI's ``--json`` lists, so a
 script reads the same fields from either. Times are ISO 8601 in UTC with a Z.
@@ -13,7 +13,9 @@ from typing import Optional
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from .ca.keygen import key_type_of
 from .store import AuditEvent, CertificateRecord, Device
+from .store.requests import EnrollmentRequest, InventoryEntry
 
 
 def iso(value: Optional[datetime]) -> Optional[str]:
@@ -66,3 +68,27 @@ def event_json(e: AuditEvent) -> dict:
     record = {**asdict(e), "at": iso(e.at), "device_name": e.device}
     del record["device"]
     return record
+
+
+def request_json(r: EnrollmentRequest, with_csr: bool = False) -> dict:
+    """An enrollment request waiting for (or given) an operator's decision; ``with_csr``: its details and PEM."""
+    record = {
+        "id": r.id, "label": r.label, "device": r.device_key, "operation": r.operation, "status": r.status,
+        "subject": r.subject, "public_key_sha256": r.public_key_hash, "requester": r.requester, "client_address": r.client_address,
+        "created_at": iso(r.created_at), "decided_by": r.decided_by or None, "decided_at": iso(r.decided_at), "reason": r.reason or None,
+    }
+    if with_csr:
+        csr = x509.load_der_x509_csr(r.csr)
+        try:
+            names = [str(name.value) for name in csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
+        except (x509.ExtensionNotFound, ValueError):
+            names = []
+        record.update(
+            public_key=key_type_of(csr.public_key()) or type(csr.public_key()).__name__, subject_alt_names=names,
+            csr_pem=csr.public_bytes(Encoding.PEM).decode(),
+        )
+    return record
+
+
+def inventory_json(e: InventoryEntry) -> dict:
+    return {"label": e.label, "device": e.device_key, "added_by": e.added_by, "added_at": iso(e.added_at)}

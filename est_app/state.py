@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 from flask import current_app
 
+from .approval import ApprovalService
 from .ca import Authorities, CertificateAuthority
 from .ca.ocsp import OCSPResponder
 from .config import Settings
@@ -32,6 +33,7 @@ class AppState:
     ocsp: OCSPResponder
     proxies: TrustedProxies
     enrollment: EnrollmentService
+    approval: ApprovalService
 
     @property
     def authority(self) -> CertificateAuthority:

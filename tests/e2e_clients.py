@@ -90,3 +90,35 @@ def openssl_verify(cert: x509.Certificate, ca_file: Path) -> bytes:
 def response_format(server) -> str:
     """The ``response_format`` a running server (tests.server.RunningServer) was started with."""
     return yaml.safe_load(server.config.read_text())["response_format"]
+
+
+def enroll_with_retries(
+    server, path: str, csr: bytes, credentials: tuple[str, str], deadline_seconds: float, on_wait=lambda reply: None
+) -> tuple[Reply, list[Reply]]:
+    """A gateway's retry loop as libest's client runs it: POST the same CSR; on 202, wait ``Retry-After``
+    seconds and send it again, until another answer or the deadline. Returns that answer and every 202 before it."""
+    import base64
+    import http.client
+    import ssl
+    import time
+
+    context = ssl.create_default_context(cafile=str(server.ca_file))
+    token = base64.b64encode(":".join(credentials).encode()).decode()
+    headers = {"Content-Type": "application/pkcs10", "Authorization": f"Basic {token}"}
+    waits: list[Reply] = []
+    give_up = time.monotonic() + deadline_seconds
+    while True:
+        connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=30)
+        try:
+            connection.request("POST", f"/.well-known/est/{path}", body=base64.b64encode(csr), headers=headers)
+            response = connection.getresponse()
+            reply = Reply(response.status, dict(response.getheaders()), response.read())
+        finally:
+            connection.close()
+        if reply.status != 202:
+            return reply, waits
+        waits.append(reply)
+        on_wait(reply)
+        delay = int(reply.headers["Retry-After"])
+        assert time.monotonic() + delay < give_up, f"still waiting for approval after {deadline_seconds} s: {reply.body!r}"
+        time.sleep(delay)

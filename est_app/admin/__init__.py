@@ -37,7 +37,7 @@ def init_admin(app: Flask, settings: Settings, store: Store) -> None:
     app.before_request(check_network)  # /metrics too, whether or not the API and dashboard are on
     if not settings.admin.enabled:
         return
-    from . import api, dashboard
+    from . import api, dashboard, requests  # noqa: F401  (requests adds its routes to api.bp)
     from .sessions import StoreSessionInterface
 
     app.session_interface = StoreSessionInterface(

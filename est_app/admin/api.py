@@ -253,8 +253,8 @@ def _device(reference: str, params: Optional[dict[str, str]] = None) -> Device:
         raise BadRequest(f"{exc}: add ?label= ({', '.join(exc.labels)}) or use the device number") from None
 
 
-def _reason(default: str) -> str:
-    """The revocation reason from a JSON object body (``{}`` or an empty body take the default)."""
+def json_object(fields: tuple[str, ...], example: str) -> dict[str, Any]:
+    """A changing request's JSON object body, holding only ``fields`` (an empty body is ``{}``)."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, not {request.mimetype or 'missing'}")
     data = request.get_data()
@@ -266,10 +266,16 @@ def _reason(default: str) -> str:
     else:
         body = {}
     if not isinstance(body, dict):
-        raise BadRequest('request body must be a JSON object such as {"reason": "keyCompromise"}')
-    unknown = sorted(set(body) - {"reason"})
+        raise BadRequest(f"request body must be a JSON object such as {example}")
+    unknown = sorted(set(body) - set(fields))
     if unknown:
-        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; the only field is reason")
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; this route takes: {', '.join(fields)}")
+    return body
+
+
+def _reason(default: str) -> str:
+    """The revocation reason from a JSON object body (``{}`` or an empty body take the default)."""
+    body = json_object(("reason",), '{"reason": "keyCompromise"}')
     reason = body.get("reason", default)
     if reason not in REASONS:
         raise BadRequest(f"reason must be one of {', '.join(REASONS)}, not {json.dumps(reason)}")

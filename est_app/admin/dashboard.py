@@ -24,14 +24,17 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, abort, flash, g, make_response, redirect, render_template, request, session, url_for
 from werkzeug.http import HTTP_STATUS_CODES
 
+from ..approval import inventory_label
 from ..ca.crl import REASONS
 from .. import revocation
+from ..records import request_json
 from ..errors import TooManyRequests, describe
 from ..revocation import revoke
 from ..state import state
 from ..store import MAX_USER_NAME, AlreadyRevoked, AuditEvent, CertificateRecord, Device
 from ..store import NotFound as UnknownCertificate
 from ..store import utcnow
+from ..store.requests import add_to_inventory, list_inventory, list_requests, remove_from_inventory
 from ..store.reports import MAX_ID, AmbiguousDevice, DeviceNotFound, Reports
 from . import check_admin_password, refuse_login
 from .sessions import signed_in_admin
@@ -429,6 +432,55 @@ def delete_device(device: str):
     )
     flash(f"Device {d.device_key} (number {d.id}) is deleted; it may enroll again. {certificate}", "success")
     return redirect(url_for(".devices"))
+
+
+# --- enrollment requests waiting for approval, and the asset inventory ---
+
+
+@bp.get("/requests")
+def requests_page():
+    store = state().store
+    waiting = [request_json(r, with_csr=True) for r in list_requests(store, "pending")]
+    labels = sorted(p.name for p in state().profiles.values())
+    return render_template(
+        "admin/requests.html", section="requests", requests=waiting, inventory=list_inventory(store), labels=labels,
+        pending_hours=state().settings.approval.pending_hours,
+    )
+
+
+@bp.post("/requests/<int:request_id>/<any(approve, reject):decision>")
+def decide_request(request_id: int, decision: str):
+    _require_csrf()
+    approve = decision == "approve"
+    decided = state().approval.decide(request_id, approve, f"admin:{g.admin.name}", request.form.get("reason", ""), request.remote_addr or "")
+    outcome = "approved: it is issued when the device sends its CSR again" if approve else "rejected"
+    flash(f"Request {decided.id} for {decided.device_key} on label {decided.label} is {outcome}.", "success")
+    return redirect(url_for(".requests_page"))
+
+
+@bp.post("/inventory")
+def inventory_add():
+    _require_csrf()
+    label = inventory_label(state().settings, request.form.get("label", ""))
+    keys = [line.strip() for line in request.form.get("devices", "").splitlines() if line.strip()]
+    if not keys:
+        abort(400, "List at least one device id, one a line.")
+    actor = f"admin:{g.admin.name}"
+    audit = AuditEvent(event="inventory-add", actor=actor, client_address=request.remote_addr or "", label=label, detail=f"{len(keys)} device id(s)")
+    added = add_to_inventory(state().store, label, keys, actor, audit)
+    flash(f"{added} device(s) added to the inventory of label {label}; {len(set(keys)) - added} were listed already.", "success")
+    return redirect(url_for(".requests_page"))
+
+
+@bp.post("/inventory/remove")
+def inventory_remove():
+    _require_csrf()
+    label, device_key = request.form.get("label", ""), request.form.get("device", "")
+    audit = AuditEvent(event="inventory-remove", actor=f"admin:{g.admin.name}", client_address=request.remote_addr or "", label=label, device=device_key)
+    if not remove_from_inventory(state().store, label, device_key, audit):
+        abort(404, "That device is not in the inventory (it may have been removed already).")
+    flash(f"{device_key} is removed from the inventory of label {label}.", "success")
+    return redirect(url_for(".requests_page"))
 
 
 # --- template filters ---

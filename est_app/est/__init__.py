@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g, request
 
+from ..approval import AwaitingApproval
 from ..audit import EVENTS, record_refusal
+from ..encoding import waiting_for_approval
 from ..errors import ESTError, NotFound, text_error
 from ..state import state
 from . import bootstrap, cacerts, csrattrs, fullcmc, serverkeygen, simpleenroll, simplereenroll
@@ -41,6 +43,11 @@ def _refused(exc: ESTError) -> Response:
             label=profile.name if profile else "",
         )
     return text_error(exc)
+
+
+@bp.errorhandler(AwaitingApproval)
+def _waiting(waiting: AwaitingApproval) -> Response:
+    return waiting_for_approval(waiting.message, waiting.retry_after)
 
 
 @bp.after_request

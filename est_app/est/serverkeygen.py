@@ -25,7 +25,11 @@ def serverkeygen() -> ESTResponse:
     csr = read_csr()
     check_proof_of_possession(csr, g.identity, g.profile)
     enrollment = state().enrollment
-    private_key, certificate = enrollment.serverkeygen(csr, g.profile, requester(g.identity))
+    asking = requester(g.identity)
+    # With approval, the key is made only when the approved request is collected (and never stored).
+    private_key, certificate = state().approval.admit(
+        csr, g.profile, asking, "serverkeygen", lambda approved: enrollment.serverkeygen(approved, g.profile, asking)
+    )
     pkcs8 = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     response = ESTResponse([(PKCS8, pkcs8), (CERTS_ONLY, enrollment.certs_only(certificate, g.profile))])
     response.headers["Cache-Control"] = "no-store"

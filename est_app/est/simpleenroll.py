@@ -16,5 +16,8 @@ bp = Blueprint("simpleenroll", __name__)
 def simpleenroll() -> ESTResponse:
     csr = read_csr()
     check_proof_of_possession(csr, g.identity, g.profile)
-    certificate = state().enrollment.enroll(csr, g.profile, requester(g.identity))
+    asking = requester(g.identity)
+    certificate = state().approval.admit(
+        csr, g.profile, asking, "simpleenroll", lambda approved: state().enrollment.enroll(approved, g.profile, asking)
+    )
     return certs_only_response(certificate, g.profile)

@@ -28,5 +28,8 @@ def simplereenroll() -> ESTResponse:
     profile = enrollment.reenrollment_profile(identity.certificate)
     csr = read_csr()
     check_proof_of_possession(csr, identity, profile)
-    certificate = enrollment.reenroll(csr, identity.certificate, requester(identity))
+    asking = requester(identity)
+    certificate = state().approval.admit(
+        csr, profile, asking, "simplereenroll", lambda approved: enrollment.reenroll(approved, identity.certificate, asking)
+    )
     return certs_only_response(certificate, profile)

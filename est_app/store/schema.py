@@ -126,3 +126,39 @@ auth_failures = sa.Table(
     sa.Column("last_failure", sa.DateTime, nullable=False, index=True),
     sa.Column("blocked_until", sa.DateTime, nullable=False),
 )
+
+# Enrollments waiting for an operator (approval: manual | inventory), revision 0003. The CSR is kept
+# as DER to issue from once approved; a serverkeygen key is made only when the device collects.
+enrollment_requests = sa.Table(
+    "enrollment_requests",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("label", sa.String(64), nullable=False),
+    sa.Column("device_key", sa.String(256), nullable=False),
+    sa.Column("csr", sa.LargeBinary, nullable=False),
+    sa.Column("public_key_hash", sa.String(64), nullable=False),  # SHA-256 of the SubjectPublicKeyInfo, hex
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("operation", sa.String(32), nullable=False),  # simpleenroll | simplereenroll | serverkeygen
+    sa.Column("requester", sa.String(256), nullable=False),
+    sa.Column("client_address", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | approved | rejected | collected | expired
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("decided_by", sa.String(256), nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("decided_at", sa.DateTime),
+    sa.Index("ix_enrollment_requests_label_device_key", "label", "device_key", "id"),
+    sa.Index("ix_enrollment_requests_status_id", "status", "id"),
+    sqlite_autoincrement=True,
+)
+
+# The asset inventory: devices a label with ``approval: inventory`` issues to without waiting.
+inventory = sa.Table(
+    "inventory",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("label", sa.String(64), nullable=False),
+    sa.Column("device_key", sa.String(256), nullable=False),
+    sa.Column("added_by", sa.String(256), nullable=False),
+    sa.Column("added_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("label", "device_key", name="uq_inventory_label_key"),
+)
