@@ -33,7 +33,7 @@ from .conftest import PASSWORD, USER, basic_auth, open_store, run_cli
 from .e2e_clients import Reply, call, curl
 from .pki import der, make_csr, pem
 from .postgres import PostgresCluster
-from .server import RunningServer, start_server, write_config
+from .server import RunningServer, free_port, start_server, write_config
 
 ADMIN = "operator"
 # connect_timeout is 5 s and a stopped server refuses at once; a loaded 2-core machine gets a wide margin.
@@ -229,3 +229,11 @@ def test_a_worker_started_with_the_database_down_serves_what_it_can_and_recovers
     enrolled = client.post("/.well-known/est/simpleenroll", data=der(make_csr("NPPSTART")),
                            headers={"Content-Type": "application/pkcs10", **basic_auth()})
     assert enrolled.status_code == 200, enrolled.get_data()
+
+
+def test_est_admin_with_the_database_down_says_so_in_one_line(make_config):
+    config = make_config(database={"url": f"postgresql+psycopg://est@127.0.0.1:{free_port()}/est"})  # nothing listens there
+    for command in (("user", "list"), ("device", "list"), ("audit",)):
+        result = run_cli(*command, config=config)
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith("Error: the database is unavailable (") and "fix database.url" in result.output, result.output
