@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
 from flask import Flask, g
+from sqlalchemy.exc import OperationalError
 
 from . import cli, errors, est, health, metrics
 from .admin import init_admin
@@ -56,8 +59,9 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         os.makedirs(app.instance_path, exist_ok=True)
         database_url = f"sqlite:///{Path(app.instance_path) / 'est.db'}"
     store = Store(database_url, settings.database)
+    schema = SchemaCheck(store)
     try:
-        store.create_schema()
+        schema.run()
     except SchemaOutdated as exc:
         raise ConfigError(f"database {store.engine.url.render_as_string(hide_password=True)}: {exc} (docs/DEPLOYMENT.md)") from None
 
@@ -99,12 +103,58 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     def _request_id() -> None:
         g.request_id = uuid.uuid4().hex[:16]
 
+    app.before_request(schema.retry)
+
     app.register_blueprint(est.bp)
     app.register_blueprint(revocation_views.bp)
     exempt(app, revocation_views.bp)  # FreeRADIUS asks for every pump from one address
     init_admin(app, settings, store)
     app.cli.add_command(cli.est)
     return app
+
+
+class SchemaCheck:
+    """The start-up schema check (:meth:`Store.create_schema`), tried again at requests while the database is down.
+
+    A worker that starts with the database down still serves what needs none (cacerts,
+    the CRL held, OCSP ``tryLater``, 503s, /readyz failing) rather than failing to boot,
+    which would make gunicorn stop the whole server; the first request after the database
+    answers again checks (or, on an empty one, creates) the schema.
+    """
+
+    RETRY_SECONDS = 5  # while the database is down, at most one request per worker in this time pays a connection attempt
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.done = False
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        """Check the schema; SchemaOutdated raises, a database that is down is logged and left for a later request."""
+        try:
+            self.store.create_schema()
+        except OperationalError as exc:
+            self._next_try = time.monotonic() + self.RETRY_SECONDS
+            shown = self.store.engine.url.render_as_string(hide_password=True)
+            logging.getLogger(__name__).warning(
+                "database %s unavailable (%s): enrollment answers 503 and /readyz fails until it answers",
+                shown, " ".join(str(exc.orig or exc).split())[:300],
+            )
+            return
+        self.done = True
+
+    def retry(self) -> None:
+        """Before a request: check the schema once the database answers (SchemaOutdated: a 503 naming the fix)."""
+        if self.done or time.monotonic() < self._next_try or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self.run()
+        except SchemaOutdated as exc:
+            logging.getLogger(__name__).error("database schema: %s (docs/DEPLOYMENT.md)", exc)
+            raise errors.ServiceUnavailable("the database is not at this version's schema; the operator's log says what to do") from None
+        finally:
+            self._lock.release()
 
 
 def config_path(config: str | os.PathLike | None = None) -> Path:

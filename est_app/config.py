@@ -15,6 +15,7 @@ import ipaddress
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -157,12 +158,7 @@ class DatabaseSettings:
 
     def read_password(self) -> Optional[str]:
         """The password in ``password_file`` (trailing CR/LF stripped), or None; ConfigError naming the file when unreadable."""
-        if self.password_file is None:
-            return None
-        try:
-            return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"database.password_file {self.password_file}: cannot read it ({exc.strerror})") from None
+        return read_secret_file(self.password_file, "database.password_file") if self.password_file else None
 
 
 @dataclass(frozen=True)
@@ -170,6 +166,8 @@ class RateLimitSettings:
     enabled: bool = False
     limit: str = "20 per second"
     storage_uri: str = "memory://"
+    # Redis's password (AUTH): a file (a systemd credential), never the URI.
+    storage_password_file: Optional[Path] = None
 
     def __post_init__(self) -> None:
         try:
@@ -177,6 +175,11 @@ class RateLimitSettings:
                 raise ValueError
         except ValueError:
             raise ValueError(f"limit {self.limit!r} is not a rate such as '20 per second' or '50/second; 1800/minute'") from None
+        redis = self.storage_uri.startswith(("redis://", "rediss://"))
+        if redis and urllib.parse.urlsplit(self.storage_uri).password is not None:
+            raise ValueError("storage_uri holds a password, and passwords never go in the YAML: put it in rate_limit.storage_password_file")
+        if self.storage_password_file is not None and not redis:
+            raise ValueError("storage_password_file is for a redis:// or rediss:// storage_uri")
 
 
 @dataclass(frozen=True)
@@ -409,6 +412,18 @@ def _check_files_exist(settings: Settings, source: str) -> None:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def read_secret_file(path: Path, key: str) -> str:
+    """A secret (password, PIN) from its file, a systemd credential under the service; trailing CR/LF stripped.
+
+    ConfigError naming ``key`` and the file when it cannot be read.
+    """
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{key} {path}: cannot read it ({reason})") from None
 
 
 def _positive(obj: object, *names: str) -> None:

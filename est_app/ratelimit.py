@@ -22,7 +22,7 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import TooManyRequests
 
-from .config import RateLimitSettings
+from .config import RateLimitSettings, read_secret_file
 from .errors import text_response
 
 # Redis connect and read timeouts unless the storage URI sets its own (redis-py reads
@@ -36,7 +36,7 @@ def init_rate_limit(app: Flask, settings: RateLimitSettings) -> None:
         app=app,
         default_limits=[settings.limit],
         storage_uri=settings.storage_uri,
-        storage_options=_storage_options(settings.storage_uri),
+        storage_options=_storage_options(settings),
         in_memory_fallback_enabled=not settings.storage_uri.startswith("memory://"),
         swallow_errors=True,
         headers_enabled=False,  # its Retry-After would ride on every 200; only a 429 gets one
@@ -53,10 +53,13 @@ def init_rate_limit(app: Flask, settings: RateLimitSettings) -> None:
         )
 
 
-def _storage_options(storage_uri: str) -> dict:
-    if storage_uri.startswith(("redis://", "rediss://")):
-        return {"socket_connect_timeout": STORAGE_TIMEOUT_SECONDS, "socket_timeout": STORAGE_TIMEOUT_SECONDS}
-    return {}
+def _storage_options(settings: RateLimitSettings) -> dict:
+    if not settings.storage_uri.startswith(("redis://", "rediss://")):
+        return {}
+    options = {"socket_connect_timeout": STORAGE_TIMEOUT_SECONDS, "socket_timeout": STORAGE_TIMEOUT_SECONDS}
+    if settings.storage_password_file is not None:
+        options["password"] = read_secret_file(settings.storage_password_file, "rate_limit.storage_password_file")
+    return options
 
 
 def exempt(app: Flask, blueprint: Blueprint) -> None:

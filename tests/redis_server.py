@@ -16,7 +16,9 @@ from .server import free_port, stop_process
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    """``password``: started with ``--requirepass`` (clients then AUTH)."""
+
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
@@ -25,6 +27,7 @@ class RedisServer:
         self.port = free_port()
         self.log = workdir / "redis.log"
         self.process: subprocess.Popen | None = None
+        self.password = password
 
     @property
     def url(self) -> str:
@@ -33,12 +36,12 @@ class RedisServer:
     def start(self, timeout: float = 30) -> None:
         command = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(self.workdir), "--logfile", "",
+            "--dir", str(self.workdir), "--logfile", "", *(("--requirepass", self.password) if self.password else ()),
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        client = self.client()
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -52,6 +55,12 @@ class RedisServer:
                 self.stop()
                 raise RuntimeError(f"redis-server did not answer within {timeout} s:\n{self.log.read_text()}")
             time.sleep(0.1)
+
+    def client(self):
+        """A redis-py client of this server (authenticated when it has a password)."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2)
 
     def stop(self) -> None:
         stop_process(self.process)

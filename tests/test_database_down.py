@@ -5,7 +5,8 @@ session's cluster is shared), which is stopped and started again under it, once 
 shutdown and once as a crash. While it is down: enrollment, re-enrollment and admin writes
 answer 503 with ``Retry-After`` and one line, quickly, whatever the credentials (never 401, 500
 or a hang); ``/readyz`` fails naming the store; ``cacerts`` and the CRL held are served; OCSP
-answers ``tryLater``. When it is back the same server process enrolls again, no restart.
+answers ``tryLater``. When it is back the same server process enrolls again, no restart. A worker that starts
+during the outage comes up and does the same.
 
 SQLite: a database locked by another writer past ``statement_timeout`` is a 503 as well.
 """
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import ocsp
 
+from est_app import SchemaCheck, create_app
 from est_app.store import Store
 from est_app.store.schema import crls
 
@@ -31,7 +33,7 @@ from .conftest import PASSWORD, USER, basic_auth, open_store, run_cli
 from .e2e_clients import Reply, call, curl
 from .pki import der, make_csr, pem
 from .postgres import PostgresCluster
-from .server import RunningServer, start_server, write_config
+from .server import RunningServer, free_port, start_server, write_config
 
 ADMIN = "operator"
 # connect_timeout is 5 s and a stopped server refuses at once; a loaded 2-core machine gets a wide margin.
@@ -200,3 +202,38 @@ def test_a_restarted_database_is_used_again_at_once(server, cluster):
     for i in range(6):
         issued(enroll(server, key, f"NPPPOOL{i}"))
         assert get(server, "/readyz").status == 200
+
+
+def test_a_worker_started_with_the_database_down_serves_what_it_can_and_recovers(cluster, make_settings, password_hash, monkeypatch):
+    # gunicorn stops the whole server when a worker fails to boot: a worker starting during an outage must come up.
+    name = cluster.create_database()  # empty: the schema is created once the database answers
+    database = {"url": cluster.url(name, password=False), "password_file": str(cluster.password_file)}
+    monkeypatch.setattr(SchemaCheck, "RETRY_SECONDS", 0)  # every request tries the database again: no waiting in a test
+    cluster.stop("fast")
+    try:
+        app = create_app(make_settings(database=database, rate_limit={"enabled": False}))
+        client = app.test_client()
+        assert client.get("/.well-known/est/cacerts").status_code == 200
+        assert client.get("/healthz").status_code == 200
+        started = time.monotonic()
+        refused = client.post("/.well-known/est/simpleenroll", data=der(make_csr("NPPSTART")),
+                              headers={"Content-Type": "application/pkcs10", **basic_auth()})
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0, refused.get_data()
+        assert time.monotonic() - started < QUICK_SECONDS
+        assert client.get("/readyz").status_code == 503
+    finally:
+        cluster.start()
+    assert client.get("/readyz").status_code == 200, client.get("/readyz").get_data()
+    with app.app_context():
+        app.extensions["est_app"].store.add_user(USER, password_hash)
+    enrolled = client.post("/.well-known/est/simpleenroll", data=der(make_csr("NPPSTART")),
+                           headers={"Content-Type": "application/pkcs10", **basic_auth()})
+    assert enrolled.status_code == 200, enrolled.get_data()
+
+
+def test_est_admin_with_the_database_down_says_so_in_one_line(make_config):
+    config = make_config(database={"url": f"postgresql+psycopg://est@127.0.0.1:{free_port()}/est"})  # nothing listens there
+    for command in (("user", "list"), ("device", "list"), ("audit",)):
+        result = run_cli(*command, config=config)
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith("Error: the database is unavailable (") and "fix database.url" in result.output, result.output

@@ -263,6 +263,20 @@ def test_token_away_is_503_try_later_and_not_ready_then_recovers(tmp_path):
     assert client.get("/readyz").get_data(as_text=True) == "ready\n"
 
 
+def test_token_away_when_the_crl_is_due_serves_the_crl_held(tmp_path):
+    # Past half its lifetime a CRL is re-signed at the next /crl; with the token away the one held is still valid
+    # until its nextUpdate, and FreeRADIUS needs it: a 503 there would cost pumps the network once their copy expires.
+    pki, token = token_pki_dir(tmp_path / "pki")
+    app = token_app(pki)
+    with app.app_context():
+        crl = state().crl
+        held = crl.current()
+        due = held.this_update + (held.next_update - held.this_update) * 3 / 4
+        with softhsm().token_away(token):
+            assert crl.current(due).number == held.number
+        assert crl.current(due).number > held.number  # the token back: re-signed
+
+
 def test_a_forked_process_signs_on_its_own_session_and_threads_share_one(tmp_path):
     pki, _ = token_pki_dir(tmp_path / "pki")
     app = token_app(pki)

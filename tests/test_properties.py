@@ -8,8 +8,14 @@ methods, and sends them to every EST, OCSP, CRL, health, metrics, admin API
 and dashboard route of one app. No answer may be a 5xx, EST refusals are one
 ``text/plain`` line, and afterwards a good enrollment still works.
 
-``EST_PROPERTY_EXAMPLES`` sets how many requests (default 1000, some seconds
-of CI time; raise it for a longer local run).
+``OPTIONS`` is answered as RFC 9110 9.3.7 has it, by Flask: 200, an ``Allow``
+header, no body, no credentials asked (it issues nothing and says no more than
+a 405 would). Unknown labels are still 404, and the admin network gate applies.
+
+CI draws the same examples every run (``derandomize``): a failure there is a
+change in the code, not a new draw. ``EST_PROPERTY_EXAMPLES`` sets how many
+requests (default 1000, some seconds of CI time); setting it, for a longer
+local run, also draws fresh examples each run.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .pki import der, make_csr
 
 PROFILE = settings(
     max_examples=int(os.environ.get("EST_PROPERTY_EXAMPLES", "1000")),
+    derandomize="EST_PROPERTY_EXAMPLES" not in os.environ,
     deadline=None,  # the machine is shared; an example's time is not the property
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -122,10 +129,24 @@ def _no_server_errors(client, data) -> None:
     fullcmc = response.status_code == 501 and path.endswith("/fullcmc")  # the one 5xx by design (RFC 7030 4.3)
     assert response.status_code < 500 or fullcmc, (response.status_code, response.get_data()[:300])
     if path in ("/.well-known/est/certonly/simpleenroll", "/.well-known/est/certonly/serverkeygen") and "Authorization" in headers:
-        assert response.status_code != 200, "a password got past a label that takes only certificates"
+        issued = response.status_code == 200 and method != "OPTIONS"  # OPTIONS: Allow, no body (test below)
+        assert not issued, "a password got past a label that takes only certificates"
     if path.startswith("/.well-known/est/") and response.status_code >= 400 and method != "HEAD":
         assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
         assert response.get_data().count(b"\n") == 1, response.get_data()
+
+
+def test_options_on_an_est_route_lists_the_methods_and_issues_nothing(make_app):
+    # hypothesis drew this once: OPTIONS with a good password on a label that takes only certificates.
+    app = make_app(labels=LABELS)
+    client = app.test_client()
+    response = client.options("/.well-known/est/certonly/simpleenroll", data=der(make_csr("NPPOPT1")),
+                              headers={"Content-Type": "application/pkcs10", **basic_auth()})
+    assert (response.status_code, response.get_data()) == (200, b"")
+    assert set(response.headers["Allow"].split(", ")) == {"OPTIONS", "POST"}
+    assert app.extensions["est_app"].store.count_certificates() == 0
+    assert client.options("/.well-known/est/unknown/simpleenroll").status_code == 404
+    assert client.options("/api/v1/devices", environ_base={"REMOTE_ADDR": "10.1.2.3"}).status_code == 403
 
 
 def test_no_request_gets_a_server_error_and_enrollment_still_works(make_app, tmp_path):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
 import pytest
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -103,6 +105,31 @@ def test_one_certificate_is_replaced_once(stores):
     assert only_valid_is_current(first, "NPPRACE1").serial == winners[0].serial
     assert first.get_certificate(old.serial).status == "superseded"
     assert all(first.get_certificate(r.serial) is None for r in replacements if r is not winners[0])  # losers left nothing
+
+
+def test_revoking_locks_the_device_before_its_certificate(stores, database):
+    # One lock order for every writer, device then certificate: revision 0002's trigger updates the device row when its
+    # current certificate's status changes, so a revoke locking the certificate first deadlocks with that device's
+    # re-enrollment (replace_certificate locks the device, then the certificate), and one of them gets a 503.
+    if database != "postgresql":
+        pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE: no row locks to order")
+    first, holder = stores(), stores()
+    current = record(cn="NPPLOCK1")
+    device = first.enroll_device(current, "NPPLOCK1", "renew", "127.0.0.1")
+    with holder.engine.begin() as conn:
+        conn.execute(sa.text("SELECT id FROM devices WHERE id = :id FOR UPDATE"), {"id": device.id})  # a re-enrollment's first lock
+        revoking = threading.Thread(target=first.revoke, args=(current.serial, "keyCompromise"))
+        revoking.start()
+        waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+        deadline = time.monotonic() + 30
+        while not conn.execute(waiting).scalar():  # the revoke is blocked on a lock we hold
+            assert time.monotonic() < deadline, "the revoke never waited for the device's lock"
+            time.sleep(0.05)
+        conn.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
+        # The re-enrollment's second lock: free, as the revoke waits for the device before it touches the certificate.
+        conn.execute(sa.text("SELECT serial FROM certificates WHERE serial = :serial FOR UPDATE"), {"serial": current.serial})
+    revoking.join(30)
+    assert first.get_certificate(current.serial).status == "revoked"
 
 
 @pytest.mark.parametrize("policy", ["renew", "reject"])

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
-from ..config import ConfigError
+from ..config import ConfigError, read_secret_file
 from .signers import PROBE_DIGEST, KeyUnavailable, Signer
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,6 @@ class PKCS11URI:
             raise ConfigError(f"{where}: name the token and the key, e.g. pkcs11:token=est-ca;object=issuing-ca")
         key_id = urllib.parse.unquote_to_bytes(raw["id"]) if "id" in raw else None  # CKA_ID is bytes: %-encoded octets
         return cls(values["token"], values.get("object"), key_id, values.get("serial"))
-
-
-def read_pin(pin_file: Path, where: str) -> str:
-    """The user PIN from its file (a systemd credential while the service runs); a ConfigError naming it otherwise."""
-    try:
-        return pin_file.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"{where}.pin_file {pin_file}: cannot read it ({reason})") from None
 
 
 class _Module:
@@ -194,7 +185,7 @@ class TokenSession:
             self._forget()
             lib, self._generation = self.module.library(self._generation if reinitialise else None)
             token = lib.get_token(token_label=self.token_label, **({"token_serial": self.serial} if self.serial else {}))
-            pin = read_pin(self.pin_file, self.where)
+            pin = read_secret_file(self.pin_file, f"{self.where}.pin_file")
             if pin == self._refused_pin:
                 raise ConfigError(f"{self.where}.pin_file {self.pin_file}: the token refused this PIN; it is not tried again until the file changes")
             try:

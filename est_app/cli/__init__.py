@@ -33,7 +33,20 @@ class ConfigOption(click.Option):
         return super().get_help_record(ctx)
 
 
-@click.group("est", cls=AppGroup)
+class ESTGroup(AppGroup):
+    """The ``est`` group: a database that is down or unreachable is one line naming the fix, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except OperationalError as exc:
+            reason = " ".join(str(exc.orig or exc).split())[:300]
+            raise click.ClickException(f"the database is unavailable ({reason}): start it, or fix database.url; est-admin doctor checks it") from None
+
+
+@click.group("est", cls=ESTGroup)
 @click.option("--config", cls=ConfigOption, type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_context
 def est(ctx: click.Context, config: Path | None) -> None:

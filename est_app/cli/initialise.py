@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..ca.development import create_root_ca, create_tls_certificate, root_ca_certificate, write_certificate, write_private_key
 from ..ca.signers import FileSigner, Signer
-from ..config import ConfigError, KeygenKeyType, load_config
+from ..config import ConfigError, KeygenKeyType, load_config, read_secret_file
 from . import est
 from .database import upgrade_database
 
@@ -159,7 +159,7 @@ def _token_ca(
     paths: dict[str, Path], module: Path, token: str, pin_file: Path, object_label: str, key_type: str
 ) -> tuple[Signer, x509.Certificate, str]:
     """The CA of a key generated in the token (or the existing ca.pem's), and config.yaml's lines for it."""
-    from ..ca.pkcs11 import PKCS11Signer, generate_key_in_token, read_pin  # python-pkcs11: only where a token is used
+    from ..ca.pkcs11 import PKCS11Signer, generate_key_in_token  # python-pkcs11: only where a token is used
 
     if paths["ca.key"].exists():
         raise click.ClickException(f"{paths['ca.key']} exists: this folder's CA key is a file; use another --dir for a CA in a token")
@@ -171,7 +171,7 @@ def _token_ca(
             signer = PKCS11Signer(uri, module, pin_file, ca_cert.public_key())
             signer.check()
         else:
-            public_key = generate_key_in_token(module, token, read_pin(pin_file, "--pin-file"), object_label, key_type)
+            public_key = generate_key_in_token(module, token, read_secret_file(pin_file, "--pin-file"), object_label, key_type)
             signer = PKCS11Signer(uri, module, pin_file, public_key)
             ca_cert = root_ca_certificate("est_app development CA", public_key, signer)
             write_certificate(paths["ca.pem"], ca_cert)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..ca import CertificateAuthority
 from ..ca.crl import build_crl
+from ..ca.signers import KeyUnavailable
 from ..state import state
 from ..store import AuditEvent, CertificateRecord, CRLRecord, Device, NotFound, Store, utcnow
 
@@ -58,16 +59,17 @@ class CRLCache:
     def current(self, now: Optional[datetime] = None) -> CRLRecord:
         """The CA's newest CRL, re-signed first when none exists or half its lifetime has gone.
 
-        With the database down: the CRL this worker holds, however old (relying parties judge its
-        nextUpdate); OperationalError (a 503) only when it holds none.
+        With the database down, or the CA key's token away: the CRL this worker holds, however old
+        (relying parties judge its nextUpdate); the error (a 503) only when it holds none.
         """
         try:
             return self._newest(now)
-        except OperationalError:
+        except (OperationalError, KeyUnavailable) as exc:
             held = self._current
             if held is None:
                 raise
-            log.warning("the database is unavailable: serving the CRL held, number %s, next update %s", held.number, held.next_update)
+            cause = "the database is unavailable" if isinstance(exc, OperationalError) else "the CA key cannot sign"
+            log.warning("%s: serving the CRL held, number %s, next update %s", cause, held.number, held.next_update)
             return held
 
     def _newest(self, now: Optional[datetime]) -> CRLRecord:

@@ -415,8 +415,9 @@ class Store:
             if row is None:
                 raise NotFound(serial)
             if row.device_id is not None:
-                # Device row first, as every writer locks (the status trigger then updates it): no deadlock with a delete.
-                conn.execute(_DEVICE_FOR_UPDATE, {"device_id": row.device_id}).all()
+                # The device first, as enroll_device and replace_certificate lock (one order, no deadlock): revision
+                # 0002's trigger updates the device row when its current certificate's status changes.
+                conn.execute(_DEVICE_FOR_UPDATE, {"device_id": row.device_id}).first()
             # The row count settles two revocations at once on PostgreSQL (the second finds it revoked).
             if row.status == "revoked" or not conn.execute(_REVOKE, {"serial_": serial, "reason": reason, "now": utcnow()}).rowcount:
                 raise AlreadyRevoked(serial)
