@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 from cryptography import x509
@@ -31,6 +32,7 @@ class EnrollmentProfile:
     duplicate_policy: Optional[str]  # None: the operation's default
     require_pop: bool
     serverkeygen_key_types: tuple[str, ...]
+    retry_window: timedelta  # a repeated CSR within it gets the certificate already issued
 
     @property
     def name(self) -> str:
@@ -84,4 +86,5 @@ def _resolve(name: Optional[str], label: LabelSettings, settings: Settings, patt
         duplicate_policy=pick("duplicate_policy"),
         require_pop=pick("require_pop"),
         serverkeygen_key_types=pick("serverkeygen_key_types"),
+        retry_window=timedelta(minutes=pick("retry_window_minutes")),
     )
