@@ -86,7 +86,9 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         crls=crls,
         ocsp=OCSPResponder(authorities, store.certificate_status, signers),
         proxies=proxies,
-        enrollment=EnrollmentService(store, authorities, profiles, issued=metrics.certificate_issued),
+        enrollment=EnrollmentService(
+            store, authorities, profiles, issued=metrics.certificate_issued, retried=metrics.enrollment_retried
+        ),
     )
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)

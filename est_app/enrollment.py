@@ -64,11 +64,13 @@ class EnrollmentService:
         authorities: Authorities,
         profiles: dict[Optional[str], EnrollmentProfile],
         issued: Callable[[str, str], None] = lambda operation, label: None,
+        retried: Callable[[str, str], None] = lambda operation, label: None,
     ) -> None:
         self.store = store
         self.authorities = authorities
         self.profiles = profiles
         self.issued = issued  # (operation, label), once the certificate is committed
+        self.retried = retried  # (operation, label), when a retry is answered with the certificate already issued
 
     # --- the operations ------------------------------------------------------------
 
@@ -235,6 +237,7 @@ class EnrollmentService:
             "%s: retry of %s: returned %s for %r on label %s to %s from %s", requester.request_id or "-", record.operation, record.serial,
             record.common_name, profile.name, requester.name, requester.client_address or "-",
         )
+        self.retried(record.operation, profile.name)
         return x509.load_der_x509_certificate(record.der)
 
     def _committed(self, certificate: x509.Certificate, record: CertificateRecord, profile: EnrollmentProfile, requester: Requester) -> x509.Certificate:

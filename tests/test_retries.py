@@ -31,6 +31,7 @@ from .e2e_clients import call, openssl_verify, pkcs7_certs
 from .pki import der, make_csr
 from .server import start_server
 from .test_enrollment_service import GATEWAY, device_requester, env, make_service, serial  # noqa: F401 (fixtures)
+from .test_metrics import ISSUED, delta, scrape
 from .test_protocol import SAN_POLICY, device_csr, issued, post, refused
 from .test_races import at_once
 
@@ -214,7 +215,11 @@ def test_simpleenroll_sent_again_answers_the_same_certificate(make_app, policy):
     client = app.test_client()
     csr = device_csr(new_key())
     first = issued(post(client, "simpleenroll", csr, basic=True))
+    before = scrape(client)
     assert issued(post(client, "simpleenroll", csr, basic=True)) == first
+    after = scrape(client)
+    assert delta(before, after, ISSUED, operation="simpleenroll", label="default") == 0
+    assert delta(before, after, "est_enrollment_retries_total", operation="simpleenroll", label="default") == 1
     another_key = post(client, "simpleenroll", device_csr(new_key()), basic=True)
     if policy == "reject":
         refused(another_key, 409, "already enrolled")
