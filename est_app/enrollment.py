@@ -220,13 +220,12 @@ class EnrollmentService:
         """The certificate a re-enrollment recorded right after superseded ``record``, when issued within the window."""
         if record is None or record.status != "superseded" or record.device_id is None or not profile.retry_window:
             return None
-        history = [r.serial for r in self.store.device_certificates(record.device_id)]
-        position = history.index(record.serial)
-        if position + 1 >= len(history):
+        history = self.store.device_certificates(record.device_id)  # oldest first
+        position = [r.serial for r in history].index(record.serial)
+        successor = history[position + 1] if position + 1 < len(history) else None
+        if successor is None or (successor.operation, successor.status) != ("simplereenroll", "valid") or successor.issued_at is None:
             return None
-        successor = self.store.get_certificate(history[position + 1])
-        recent = successor.issued_at is not None and successor.issued_at >= utcnow() - profile.retry_window
-        return successor if recent and successor.operation == "simplereenroll" and successor.status == "valid" else None
+        return successor if successor.issued_at >= utcnow() - profile.retry_window else None
 
     def _retried(self, record: CertificateRecord, profile: EnrollmentProfile, requester: Requester, device: str) -> x509.Certificate:
         self.store.add_audit(AuditEvent(
