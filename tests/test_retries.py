@@ -15,11 +15,13 @@ import time
 from datetime import timedelta
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from est_app.ca import load_authorities
+from est_app.config import LabelSettings, load_config
 from est_app.enrollment import EnrollmentService, Requester
 from est_app.errors import Conflict, Forbidden
 from est_app.profiles import build_profiles
@@ -41,6 +43,13 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 
 
 KEY = new_key()
+WINDOW = {"retry_window_minutes": 60}  # the deployment default; the suite's base configuration turns it off
+
+
+@pytest.fixture
+def config_data(config_data):
+    """conftest's, with the retry window at its deployment default."""
+    return lambda **overrides: config_data(**{**WINDOW, **overrides})
 
 
 def events(store: Store) -> list[tuple[str, str]]:
@@ -54,6 +63,16 @@ def age(store: Store, certificate: x509.Certificate, minutes: int) -> None:
 
 
 # --- the service, no Flask ------------------------------------------------------------
+
+
+def test_the_window_is_an_hour_unless_configured(config_data, tmp_path):
+    data = config_data(labels={"pumps": {"retry_window_minutes": 5}})
+    del data["retry_window_minutes"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    profiles = build_profiles(load_config(tmp_path / "config.yaml"))
+    assert (profiles[None].retry_window, profiles["pumps"].retry_window) == (timedelta(minutes=60), timedelta(minutes=5))
+    with pytest.raises(ValueError, match="retry_window_minutes may not be negative"):
+        LabelSettings(retry_window_minutes=-1)
 
 
 @pytest.mark.parametrize("policy", ["renew", "reject"])
@@ -267,7 +286,7 @@ def wait_for_certificate(store: Store, device_key: str, seconds: float = 60) -> 
 @pytest.mark.parametrize("policy", ["renew", "reject"])
 def test_a_dropped_response_then_a_retry_over_gunicorn(pki_dir, tmp_path, new_database, policy):
     server = start_server(pki_dir, tmp_path, database=new_database(tmp_path), rate_limit={"enabled": False},
-                          response_format="der", duplicate_policy=policy)
+                          response_format="der", duplicate_policy=policy, **WINDOW)
     try:
         assert run_cli("user", "add", USER, input=PASSWORD + "\n", config=server.config).exit_code == 0
         store = open_store(server.config)
