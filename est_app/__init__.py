@@ -91,7 +91,9 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         crls=crls,
         ocsp=OCSPResponder(authorities, store.certificate_status, signers),
         proxies=proxies,
-        enrollment=EnrollmentService(store, authorities, profiles, issued=metrics.certificate_issued),
+        enrollment=EnrollmentService(
+            store, authorities, profiles, issued=metrics.certificate_issued, retried=metrics.enrollment_retried
+        ),
         approval=ApprovalService(store, settings.approval),
     )
     errors.register(app)

@@ -23,6 +23,7 @@ EVENTS = {
     "serverkeygen": "keygen",
     "bootstrap": "bootstrap",
 }
+RETRY = "retry"  # a request sent again after its response was lost, answered with the certificate already issued
 
 
 def record_refusal(store: Store, operation: str, status: int, message: str, *, actor: str, client_address: str, label: str) -> None:

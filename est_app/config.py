@@ -252,6 +252,7 @@ class LabelSettings:
     san_dns_suffixes: Optional[tuple[str, ...]] = None
     max_san_count: Optional[int] = None
     approval: Optional[LabelApprovalSettings] = None
+    retry_window_minutes: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_profile(self)
@@ -284,6 +285,8 @@ class Settings:
     san_types: tuple[SanType, ...] = ()
     san_dns_suffixes: tuple[str, ...] = ()
     max_san_count: int = 10
+    # A CSR sent again this long after its certificate was issued gets that certificate (a lost response), not another.
+    retry_window_minutes: int = 60
     bootstrap_enabled: bool = False
     bootstrap_validity_days: int = 30
     # Client certificates forwarded in this header are believed only from these addresses/networks.
@@ -450,6 +453,8 @@ def _check_profile(obj: "Settings | LabelSettings") -> None:
             raise ValueError(f"{name} may not be empty")
     if obj.max_san_count is not None:
         _positive(obj, "max_san_count")
+    if obj.retry_window_minutes is not None and obj.retry_window_minutes < 0:
+        raise ValueError("retry_window_minutes may not be negative (0: a repeated CSR is answered as a new one)")
     for suffix in obj.san_dns_suffixes or ():
         if not DNS_NAME.fullmatch(suffix):
             raise ValueError(f"san_dns_suffixes: {suffix!r} is not a DNS domain such as pumps.hospital.example (no wildcard, no leading dot)")

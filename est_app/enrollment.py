@@ -10,6 +10,12 @@ anything else that issues (an operator approving a pending request, with its
 stored CSR and requester). A certificate is returned only after its record is
 committed; one the store refuses is discarded unrecorded. The store's refusals
 become catalogued errors in one place, :func:`store_refusal`.
+
+A retry (the same requester sending the same CSR to the same operation within the
+label's retry window, its first response lost) gets the certificate already issued,
+audited as ``retry`` and not reported as issued. The store decides it under the
+device's lock (:meth:`Store.enroll_device`'s ``answers_request``; for re-enrollment,
+its refusal of a superseded certificate), so identical requests at once issue once.
 """
 
 from __future__ import annotations
@@ -20,15 +26,17 @@ from typing import Callable, Optional, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from .audit import EVENTS
+from .audit import EVENTS, RETRY
 from .ca import Authorities, CertificateAuthority, CertificateProfile, check_policy, issued_subject
 from .ca.keygen import generate_key, key_type_of
 from .errors import BadRequest, Conflict, ESTError, Forbidden
 from .profiles import EnrollmentProfile
-from .store import AuditEvent, CertificateRecord, DeviceExists, DeviceOnOtherLabel, NotCurrent, Orphaned, SerialTaken, Store
+from .store import (
+    AlreadyIssued, AuditEvent, CertificateRecord, DeviceExists, DeviceOnOtherLabel, NotCurrent, Orphaned, SerialTaken, Store, utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +64,13 @@ class EnrollmentService:
         authorities: Authorities,
         profiles: dict[Optional[str], EnrollmentProfile],
         issued: Callable[[str, str], None] = lambda operation, label: None,
+        retried: Callable[[str, str], None] = lambda operation, label: None,
     ) -> None:
         self.store = store
         self.authorities = authorities
         self.profiles = profiles
         self.issued = issued  # (operation, label), once the certificate is committed
+        self.retried = retried  # (operation, label), when a retry is answered with the certificate already issued
 
     # --- the operations ------------------------------------------------------------
 
@@ -108,7 +118,7 @@ class EnrollmentService:
         if profile is None:
             where = f"on label {record.label!r}, which this server no longer serves" if record else "outside this server's records"
             raise Forbidden(f"certificate {serial} was issued {where}; enroll afresh")
-        if record.status != "valid":
+        if record.status != "valid" and self._successor(record, profile) is None:
             raise store_refusal(NotCurrent(record.status), serial)
         if record.device_id is None:
             raise store_refusal(Orphaned(serial), serial)
@@ -125,6 +135,7 @@ class EnrollmentService:
         if set(_alt_names(csr)) != set(_alt_names(current)):
             raise Forbidden("CSR subjectAltName differs from the certificate's; re-enrollment keeps the same names")
         old_serial = serial_of(current)
+        answers_request = self._answers_request(csr, profile, requester, "simplereenroll")
         for _attempt in range(SERIAL_ATTEMPTS):
             certificate = self._authority(profile).issue(csr, profile.certificate)
             record = self._record(certificate, profile, requester, "simplereenroll")
@@ -134,6 +145,10 @@ class EnrollmentService:
             except SerialTaken:
                 continue
             except (NotCurrent, Orphaned) as exc:
+                # Refused under the device's lock: a successor recorded by then is the one a retry gets.
+                successor = self._successor(self.store.get_certificate(old_serial), profile)
+                if successor is not None and answers_request(successor):
+                    return self._retried(successor, profile, requester, successor.common_name)
                 raise store_refusal(exc, old_serial) from None
             return self._committed(certificate, record, profile, requester)
         raise RuntimeError(f"the CA issued {SERIAL_ATTEMPTS} serials in a row that are taken; its serial source is broken")
@@ -159,18 +174,70 @@ class EnrollmentService:
         public_key: Optional[CertificatePublicKeyTypes] = None,
     ) -> x509.Certificate:
         key = device_key(csr, profile.device_id)
+        answers_request = self._answers_request(csr, profile, requester, operation)
         for _attempt in range(SERIAL_ATTEMPTS):
             certificate = self._authority(profile).issue(csr, certificate_profile, public_key)
             record = self._record(certificate, profile, requester, operation)
             audit = self._event(operation, profile, requester, key, record.serial)
             try:
-                self.store.enroll_device(record, key, policy, requester.client_address, audit)
+                self.store.enroll_device(record, key, policy, requester.client_address, audit, answers_request)
             except SerialTaken:
                 continue
+            except AlreadyIssued as exc:
+                return self._retried(exc.record, profile, requester, key)
             except (DeviceExists, DeviceOnOtherLabel) as exc:
                 raise store_refusal(exc) from None
             return self._committed(certificate, record, profile, requester)
         raise RuntimeError(f"the CA issued {SERIAL_ATTEMPTS} serials in a row that are taken; its serial source is broken")
+
+    # --- retries: a lost response answered with the certificate already issued ---------
+
+    def _answers_request(
+        self, csr: x509.CertificateSigningRequest, profile: EnrollmentProfile, requester: Requester, operation: str
+    ) -> Optional[Callable[[CertificateRecord], bool]]:
+        """Whether a recorded certificate is this request's own, issued within the label's retry window.
+
+        Same label, requester and operation, still valid, and the CSR's public key, subject and
+        subjectAltName. None when the window is 0. (A serverkeygen request never matches: its
+        certificate holds the key the server generated, not the CSR's.)
+        """
+        if not profile.retry_window:
+            return None
+        since = utcnow() - profile.retry_window
+        public_key, subject, names = _spki(csr), issued_subject(csr.subject), set(_alt_names(csr))
+
+        def answers(record: CertificateRecord) -> bool:
+            if (record.status, record.label, record.requester, record.operation) != ("valid", profile.name, requester.name, operation):
+                return False
+            if record.issued_at is None or record.issued_at < since:
+                return False
+            issued = x509.load_der_x509_certificate(record.der)
+            return _spki(issued) == public_key and issued.subject == subject and set(_alt_names(issued)) == names
+
+        return answers
+
+    def _successor(self, record: Optional[CertificateRecord], profile: EnrollmentProfile) -> Optional[CertificateRecord]:
+        """The certificate a re-enrollment recorded right after superseded ``record``, when issued within the window."""
+        if record is None or record.status != "superseded" or record.device_id is None or not profile.retry_window:
+            return None
+        history = self.store.device_certificates(record.device_id)  # oldest first
+        position = [r.serial for r in history].index(record.serial)
+        successor = history[position + 1] if position + 1 < len(history) else None
+        if successor is None or (successor.operation, successor.status) != ("simplereenroll", "valid") or successor.issued_at is None:
+            return None
+        return successor if successor.issued_at >= utcnow() - profile.retry_window else None
+
+    def _retried(self, record: CertificateRecord, profile: EnrollmentProfile, requester: Requester, device: str) -> x509.Certificate:
+        self.store.add_audit(AuditEvent(
+            event=RETRY, actor=requester.name, client_address=requester.client_address, label=profile.name, device=device,
+            serial=record.serial, detail=f"{record.operation} sent again; answered with the certificate issued at {record.issued_at:%Y-%m-%d %H:%M:%S} UTC",
+        ))
+        log.info(
+            "%s: retry of %s: returned %s for %r on label %s to %s from %s", requester.request_id or "-", record.operation, record.serial,
+            record.common_name, profile.name, requester.name, requester.client_address or "-",
+        )
+        self.retried(record.operation, profile.name)
+        return x509.load_der_x509_certificate(record.der)
 
     def _committed(self, certificate: x509.Certificate, record: CertificateRecord, profile: EnrollmentProfile, requester: Requester) -> x509.Certificate:
         log.info(
@@ -245,6 +312,10 @@ def device_key(csr: x509.CertificateSigningRequest, how: str) -> str:
 def serial_of(certificate: x509.Certificate) -> str:
     """A serial as the store keys it: lower-case hex."""
     return format(certificate.serial_number, "x")
+
+
+def _spki(obj: Union[x509.CertificateSigningRequest, x509.Certificate]) -> bytes:
+    return obj.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 def _alt_names(obj: Union[x509.CertificateSigningRequest, x509.Certificate]) -> list[x509.GeneralName]:

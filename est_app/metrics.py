@@ -73,6 +73,11 @@ class _Metrics:
             ["operation", "label"],
         )
         self.issued = Counter("est_certificates_issued", "Certificates issued, by operation and EST label", ["operation", "label"])
+        self.retried = Counter(
+            "est_enrollment_retries",
+            "Requests sent again after a lost response, answered with the certificate already issued, by operation and EST label",
+            ["operation", "label"],
+        )
         self.password_refusals = Counter(
             "est_password_refusals",
             "Password checks refused, by surface (dashboard, api, est) and reason (wrong_password; backoff: 429 unchecked)",
@@ -107,6 +112,11 @@ def certificate_issued(operation: str, label: str) -> None:
     started = g.get("_metrics_started") if has_request_context() else None
     if started is not None:
         metrics.enrollment.labels(operation, label).observe(time.perf_counter() - started)
+
+
+def enrollment_retried(operation: str, label: str) -> None:
+    """A request was answered with the certificate already issued for it: no new certificate."""
+    _get().retried.labels(operation, label).inc()
 
 
 def password_refused(surface: str, reason: str) -> None:

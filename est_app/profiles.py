@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 from cryptography import x509
@@ -31,6 +32,7 @@ class EnrollmentProfile:
     duplicate_policy: Optional[str]  # None: the operation's default
     require_pop: bool
     serverkeygen_key_types: tuple[str, ...]
+    retry_window: timedelta  # a repeated CSR within it gets the certificate already issued
     approval: str = "auto"  # auto | manual | inventory
     approve_reenrollment: bool = False  # simplereenroll waits for approval too
 
@@ -86,6 +88,7 @@ def _resolve(name: Optional[str], label: LabelSettings, settings: Settings, patt
         duplicate_policy=pick("duplicate_policy"),
         require_pop=pick("require_pop"),
         serverkeygen_key_types=pick("serverkeygen_key_types"),
+        retry_window=timedelta(minutes=pick("retry_window_minutes")),
         approval=label.approval.mode if label.approval and label.approval.mode else settings.approval.mode,
         approve_reenrollment=_pick_bool(label.approval.simplereenroll if label.approval else None, settings.approval.simplereenroll),
     )

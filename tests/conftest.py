@@ -34,7 +34,15 @@ def pki_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("pki")
     result = run_cli("init", "--dir", str(directory))
     assert result.exit_code == 0, result.output
+    turn_off_retries(directory / "config.yaml")
     return directory
+
+
+def turn_off_retries(config: Path) -> None:
+    """Tests send one fixed key's CSR again and again and expect a new answer each time; tests/test_retries.py
+    turns the retry window (60 minutes by default) back on where it is under test."""
+    with config.open("a") as file:
+        file.write("\nretry_window_minutes: 0\n")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import PASSWORD, USER, run_cli
+from .conftest import PASSWORD, USER, run_cli, turn_off_retries
 from .e2e_clients import openssl_csr
 from .server import RunningServer, start_server
 from .softhsm import softhsm, token_pki_dir
@@ -42,6 +42,7 @@ def token_pki(tmp_path_factory) -> tuple:
 @pytest.fixture(scope="module")
 def pki_dir(token_pki):
     """`est init`'s folder with the CA key in a SoftHSM token, for every test of this module."""
+    turn_off_retries(token_pki[0] / "config.yaml")
     return token_pki[0]
 
 

@@ -28,6 +28,7 @@ from ..config import DatabaseSettings
 from . import migrations
 from .engine import create_engine
 from .records import (  # the store's records and errors, re-exported
+    AlreadyIssued,
     AlreadyRevoked,
     AuditEvent,
     AuthFailures,
@@ -249,12 +250,15 @@ class Store:
         policy: Literal["reject", "renew"],
         client_address: str,
         audit: Optional[AuditEvent] = None,
+        answers_request: Optional[Callable[[CertificateRecord], bool]] = None,
     ) -> Device:
         """Commit ``record`` as the device's current certificate, superseding the previous one.
 
         Raises :class:`DeviceExists` under ``reject`` when the device is known, and
         :class:`DeviceOnOtherLabel` when the id is enrolled on another label only. (A
         device recorded on several labels before that check existed renews on each.)
+        Raises :class:`AlreadyIssued` when ``answers_request`` accepts the device's current
+        certificate: checked under the device's lock, so two identical requests issue once.
         """
 
         def write(conn: Connection) -> Device:
@@ -263,6 +267,10 @@ class Store:
             row = next((r for r in rows if r.label == record.label), None)
             if row is None and rows:
                 raise DeviceOnOtherLabel(Device(**rows[0]._mapping))
+            if row is not None and answers_request is not None:
+                current = conn.execute(_CERTIFICATE_BY_SERIAL, {"serial": row.current_serial}).first()
+                if current is not None and answers_request(existing := CertificateRecord(**current._mapping)):
+                    raise AlreadyIssued(existing)
             if row is not None and policy == "reject":
                 raise DeviceExists(Device(**row._mapping))
             values = {"last_enrolled": utcnow(), "current_serial": record.serial, "requester": record.requester, "client_address": client_address}

@@ -47,6 +47,14 @@ class NotCurrent(Exception):
         self.status = status
 
 
+class AlreadyIssued(Exception):
+    """The device's current certificate answers this very request already (a retry): nothing was written."""
+
+    def __init__(self, record: "CertificateRecord") -> None:
+        super().__init__(record.serial)
+        self.record = record
+
+
 class NotFound(Exception):
     pass
 
