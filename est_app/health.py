@@ -7,7 +7,10 @@ issue: the store answers a query on its certificates table, and for every CA
 PKCS#11 token, signs a fresh payload that the CA certificate verifies, the certificate is within its validity, and
 its CRL in the store is current (when there is none yet, or it has expired,
 the probe signs one, as serving the CRL would). Otherwise 503 with one line naming what failed; the
-details go to the log, not to the unauthenticated caller.
+details go to the log, not to the unauthenticated caller. After a CA rollover (docs/CA_ROLLOVER.md)
+a ready answer adds one line per CA, issuing and retired: its expiry and how many unexpired,
+unrevoked certificates it still has (:func:`authority_status`, shared with ``est-admin ca status``
+and the dashboard, which also warn when the issuing CA would cut new certificates short).
 
 Neither is rate limited nor behind the admin network gate; neither says
 anything about devices.
@@ -16,7 +19,10 @@ anything about devices.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
+from typing import Optional
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, Response
@@ -26,7 +32,7 @@ from .ca.signers import KeyUnavailable
 from .errors import text_response
 from .ratelimit import exempt
 from .revocation import CRLCache
-from .state import state
+from .state import AppState, state
 from .store.schema import certificates
 
 log = logging.getLogger(__name__)
@@ -59,7 +65,49 @@ def readyz() -> Response:
             _check(crl_name, failures, partial(_crl_is_fresh, app_state.crls[authority.issuer_id]))
     if failures:
         return text_response(503, "not ready: " + "; ".join(failures), NO_STORE)
-    return text_response(200, "ready", NO_STORE)
+    if not any(authority.retired for authority in app_state.authorities):
+        return text_response(200, "ready", NO_STORE)
+    lines = [f"{s.name}: {s.role}, expires {s.not_after:%Y-%m-%d}, {s.valid_certificates} valid certificates" for s in authority_status(app_state)]
+    return text_response(200, "\n".join(["ready", *lines]), NO_STORE)
+
+
+@dataclass(frozen=True)
+class AuthorityStatus:
+    """One CA as an operator watches it through a rollover."""
+
+    name: str  # its configuration section: ca, ca.previous[0], labels.pumps.ca
+    issuer_id: str  # as records name it; its CRL is at /crl/issuer/<issuer_id>
+    role: str  # issuing, or retired (signs CRLs and OCSP answers for what it issued)
+    subject: str
+    not_after: datetime
+    valid_certificates: int  # unexpired and not revoked
+    last_expiry: Optional[datetime]  # of its unexpired certificates, revoked too: till then it keeps signing
+    warning: Optional[str]
+
+
+def authority_status(app_state: AppState, now: Optional[datetime] = None) -> list[AuthorityStatus]:
+    """Every CA, issuing ones first; an issuing CA with less life left than its longest certificate validity carries a warning."""
+    now = now or datetime.now(timezone.utc)
+    issuing = {app_state.authority_for(profile).issuer_id for profile in app_state.profiles.values()}
+    longest: dict[str, int] = {}
+    for profile in app_state.profiles.values():
+        issuer = app_state.authority_for(profile).issuer_id
+        longest[issuer] = max(longest.get(issuer, 0), profile.certificate.validity_days)
+    statuses = []
+    for authority in sorted(app_state.authorities, key=lambda a: a.issuer_id not in issuing):
+        count, last = app_state.store.unexpired_certificates(authority.issuer_id, authority is app_state.authorities.unrecorded)
+        not_after = authority.certificate.not_valid_after_utc
+        warning = None
+        days = longest.get(authority.issuer_id, 0)
+        if authority.issuer_id in issuing and (not_after - now).days < days:
+            warning = (
+                f"{authority.name} expires on {not_after:%Y-%m-%d}, sooner than its longest certificate validity ({days} days): "
+                "new certificates are cut short; roll it over (docs/CA_ROLLOVER.md)"
+            )
+            log.warning("%s", warning)
+        role = "issuing" if authority.issuer_id in issuing else "retired"
+        statuses.append(AuthorityStatus(authority.name, authority.issuer_id, role, authority.certificate.subject.rfc4514_string(), not_after, count, last, warning))
+    return statuses
 
 
 def _check(name: str, failures: list[str], check) -> bool:

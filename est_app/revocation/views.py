@@ -2,7 +2,8 @@
 
 ``GET /crl`` (DER) and ``GET /crl.pem``: the top-level CA's CRL.
 ``GET /crl/<label>`` and ``GET /crl/<label>.pem``: the CRL of the CA that issues on that label
-(its own ``ca``, or the top-level CA's). ``/ocsp`` (POST, and GET per RFC 6960 A.1) answers for every CA.
+(its own ``ca``, or the top-level CA's). ``GET /crl/issuer/<issuer id>`` (``.pem``): any CA's, one
+retired by a rollover too. ``/ocsp`` (POST, and GET per RFC 6960 A.1) answers for every CA.
 With the database down the CRLs held are served, and OCSP answers ``tryLater`` rather than guess a status.
 """
 
@@ -49,6 +50,24 @@ def label_crl_der(label: str) -> Response:
 @bp.get("/crl/<label>.pem")
 def label_crl_pem(label: str) -> Response:
     return _pem(_label_crl(label))
+
+
+@bp.get("/crl/issuer/<issuer>")
+def issuer_crl_der(issuer: str) -> Response:
+    return _der(_issuer_crl(issuer))
+
+
+@bp.get("/crl/issuer/<issuer>.pem")
+def issuer_crl_pem(issuer: str) -> Response:
+    return _pem(_issuer_crl(issuer))
+
+
+def _issuer_crl(issuer: str) -> CRLCache:
+    """Any CA's CRL by issuer id, a CA retired by a rollover too (``est-admin ca status`` shows the ids)."""
+    crl = state().crls.get(issuer)
+    if crl is None:
+        raise NotFound(f"no CA here has the issuer id {issuer!r}: see est-admin ca status")
+    return crl
 
 
 def _label_crl(label: str) -> CRLCache:
