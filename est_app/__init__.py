@@ -88,6 +88,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         proxies=proxies,
         enrollment=EnrollmentService(store, authorities, profiles, issued=metrics.certificate_issued),
     )
+    health.log_expiry_warnings(app.extensions["est_app"])
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)
     metrics.init_app(app)

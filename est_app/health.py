@@ -9,8 +9,9 @@ its CRL in the store is current (when there is none yet, or it has expired,
 the probe signs one, as serving the CRL would). Otherwise 503 with one line naming what failed; the
 details go to the log, not to the unauthenticated caller. After a CA rollover (docs/CA_ROLLOVER.md)
 a ready answer adds one line per CA, issuing and retired: its expiry and how many unexpired,
-unrevoked certificates it still has (:func:`authority_status`, shared with ``est-admin ca status``
-and the dashboard, which also warn when the issuing CA would cut new certificates short).
+unrevoked certificates it still has (:func:`authority_status`, shared with ``est-admin ca status``).
+:func:`expiry_warnings` names an issuing CA that would cut new certificates short: for the status,
+the dashboard and the log at start.
 
 Neither is rate limited nor behind the admin network gate; neither says
 anything about devices.
@@ -86,28 +87,42 @@ class AuthorityStatus:
 
 
 def authority_status(app_state: AppState, now: Optional[datetime] = None) -> list[AuthorityStatus]:
-    """Every CA, issuing ones first; an issuing CA with less life left than its longest certificate validity carries a warning."""
-    now = now or datetime.now(timezone.utc)
+    """Every CA, issuing ones first, with its certificates counted and its :func:`expiry_warnings` warning."""
+    warnings = expiry_warnings(app_state, now)
     issuing = {app_state.authority_for(profile).issuer_id for profile in app_state.profiles.values()}
-    longest: dict[str, int] = {}
-    for profile in app_state.profiles.values():
-        issuer = app_state.authority_for(profile).issuer_id
-        longest[issuer] = max(longest.get(issuer, 0), profile.certificate.validity_days)
     statuses = []
     for authority in sorted(app_state.authorities, key=lambda a: a.issuer_id not in issuing):
         count, last = app_state.store.unexpired_certificates(authority.issuer_id, authority is app_state.authorities.unrecorded)
+        role = "issuing" if authority.issuer_id in issuing else "retired"
+        subject = authority.certificate.subject.rfc4514_string()
         not_after = authority.certificate.not_valid_after_utc
-        warning = None
-        days = longest.get(authority.issuer_id, 0)
-        if authority.issuer_id in issuing and (not_after - now).days < days:
-            warning = (
+        statuses.append(AuthorityStatus(authority.name, authority.issuer_id, role, subject, not_after, count, last, warnings.get(authority.issuer_id)))
+    return statuses
+
+
+def expiry_warnings(app_state: AppState, now: Optional[datetime] = None) -> dict[str, str]:
+    """By issuer id, a warning for each issuing CA with less life left than the longest validity it issues: from there on it cuts certificates short."""
+    now = now or datetime.now(timezone.utc)
+    longest: dict[str, tuple[CertificateAuthority, int]] = {}
+    for profile in app_state.profiles.values():
+        authority = app_state.authority_for(profile)
+        days = max(longest.get(authority.issuer_id, (authority, 0))[1], profile.certificate.validity_days)
+        longest[authority.issuer_id] = (authority, days)
+    warnings = {}
+    for issuer, (authority, days) in longest.items():
+        not_after = authority.certificate.not_valid_after_utc
+        if (not_after - now).days < days:
+            warnings[issuer] = (
                 f"{authority.name} expires on {not_after:%Y-%m-%d}, sooner than its longest certificate validity ({days} days): "
                 "new certificates are cut short; roll it over (docs/CA_ROLLOVER.md)"
             )
-            log.warning("%s", warning)
-        role = "issuing" if authority.issuer_id in issuing else "retired"
-        statuses.append(AuthorityStatus(authority.name, authority.issuer_id, role, authority.certificate.subject.rfc4514_string(), not_after, count, last, warning))
-    return statuses
+    return warnings
+
+
+def log_expiry_warnings(app_state: AppState) -> None:
+    """Put :func:`expiry_warnings` in the log (at start: each worker, each CLI command)."""
+    for warning in expiry_warnings(app_state).values():
+        log.warning("%s", warning)
 
 
 def _check(name: str, failures: list[str], check) -> bool:

@@ -28,6 +28,7 @@ from est_app.state import state
 
 from .conftest import run_cli
 from .pki import ec_key, make_csr
+from .test_dashboard import Browser, make_dashboard  # noqa: F401  (a fixture)
 from .test_enroll import certs_from
 from .test_label_ca import app_config, enroll, fetch_crl, issued, revoke, revoked_serials
 from .test_protocol import post
@@ -176,13 +177,25 @@ def test_status_and_readyz_count_each_cas_certificates(rolled):
     assert f"ca.previous[0]: retired, expires {rolled.old.not_valid_after_utc:%Y-%m-%d}, 2 valid certificates" in lines
 
 
-def test_a_ca_expiring_before_its_longest_validity_is_warned_about(make_app, tmp_path, monkeypatch):
+def test_a_ca_expiring_before_its_longest_validity_is_warned_about(make_dashboard, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(PASSPHRASE_ENV, PASSPHRASE.decode())
     cert_file, key_file, _ = write_root_ca(tmp_path / "short", "est_app short-lived CA", days=20)
-    app = make_app(ca=ca_section(cert_file, key_file, cert_validity_days=30))
+    app = make_dashboard(ca=ca_section(cert_file, key_file, cert_validity_days=30))
+    assert "longest certificate validity (30 days)" in caplog.text  # logged when the app starts
     result = run_cli("ca", "status", config=app_config(app))
     assert result.exit_code == 0, result.output
     assert "warning: ca expires on" in result.stderr and "longest certificate validity (30 days)" in result.stderr
+    browser = Browser(app)
+    assert browser.login().status_code == 302
+    page = browser.get("/admin/").get_data(as_text=True)
+    assert 'role="alert">ca expires on' in page and "roll it over" in page
+
+
+def test_no_warning_while_the_ca_outlives_its_certificates(make_dashboard, ca_files):
+    app = make_dashboard(ca=ca_section(*ca_files[:2], cert_validity_days=30))
+    browser = Browser(app)
+    assert browser.login().status_code == 302
+    assert "roll it over" not in browser.get("/admin/").get_data(as_text=True)
 
 
 def test_rollover_refuses_a_pkcs11_key_in_one_line(make_config, ca_files, tmp_path):

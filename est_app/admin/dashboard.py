@@ -27,7 +27,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from ..ca.crl import REASONS
 from .. import revocation
 from ..errors import TooManyRequests, describe
-from ..health import authority_status
+from ..health import expiry_warnings
 from ..revocation import revoke
 from ..state import state
 from ..store import MAX_USER_NAME, AlreadyRevoked, AuditEvent, CertificateRecord, Device
@@ -211,7 +211,7 @@ def overview():
         issued_total=sum(day["count"] for day in stats["issued_per_day"]),
         events=reports.events(limit=RECENT_EVENTS),
         windows=EXPIRY_WINDOWS,
-        ca_warnings=[status.warning for status in authority_status(state()) if status.warning],
+        ca_warnings=list(expiry_warnings(state()).values()),
     )
 
 
