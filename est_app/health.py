@@ -3,7 +3,7 @@
 ``/healthz`` answers 200 ``ok`` whenever the process can answer at all; it
 touches nothing. ``/readyz`` answers 200 ``ready`` only when this worker can
 issue: the store answers a query on its certificates table, and for every CA
-(the top-level ``ca`` and each label's own) the key, in its file or its
+(the top-level ``ca``, each label's own, and those retired by a rollover until they expire) the key, in its file or its
 PKCS#11 token, signs a fresh payload that the CA certificate verifies, the certificate is within its validity, and
 its CRL in the store is current (when there is none yet, or it has expired,
 the probe signs one, as serving the CRL would). Otherwise 503 with one line naming what failed; the
@@ -14,7 +14,7 @@ unrevoked certificates it still has (:func:`authority_status`, shared with ``est
 the dashboard and the log at start.
 
 Neither is rate limited nor behind the admin network gate; neither says
-anything about devices.
+anything about a device (the rollover lines give counts per CA only).
 """
 
 from __future__ import annotations
