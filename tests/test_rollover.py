@@ -13,17 +13,20 @@ import json
 import os
 import stat
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
 
 from est_app import create_app
 from est_app.ca.authority import issuer_id
-from est_app.ca.development import create_root_ca, write_certificate
+from est_app.ca.development import create_root_ca, write_certificate, write_private_key
+from est_app.config import ConfigError
 from est_app.state import state
 
 from .conftest import run_cli
@@ -208,3 +211,28 @@ def test_rollover_refuses_a_pkcs11_key_in_one_line(make_config, ca_files, tmp_pa
     assert result.exit_code == 1
     assert "supports file keys only" in result.output and len(result.output.strip().splitlines()) == 1
     assert config.read_text() == before
+
+
+def test_an_expired_retired_ca_is_skipped_with_a_warning(make_app, ca_files, tmp_path, caplog):
+    key = ec_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "est_app expired CA")])
+    now = datetime.now(timezone.utc)
+    expired = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=30)).not_valid_after(now - timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    write_certificate(tmp_path / "expired.pem", expired)
+    write_private_key(tmp_path / "expired.key", key)
+    previous = [{"cert_file": str(tmp_path / "expired.pem"), "key_file": str(tmp_path / "expired.key")}]
+    app = make_app(ca=ca_section(*ca_files[:2], previous=previous))
+    assert "ca.previous[0] " in caplog.text and "leave it out of the configuration" in caplog.text
+    assert certs_from(app.test_client().get("/.well-known/est/cacerts")) == [ca_files[2]]
+    assert app.test_client().get("/readyz").get_data(as_text=True) == "ready\n"
+
+
+def test_a_retired_ca_has_no_previous_of_its_own(make_settings, ca_files):
+    inner = ca_section(*ca_files[:2])
+    with pytest.raises(ConfigError, match="a retired CA has no previous"):
+        make_settings(ca=ca_section(*ca_files[:2], previous=[{**inner, "previous": [inner]}]))
