@@ -58,9 +58,8 @@ def readyz() -> Response:
     failures = []
     app_state = state()
     store_ok = _check("store", failures, _store_answers)
-    retired = {r for authority in app_state.authorities for r in authority.retired}
     for authority in app_state.authorities:
-        if authority in retired and authority.validity_problem():
+        if authority in app_state.authorities.retired and authority.validity_problem():
             continue  # expired since start, and everything it issued with it: nothing left to answer for
         _check(f"{authority.name} key", failures, partial(_ca_key_signs, authority))
         _check(f"{authority.name} certificate", failures, authority.validity_problem)

@@ -156,10 +156,14 @@ class RolledOverFreeRADIUS(FreeRADIUS):
     def refresh_crl(self) -> None:
         shutil.copy(self.rollover.new_ca_file, self.ca_dir / "est-ca-2.pem")
         status = run_cli("ca", "status", "--json", config=self.server.config)
-        retired = [s for s in map(yaml.safe_load, status.output.splitlines()) if s["role"] == "retired"]
+        issuers = {s["role"]: s["issuer_id"] for s in map(yaml.safe_load, status.output.splitlines())}
         fetches = [
-            {"EST_CRL_URL": f"{self.server.url}/crl/issuer/{retired[0]['issuer_id']}.pem"},
-            {"EST_CRL_URL": f"{self.server.url}/crl.pem", "EST_CA_FILE": str(self.ca_dir / "est-ca-2.pem"), "EST_CRL_FILE": str(self.ca_dir / "est-2.crl.pem")},
+            {"EST_CRL_URL": f"{self.server.url}/crl/issuer/{issuers['retired']}.pem"},
+            {
+                "EST_CRL_URL": f"{self.server.url}/crl/issuer/{issuers['issuing']}.pem",
+                "EST_CA_FILE": str(self.ca_dir / "est-ca-2.pem"),
+                "EST_CRL_FILE": str(self.ca_dir / "est-2.crl.pem"),
+            },
         ]
         for extra in fetches:
             env = {**os.environ, "EST_CA_DIR": str(self.ca_dir), **extra}

@@ -39,6 +39,7 @@ from .test_revocation import ocsp_post, ocsp_request
 
 PASSPHRASE_ENV = "EST_TEST_ROLLOVER_PASSPHRASE"
 PASSPHRASE = b"rollover test passphrase"
+CRL_URL = "https://est.example:8445/crl"
 
 
 @dataclass
@@ -79,7 +80,7 @@ def ca_section(cert_file: Path, key_file: Path, **extra) -> dict:
 @pytest.fixture
 def rolled(make_app, ca_files) -> Rolled:
     cert_file, key_file, old = ca_files
-    before = make_app(ca=ca_section(cert_file, key_file, cert_validity_days=30))
+    before = make_app(ca=ca_section(cert_file, key_file, cert_validity_days=30, crl_url=CRL_URL))
     client = before.test_client()
     old_pumps = []
     for cn in ("NPPOLD1", "NPPOLD2"):
@@ -151,7 +152,13 @@ def test_the_old_key_signs_crls_and_ocsp_answers_for_what_it_issued(rolled):
     old_crl = fetch_crl(client, f"/crl/issuer/{issuer_id(rolled.old)}")
     assert old_crl.is_signature_valid(rolled.old.public_key())
     assert revoked_serials(old_crl) == {bad.serial_number}
-    new_crl = fetch_crl(client, "/crl")
+    # The address in the old certificates, /crl, still serves the old CA's CRL; the new CA's certificates name their own.
+    assert crl_url_of(good) == CRL_URL and fetch_crl(client, "/crl") == old_crl
+    assert x509.load_pem_x509_crl(client.get("/crl.pem").get_data()) == old_crl
+    new_pump = enroll(client, "NPPNEW3")
+    new_path = f"/crl/issuer/{issuer_id(rolled.new)}"
+    assert crl_url_of(new_pump) == "https://est.example:8445" + new_path
+    new_crl = fetch_crl(client, new_path)
     assert new_crl.is_signature_valid(rolled.new.public_key()) and revoked_serials(new_crl) == set()
     for pump, status in ((good, ocsp.OCSPCertStatus.GOOD), (bad, ocsp.OCSPCertStatus.REVOKED)):
         answer = ocsp_post(client, ocsp_request(pump, rolled.old))
@@ -161,6 +168,11 @@ def test_the_old_key_signs_crls_and_ocsp_answers_for_what_it_issued(rolled):
     response = post(client, "simplereenroll", make_csr("NPPOLD2", key=rolled.old_pumps[1][0]), cert=bad)
     assert response.status_code == 401 and "revoked" in response.get_data(as_text=True)
     assert client.get(f"/crl/issuer/{'0' * 64}").status_code == 404
+
+
+def crl_url_of(certificate: x509.Certificate) -> str:
+    (point,) = certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    return point.full_name[0].value
 
 
 def test_status_and_readyz_count_each_cas_certificates(rolled):

@@ -194,7 +194,8 @@ class Authorities:
         self.default = default
         self._labels = labels
         issuing = [default, *labels.values()]
-        self._by_issuer = {a.issuer_id: a for a in [*issuing, *(r for a in issuing for r in a.retired)]}
+        self.retired = [r for a in issuing for r in a.retired]  # by rollovers: they sign CRLs and OCSP answers only
+        self._by_issuer = {a.issuer_id: a for a in [*issuing, *self.retired]}
         self.settings = settings  # issuer id -> the section it was loaded from
         # Records from before issuers were recorded predate every rollover: the oldest top-level CA issued them.
         self.unrecorded = default.retired[-1] if default.retired else default

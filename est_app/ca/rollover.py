@@ -7,7 +7,8 @@ is encrypted), a new self-signed certificate with the same subject, NewWithOld
 new). Files are created next to the old certificate under fresh names
 (``<stem>-<n>.pem``, ``.key``, ``-links.pem``); nothing existing is overwritten.
 :func:`rolled_over_section` is the configuration section that makes the new CA
-issue and keeps the old one (``previous``) signing CRLs and OCSP answers.
+issue and keeps the old one (``previous``) signing CRLs and OCSP answers; the new
+CA's ``crl_url`` moves to ``/crl/issuer/<its issuer id>``, the old address stays the old CA's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PrivateKeyTypes
 
 from ..config import CASettings, ConfigError
-from .authority import BACKDATE, DIGESTS, load_ca_chain, load_ca_key
+from .authority import BACKDATE, DIGESTS, issuer_id, load_ca_chain, load_ca_key
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ def rolled_over_section(section: dict[str, Any], files: RolloverFiles, base_dir:
         link_certificates_file=_relative(files.link_certificates_file, base_dir),
         previous=[retired, *section.get("previous", [])],
     )
+    if section.get("crl_url"):
+        # The old CA's certificates keep naming the old address, which now serves its CRL (est_app/revocation/views.py).
+        address = urlsplit(section["crl_url"])._replace(path=f"/crl/issuer/{issuer_id(files.certificate)}")
+        rolled["crl_url"] = urlunsplit(address)
     return rolled
 
 
