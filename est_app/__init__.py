@@ -76,7 +76,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         if ca.ocsp_responder_cert_file:
             signers[authority.issuer_id] = load_signer(ca.ocsp_responder_cert_file, ca.ocsp_responder_key_file, authority)
         lifetime = timedelta(hours=ca.crl_lifetime_hours)
-        crls[authority.issuer_id] = CRLCache(authority, store, lifetime, top_level=authority is authorities.default)
+        crls[authority.issuer_id] = CRLCache(authority, store, lifetime, top_level=authority is authorities.unrecorded)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     proxies = TrustedProxies(app.wsgi_app, settings.trusted_proxies)
     app.wsgi_app = proxies
@@ -96,6 +96,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         ),
         approval=ApprovalService(store, settings.approval),
     )
+    health.log_expiry_warnings(app.extensions["est_app"])
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)
     metrics.init_app(app)

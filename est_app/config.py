@@ -109,9 +109,15 @@ class CASettings:
     key: Optional[str] = None
     pkcs11_module: Optional[Path] = None
     pin_file: Optional[Path] = None
+    # CA rollover (RFC 7030 4.1.3, est-admin ca rollover): the retired CAs, still signing CRLs and OCSP
+    # answers for what they issued, and the NewWithOld/OldWithNew link certificates cacerts adds.
+    previous: tuple["CASettings", ...] = ()
+    link_certificates_file: Optional[Path] = None
 
     def __post_init__(self) -> None:
         _positive(self, "cert_validity_days", "crl_lifetime_hours")
+        if any(p.previous or p.link_certificates_file for p in self.previous):
+            raise ValueError("previous: a retired CA has no previous or link_certificates_file of its own; list every retired CA here")
         if (self.key_file is None) == (self.key is None):
             raise ValueError("set key_file (a PEM key) or key (a pkcs11: URI), one of them")
         if self.key is not None:
@@ -405,6 +411,9 @@ def _build(tp: object, value: object, key: str, base_dir: Path) -> object:
 def _check_files_exist(settings: Settings, source: str) -> None:
     sections = {"ca": settings.ca, "tls": settings.tls}
     sections.update({f"labels.{name}.ca": label.ca for name, label in settings.labels.items() if label.ca})
+    for section, ca in list(sections.items()):
+        if section != "tls":
+            sections.update({f"{section}.previous[{i}]": previous for i, previous in enumerate(ca.previous)})
     for section, obj in sections.items():
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)

@@ -53,6 +53,7 @@ def gunicorn_options(settings: Settings) -> dict:
         # must chain to a CA issuing here, a label's own too (device re-enrollment), or to
         # tls.client_ca_file (RA certificates).
         cas = [settings.ca, *(label.ca for label in settings.labels.values() if label.ca)]
+        cas += [previous for ca in cas for previous in ca.previous]  # retired by a rollover: their devices re-enroll
         anchors = [p for p in (*(f for ca in cas for f in (ca.cert_file, ca.chain_file)), tls.client_ca_file) if p]
 
         def ssl_context(conf, default_ssl_context_factory):

@@ -29,6 +29,7 @@ from ..ca.crl import REASONS
 from .. import revocation
 from ..records import request_json
 from ..errors import TooManyRequests, describe
+from ..health import expiry_warnings
 from ..revocation import revoke
 from ..state import state
 from ..store import MAX_USER_NAME, AlreadyRevoked, AuditEvent, CertificateRecord, Device
@@ -213,6 +214,7 @@ def overview():
         issued_total=sum(day["count"] for day in stats["issued_per_day"]),
         events=reports.events(limit=RECENT_EVENTS),
         windows=EXPIRY_WINDOWS,
+        ca_warnings=list(expiry_warnings(state()).values()),
     )
 
 

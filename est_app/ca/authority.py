@@ -17,6 +17,7 @@ without the passphrase or PIN (which systemd hands only to the running service).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from functools import partial
 from datetime import datetime, timedelta, timezone
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
@@ -33,6 +35,8 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from ..config import CASettings, ConfigError, Settings
 from .profile import CertificateProfile
 from .signers import FileSigner, Signer
+
+log = logging.getLogger(__name__)
 
 # Backdating absorbs clock skew on devices whose clocks drift.
 BACKDATE = timedelta(minutes=5)
@@ -87,6 +91,8 @@ class CertificateAuthority:
         except x509.ExtensionNotFound:
             self.authority_key_identifier = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.certificate.public_key())
         self.cacerts = pkcs7.serialize_certificates(list(chain), serialization.Encoding.DER)
+        self.retired: tuple[CertificateAuthority, ...] = ()
+        self.link_certificates: tuple[x509.Certificate, ...] = ()
         self._pointers: list[tuple[x509.ExtensionType, bool]] = []
         if crl_url:
             point = x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)
@@ -94,6 +100,14 @@ class CertificateAuthority:
         if ocsp_url:
             access = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))
             self._pointers.append((x509.AuthorityInformationAccess([access]), False))
+
+    def add_retired(self, retired: list[CertificateAuthority], links: list[x509.Certificate]) -> None:
+        """After a rollover (RFC 7030 4.1.3): the CAs this one replaced, newest first, and the link
+        certificates; ``cacerts`` answers all of them after this CA's own chain."""
+        self.retired = tuple(retired)
+        self.link_certificates = tuple(links)
+        published = dict.fromkeys([*self.chain, *(c for r in self.retired for c in r.chain), *self.link_certificates])
+        self.cacerts = pkcs7.serialize_certificates(list(published), serialization.Encoding.DER)
 
     @property
     def signer(self) -> Signer:
@@ -179,10 +193,15 @@ class Authorities:
     def __init__(self, default: CertificateAuthority, labels: dict[str, CertificateAuthority], settings: dict[str, CASettings]) -> None:
         self.default = default
         self._labels = labels
-        self._by_issuer = {default.issuer_id: default, **{a.issuer_id: a for a in labels.values()}}
+        issuing = [default, *labels.values()]
+        self.retired = [r for a in issuing for r in a.retired]  # by rollovers: they sign CRLs and OCSP answers only
+        self._by_issuer = {a.issuer_id: a for a in [*issuing, *self.retired]}
         self.settings = settings  # issuer id -> the section it was loaded from
+        # Records from before issuers were recorded predate every rollover: the oldest top-level CA issued them.
+        self.unrecorded = default.retired[-1] if default.retired else default
 
     def __iter__(self) -> Iterator[CertificateAuthority]:
+        """Every CA, retired ones (which still sign CRLs and OCSP answers) included."""
         return iter(self._by_issuer.values())
 
     def for_label(self, label: Optional[str]) -> CertificateAuthority:
@@ -190,8 +209,8 @@ class Authorities:
         return self._labels.get(label, self.default) if label else self.default
 
     def issuer_of(self, issuer: Optional[str]) -> Optional[CertificateAuthority]:
-        """The CA a certificate record names; records from before issuers were recorded (None) are the top-level CA's."""
-        return self.default if issuer is None else self._by_issuer.get(issuer)
+        """The CA a certificate record names; records from before issuers were recorded (None) are the oldest top-level CA's."""
+        return self.unrecorded if issuer is None else self._by_issuer.get(issuer)
 
 
 def load_authorities(settings: Settings, defer_key: bool = False) -> Authorities:
@@ -203,6 +222,11 @@ def load_authorities(settings: Settings, defer_key: bool = False) -> Authorities
         first_settings, first = loaded.setdefault(authority.issuer_id, (section, authority))
         if first_settings != section:
             raise ConfigError(f"{where} names the same CA as {first.name} with other settings: make them equal, or leave {where} out")
+        if first is authority and section.previous:
+            retired = [(p, r) for i, p in enumerate(section.previous) if (r := load_retired_authority(p, f"{where}.previous[{i}]", defer_key))]
+            authority.add_retired([r for _, r in retired], load_link_certificates(section, where, [authority, *(r for _, r in retired)]))
+            for retired_section, retired_authority in retired:
+                loaded.setdefault(retired_authority.issuer_id, (retired_section, retired_authority))
         return first
 
     default = load(settings.ca, "ca")
@@ -220,6 +244,40 @@ def load_authority(settings: CASettings, where: str = "ca", defer_key: bool = Fa
     if problem:
         raise ConfigError(f"{where}.cert_file {settings.cert_file} {problem}")
     return authority
+
+
+def load_retired_authority(settings: CASettings, where: str, defer_key: bool = False) -> Optional[CertificateAuthority]:
+    """A CA retired by a rollover (``ca.previous[i]``), or None once it has expired: everything it issued has expired too."""
+    chain = load_ca_chain(settings, where)
+    if datetime.now(timezone.utc) >= chain[0].not_valid_after_utc:
+        log.warning("%s %s expired on %s: leave it out of the configuration", where, settings.cert_file, chain[0].not_valid_after_utc)
+        return None
+    signer = partial(load_ca_signer, settings, chain[0], where) if defer_key else load_ca_signer(settings, chain[0], where)
+    return CertificateAuthority(signer, chain, settings.digest, settings.crl_url, settings.ocsp_url, where)
+
+
+def load_link_certificates(settings: CASettings, where: str, authorities: list[CertificateAuthority]) -> list[x509.Certificate]:
+    """The rollover's link certificates: each certifies one of ``authorities``' keys and is signed by another's."""
+    if settings.link_certificates_file is None:
+        return []
+    links = load_certificates(settings.link_certificates_file, f"{where}.link_certificates_file")
+    keys = {_spki(a.certificate.public_key()) for a in authorities}
+    for link in links:
+        signed = any(_signed_by(link, a.certificate) for a in authorities)
+        if _spki(link.public_key()) not in keys or not signed:
+            raise ConfigError(
+                f"{where}.link_certificates_file {settings.link_certificates_file}: {link.subject.rfc4514_string()} "
+                "is not a link between this CA and one it replaced (ca.previous)"
+            )
+    return links
+
+
+def _signed_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(issuer)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
 
 
 def load_ca_chain(settings: CASettings, where: str = "ca") -> tuple[x509.Certificate, ...]:

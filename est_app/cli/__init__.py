@@ -83,7 +83,7 @@ def require_ca_key(purpose: str, authorities: Iterable["CertificateAuthority"]) 
             raise click.ClickException(f"cannot {purpose} without the CA key: {exc}") from None
 
 
-from . import accounts, database, initialise, registry, requests  # noqa: E402  (they attach their commands to ``est``)
+from . import accounts, ca, database, initialise, registry, requests  # noqa: E402  (they attach their commands to ``est``)
 from . import doctor  # noqa: E402,F401
 
-__all__ = ["est", "main", "require_ca_key", "accounts", "database", "initialise", "registry", "requests"]
+__all__ = ["est", "main", "require_ca_key", "accounts", "ca", "database", "initialise", "registry", "requests"]

@@ -443,6 +443,15 @@ class Store:
         with self.engine.connect() as conn:
             return [tuple(row) for row in conn.execute(query)]
 
+    def unexpired_certificates(self, issuer: Optional[str] = None, or_unrecorded: bool = False) -> tuple[int, Optional[datetime]]:
+        """How many of the CA's certificates are unexpired and not revoked, and when the last unexpired one (revoked too) expires."""
+        now = utcnow()
+        issued = _issued_by(certificates.c.issuer, issuer, or_unrecorded)
+        count = sa.select(sa.func.count()).select_from(certificates).where(certificates.c.status != "revoked", certificates.c.not_after > now, issued)
+        last = sa.select(sa.func.max(certificates.c.not_after)).where(certificates.c.not_after > now, issued)
+        with self.engine.connect() as conn:
+            return conn.execute(count).scalar_one(), conn.execute(last).scalar()
+
     def current_crl(self, issuer: Optional[str] = None, or_unrecorded: bool = False) -> Optional[CRLRecord]:
         query = crls.select().where(_issued_by(crls.c.issuer, issuer, or_unrecorded)).order_by(crls.c.number.desc()).limit(1)
         return self._one(query, CRLRecord)

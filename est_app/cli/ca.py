@@ -1,0 +1,80 @@
+"""``est ca``: roll a CA over (RFC 7030 4.1.3) and show every CA's state through the overlap.
+
+``ca rollover`` writes the new key, certificate and link certificates beside
+the old files (never over them) and rewrites the configuration's ``ca``
+section (or a label's), keeping the old section as ``previous``; the file as
+it was is kept as ``<config>.before-rollover-<n>`` to undo it. The running
+server picks the new CA up at its next restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import click
+import yaml
+
+from ..ca.rollover import roll_over, rolled_over_section
+from ..config import ConfigError, load_config
+from . import est
+from .output import json_option, print_list
+
+
+@est.group("ca")
+def ca() -> None:
+    """The certificate authorities: rollover and status."""
+
+
+@ca.command("rollover")
+@click.option("--label", help="Roll over this label's own CA (labels.<label>.ca) instead of the top-level ca.")
+def rollover(label: Optional[str]) -> None:
+    """Make a new CA key and certificate (same subject) and the NewWithOld/OldWithNew link certificates."""
+    from .. import config_path
+
+    path = config_path(click.get_current_context().find_root().params.get("config"))
+    settings = load_config(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    where = f"labels.{label}.ca" if label else "ca"
+    holder = data.get("labels", {}).get(label) if label else data
+    if not isinstance(holder, dict) or not isinstance(holder.get("ca"), dict):
+        raise click.ClickException(f"{where}: no such section in {path}")
+    section = settings.labels[label].ca if label else settings.ca
+    try:
+        files = roll_over(section, where)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    number = 1
+    while (backup := path.with_name(f"{path.name}.before-rollover-{number}")).exists():
+        number += 1
+    shutil.copy2(path, backup)
+    holder["ca"] = rolled_over_section(holder["ca"], files, path.resolve().parent)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    load_config(path)  # the rewritten file must load, or say why now
+    click.echo(f"new CA certificate: {files.cert_file} (expires {files.certificate.not_valid_after_utc:%Y-%m-%d})")
+    click.echo(f"new CA key:         {files.key_file}")
+    click.echo(f"link certificates:  {files.link_certificates_file} (NewWithOld, OldWithNew)")
+    click.echo(f"{path} rewritten ({where}.previous keeps the old CA); the old file is {backup}")
+    click.echo("restart the server (systemctl restart est) to issue from the new CA; see docs/CA_ROLLOVER.md")
+
+
+@ca.command("status")
+@json_option
+def status(as_json: bool) -> None:
+    """Every CA, issuing and retired: expiry, valid certificates left, and a warning when new certificates would be cut short."""
+    from ..health import authority_status
+    from ..state import state
+
+    statuses = authority_status(state())
+    records = [{**dataclasses.asdict(s), "not_after": f"{s.not_after:%Y-%m-%d %H:%M}", "last_expiry": _date(s.last_expiry)} for s in statuses]
+    columns = [("name", "CA"), ("role", "ROLE"), ("not_after", "EXPIRES"), ("valid_certificates", "VALID"), ("last_expiry", "LAST CERTIFICATE EXPIRES"), ("issuer_id", "ISSUER ID")]
+    print_list(records, columns, as_json, "no CA is configured")
+    for s in statuses:
+        if s.warning:
+            click.echo(f"warning: {s.warning}", err=True)
+
+
+def _date(value) -> Optional[str]:
+    return f"{value:%Y-%m-%d %H:%M}" if value else None
