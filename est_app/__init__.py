@@ -81,6 +81,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     proxies = TrustedProxies(app.wsgi_app, settings.trusted_proxies)
     app.wsgi_app = proxies
     profiles = build_profiles(settings)
+    enrollment = EnrollmentService(store, authorities, profiles, issued=metrics.certificate_issued, retried=metrics.enrollment_retried)
     app.extensions["est_app"] = AppState(
         settings=settings,
         authorities=authorities,
@@ -91,10 +92,8 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         crls=crls,
         ocsp=OCSPResponder(authorities, store.certificate_status, signers),
         proxies=proxies,
-        enrollment=EnrollmentService(
-            store, authorities, profiles, issued=metrics.certificate_issued, retried=metrics.enrollment_retried
-        ),
-        approval=ApprovalService(store, settings.approval),
+        enrollment=enrollment,
+        approval=ApprovalService(store, settings.approval, enrollment),
     )
     health.log_expiry_warnings(app.extensions["est_app"])
     errors.register(app)

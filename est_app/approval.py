@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .ca import check_policy, load_csr
 from .config import DEFAULT_LABEL, ApprovalSettings, Settings
-from .enrollment import Requester, device_key
+from .enrollment import EnrollmentService, Requester, device_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .profiles import EnrollmentProfile
 from .store import AuditEvent, Store, utcnow
@@ -70,9 +70,10 @@ class _Collect:
 class ApprovalService:
     """Decides, before the enrollment service issues, whether a request issues now or waits."""
 
-    def __init__(self, store: Store, settings: ApprovalSettings) -> None:
+    def __init__(self, store: Store, settings: ApprovalSettings, enrollment: EnrollmentService) -> None:
         self.store = store
         self.settings = settings
+        self.enrollment = enrollment  # asked first whether a request is a retry of one already answered
 
     def admit(
         self,
@@ -89,6 +90,10 @@ class ApprovalService:
         key = device_key(csr, profile.device_id)
         if profile.approval == "inventory" and in_inventory(self.store, profile.name, key):
             return issue(csr)
+        if operation != "serverkeygen":  # its certificate holds the server's key: never a retry
+            earlier = self.enrollment.already_issued(csr, profile, requester, operation)
+            if earlier is not None:
+                return earlier  # type: ignore[return-value]  (simpleenroll and simplereenroll issue certificates)
         values = {
             "label": profile.name, "device_key": key, "csr": csr.public_bytes(Encoding.DER), "public_key_hash": public_key_hash(csr),
             "subject": csr.subject.rfc4514_string(), "operation": operation, "requester": requester.name,

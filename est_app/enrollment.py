@@ -157,6 +157,21 @@ class EnrollmentService:
         """The certs-only PKCS#7 an enrollment on ``profile``'s label answers with."""
         return self._authority(profile).certs_only(certificate, profile.certificate)
 
+    def already_issued(
+        self, csr: x509.CertificateSigningRequest, profile: EnrollmentProfile, requester: Requester, operation: str
+    ) -> Optional[x509.Certificate]:
+        """The certificate this request was already answered with (a retry within the window, audited as one), or None.
+
+        Read without the store's lock, for steps that come before issuing (approval: a collected
+        request's lost response is answered, not filed again); issuing itself decides under the lock.
+        """
+        answers = self._answers_request(csr, profile, requester, operation)
+        if answers is None:
+            return None
+        key = device_key(csr, profile.device_id)
+        record = self.store.current_certificate(profile.name, key)
+        return self._retried(record, profile, requester, key) if record is not None and answers(record) else None
+
     def profile_named(self, name: str) -> Optional[EnrollmentProfile]:
         """The profile recorded as ``name`` on certificates ('default' for the unlabelled path)."""
         return next((p for p in self.profiles.values() if p.name == name), None)

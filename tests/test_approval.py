@@ -279,3 +279,24 @@ def test_simplereenroll_waits_only_where_the_label_says(make_app, reenrollment_w
     assert renewed.status_code == 200, renewed.get_data(as_text=True)
     assert certificate_of(renewed).serial_number != old.serial_number
     assert len(pending(app)) == (2 if reenrollment_waits else 1)
+
+
+def test_a_collected_certificate_sent_for_again_is_a_retry_not_a_new_request(make_app, make_config):
+    # The device lost the 200 that collected its approved certificate and sends the same CSR again.
+    app = make_app(approval=MANUAL, retry_window_minutes=60)
+    client = app.test_client()
+    csr = make_csr("NPPLOST1", key=fresh_key())
+    assert post(client, csr).status_code == 202
+    (row,) = pending(app)
+    assert run_cli("request", "approve", str(row.id), config=make_config(approval=MANUAL)).exit_code == 0
+    collected = certificate_of(post(client, csr))
+
+    again = post(client, csr)
+    assert again.status_code == 200, again.get_data(as_text=True)
+    assert certificate_of(again).serial_number == collected.serial_number
+    assert [r.status for r in pending(app)] == ["collected"]  # no second request filed
+    with app.app_context():
+        events = [(e.event, e.serial) for e in state().store.audit_events(device="NPPLOST1")]
+    assert events[-1] == ("retry", format(collected.serial_number, "x"))
+    # Another key for the same device is no retry: it waits for an operator again.
+    assert post(client, make_csr("NPPLOST1", key=fresh_key())).status_code == 202

@@ -383,6 +383,12 @@ class Store:
         with self.engine.connect() as conn:
             return [Device(**row._mapping) for row in conn.execute(query)]
 
+    def current_certificate(self, label: str, device_key: str) -> Optional[CertificateRecord]:
+        """The current certificate of the device ``device_key`` on ``label``, or None."""
+        joined = certificates.join(devices, devices.c.current_serial == certificates.c.serial)
+        query = certificates.select().select_from(joined).where(devices.c.label == label, devices.c.device_key == device_key)
+        return self._one(query, CertificateRecord)
+
     def device_certificates(self, device_id: int) -> list[CertificateRecord]:
         query = certificates.select().where(certificates.c.device_id == device_id).order_by(certificates.c.issued_at)
         with self.engine.connect() as conn:
