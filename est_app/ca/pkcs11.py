@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -56,6 +57,7 @@ CURVE_OIDS = {"ec-p256": "1.2.840.10045.3.1.7", "ec-p384": "1.3.132.0.34"}
 # RFC 7512 path attributes this server understands; anything else in the URI is refused, not ignored.
 URI_ATTRIBUTES = frozenset({"token", "object", "id", "serial", "manufacturer", "model", "type"})
 RETRY_AFTER = 30  # seconds a client is told to wait while the token is away
+START_WAITS = (0.2, 0.5, 1.0)  # seconds between start-up checks of a token that does not answer
 
 
 @dataclass(frozen=True)
@@ -238,11 +240,19 @@ class PKCS11Signer(Signer):
         """At start-up: the key exists, stays in the token (sensitive, never extractable) and is the CA certificate's."""
         from pkcs11 import Attribute
 
-        try:
-            extractable, sensitive = self._token.run(lambda k: (k[Attribute.EXTRACTABLE], k[Attribute.SENSITIVE]), self.uri)
-            self.sign(b"est_app start-up check", PROBE_DIGEST)  # verified against the certificate inside
-        except KeyUnavailable as exc:
-            raise ConfigError(f"{self.where}.key: the key {exc.problem} ({exc.detail})") from None
+        # Workers starting together can meet SoftHSM's file store mid-write (GeneralError, then no such
+        # token): a few short waits first. A refused PIN is never tried again (TokenSession).
+        first: Optional[KeyUnavailable] = None
+        for wait in (*START_WAITS, None):
+            try:
+                extractable, sensitive = self._token.run(lambda k: (k[Attribute.EXTRACTABLE], k[Attribute.SENSITIVE]), self.uri)
+                self.sign(b"est_app start-up check", PROBE_DIGEST)  # verified against the certificate inside
+                break
+            except KeyUnavailable as exc:
+                first = first or exc  # what the token said first: the later tries only repeat it
+                if wait is None:
+                    raise ConfigError(f"{self.where}.key: the key {first.problem} ({first.detail})") from None
+                time.sleep(wait)
         if extractable or not sensitive:
             raise ConfigError(f"{self.where}.key: the key can leave the token (CKA_EXTRACTABLE or not CKA_SENSITIVE); generate one inside it with est-admin init")
 
