@@ -7,6 +7,8 @@ most ``statement_timeout`` for a lock. Pooled connections are pinged before
 use, so a restarted PostgreSQL is used again without restarting est_app.
 """
 
+import sqlite3
+import time
 from typing import Optional
 
 import sqlalchemy as sa
@@ -35,11 +37,30 @@ def _configure_sqlite(engine: Engine, busy_seconds: int) -> None:
         # Hand transaction control to the "begin" hook below (pysqlite's own is unreliable).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", f"busy_timeout={busy_seconds * 1000}", "foreign_keys=ON"):
+        for pragma in (f"busy_timeout={busy_seconds * 1000}", "synchronous=FULL", "foreign_keys=ON"):
             cursor.execute(f"PRAGMA {pragma}")
+        _use_wal(cursor, busy_seconds)
         cursor.close()
 
     @sa.event.listens_for(engine, "begin")
     def _begin(conn) -> None:
         # Writers take the lock up front, so a read-then-write never deadlocks on upgrade.
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("est_write") else "BEGIN")
+
+
+def _use_wal(cursor, busy_seconds: int) -> None:
+    """Switch the file to WAL (it stays so), retrying for up to ``busy_seconds``.
+
+    While another connection is switching a new file to WAL, SQLite answers "database
+    is locked" at once, without calling the busy handler: workers starting together on
+    a fresh database met it (one of four failed to start).
+    """
+    deadline = time.monotonic() + busy_seconds
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
