@@ -342,10 +342,29 @@ def throwaway_certificate(elliptic: bool) -> x509.Certificate:
     return certificate
 
 
+class KeyLabelTaken(ConfigError):
+    """The token holds a private key of that label already: it is never replaced."""
+
+
+def key_uri(token_label: str, label: str, serial: Optional[str] = None) -> str:
+    """The RFC 7512 URI naming the private key ``label`` in the token (and its serial, when given)."""
+    uri = f"pkcs11:token={urllib.parse.quote(token_label, safe='')};object={urllib.parse.quote(label, safe='')}"
+    return uri + (f";serial={urllib.parse.quote(serial, safe='')}" if serial else "")
+
+
+def token_key_type(public_key: CertificatePublicKeyTypes, where: str) -> str:
+    """The key type (ec-p256, ec-p384, rsa-2048, rsa-3072) to generate a token key like ``public_key`` as."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name in ("secp256r1", "secp384r1"):
+        return f"ec-p{public_key.curve.key_size}"
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size in (2048, 3072):
+        return f"rsa-{public_key.key_size}"
+    raise ConfigError(f"{where}: a token key is EC P-256, P-384 or RSA 2048, 3072; this CA's key is none of them")
+
+
 def generate_key_in_token(module_path: Path, token_label: str, pin: str, label: str, key_type: str) -> CertificatePublicKeyTypes:
     """Generate a CA key pair inside the token (private half sensitive, never extractable); its public key.
 
-    Refuses (ConfigError) when the token already holds a private key of that label.
+    Refuses (KeyLabelTaken) when the token already holds a private key of that label.
     """
     import pkcs11
     from pkcs11 import Attribute, KeyType, ObjectClass
@@ -366,7 +385,7 @@ def generate_key_in_token(module_path: Path, token_label: str, pin: str, label: 
         raise ConfigError(f"token {token_label!r} in {module_path}: cannot log in ({type(exc).__name__} {exc})".strip()) from None
     try:
         if list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})):
-            raise ConfigError(f"token {token_label!r} already holds a key labelled {label!r}; choose another --object label")
+            raise KeyLabelTaken(f"token {token_label!r} already holds a key labelled {label!r}; choose another --object label")
         key_id = os.urandom(16)
         private = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True, Attribute.SIGN: True, Attribute.ID: key_id}
         public = {Attribute.VERIFY: True, Attribute.ID: key_id}

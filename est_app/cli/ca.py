@@ -1,7 +1,7 @@
 """``est ca``: roll a CA over (RFC 7030 4.1.3) and show every CA's state through the overlap.
 
-``ca rollover`` writes the new key, certificate and link certificates beside
-the old files (never over them) and rewrites the configuration's ``ca``
+``ca rollover`` writes the new key (a file, or a new key in the old key's
+PKCS#11 token), certificate and link certificates beside the old ones (never over them) and rewrites the configuration's ``ca``
 section (or a label's), keeping the old section as ``previous``; the file as
 it was is kept as ``<config>.before-rollover-<n>`` to undo it. The running
 server picks the new CA up at its next restart.
@@ -54,7 +54,7 @@ def rollover(label: Optional[str]) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     load_config(path)  # the rewritten file must load, or say why now
     click.echo(f"new CA certificate: {files.cert_file} (expires {files.certificate.not_valid_after_utc:%Y-%m-%d})")
-    click.echo(f"new CA key:         {files.key_file}")
+    click.echo(f"new CA key:         {files.key_uri} (in the token, never extractable)" if files.key_uri else f"new CA key:         {files.key_file}")
     click.echo(f"link certificates:  {files.link_certificates_file} (NewWithOld, OldWithNew)")
     click.echo(f"{path} rewritten ({where}.previous keeps the old CA); the old file is {backup}")
     click.echo("restart the server (systemctl restart est) to issue from the new CA; see docs/CA_ROLLOVER.md")
