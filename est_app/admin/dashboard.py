@@ -35,7 +35,7 @@ from ..state import state
 from ..store import MAX_USER_NAME, AlreadyRevoked, AuditEvent, CertificateRecord, Device
 from ..store import NotFound as UnknownCertificate
 from ..store import utcnow
-from ..store.requests import add_to_inventory, list_inventory, list_requests, remove_from_inventory
+from ..store.requests import add_to_inventory, list_inventory, remove_from_inventory
 from ..store.reports import MAX_ID, AmbiguousDevice, DeviceNotFound, Reports
 from . import check_admin_password, refuse_login
 from .sessions import signed_in_admin
@@ -442,7 +442,7 @@ def delete_device(device: str):
 @bp.get("/requests")
 def requests_page():
     store = state().store
-    waiting = [request_json(r, with_csr=True) for r in list_requests(store, "pending")]
+    waiting = [request_json(r, with_csr=True) for r in state().approval.requests("pending")]
     labels = sorted(p.name for p in state().profiles.values())
     return render_template(
         "admin/requests.html", section="requests", requests=waiting, inventory=list_inventory(store), labels=labels,
