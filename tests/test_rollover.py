@@ -213,16 +213,15 @@ def test_no_warning_while_the_ca_outlives_its_certificates(make_dashboard, ca_fi
     assert "roll it over" not in browser.get("/admin/").get_data(as_text=True)
 
 
-def test_rollover_refuses_a_pkcs11_key_in_one_line(make_config, ca_files, tmp_path):
-    module = tmp_path / "module.so"
-    module.write_bytes(b"")
-    (tmp_path / "pin").write_text("1234")
-    config = make_config(ca={"cert_file": str(ca_files[0]), "key_file": None, "key": "pkcs11:token=t;object=o", "pkcs11_module": str(module), "pin_file": str(tmp_path / "pin")})
+def test_a_root_ca_refuses_the_intermediate_steps_in_one_line(make_config, ca_files, tmp_path):
+    config = make_config(ca=ca_section(*ca_files[:2]))
     before = config.read_text()
-    result = run_cli("ca", "rollover", config=config)
-    assert result.exit_code == 1
-    assert "supports file keys only" in result.output and len(result.output.strip().splitlines()) == 1
-    assert config.read_text() == before
+    for option in ("--request", "--certificate"):
+        result = run_cli("ca", "rollover", option, str(ca_files[0]), config=config)
+        assert result.exit_code == 1
+        assert f"ca is a root CA: roll it over in one step, ca rollover without {option}" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert config.read_text() == before and not (tmp_path / "ca" / "ca-2.key").exists()
 
 
 def test_an_expired_retired_ca_is_skipped_with_a_warning(make_app, ca_files, tmp_path, caplog):

@@ -37,6 +37,8 @@ from typing import Callable, Optional, TypeVar
 
 from asn1crypto import core as asn1_core
 from asn1crypto import crl as asn1_crl
+from asn1crypto import csr as asn1_csr
+from asn1crypto import keys as asn1_keys
 from asn1crypto import ocsp as asn1_ocsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
@@ -309,6 +311,16 @@ class PKCS11Signer(Signer):
         basic["signature"] = self.sign(basic["tbs_response_data"].dump(), algorithm)
         response["response_bytes"]["response"] = asn1_core.ParsableOctetString(basic.dump())
         return ocsp.load_der_ocsp_response(response.dump())
+
+    def sign_request(self, builder: x509.CertificateSigningRequestBuilder, algorithm: hashes.HashAlgorithm) -> x509.CertificateSigningRequest:
+        """The builder's CSR for this key (a new CA key's, for its parent CA), signed in the token."""
+        draft = asn1_csr.CertificationRequest.load(builder.sign(self._throwaway(), algorithm).public_bytes(serialization.Encoding.DER))
+        info = draft["certification_request_info"]
+        info["subject_pk_info"] = asn1_keys.PublicKeyInfo.load(
+            self.public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        draft["signature"] = self.sign(info.dump(), algorithm)
+        return x509.load_der_x509_csr(draft.dump())
 
     def _throwaway(self):
         """A key of the CA key's family, only to have cryptography build and encode; its signature is replaced."""
