@@ -5,7 +5,8 @@
 old key untouched, no key file written) and signs the new root and both link certificates with
 the token's keys. An app on the rewritten configuration must issue from the new key, re-enroll an
 old-CA pump into a new-CA certificate, keep signing the old CA's CRL and OCSP answers with the old
-key, and publish a cacerts that openssl verifies both generations against.
+key, and publish a cacerts that openssl verifies both generations against. The same for an
+intermediate CA in a token, in two steps: the new key's CSR is signed in the token.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .pki import ec_key, make_csr, pem
 from .softhsm import MODULE, PIN, key_attributes, token_pki_dir
 from .test_enroll import certs_from
 from .test_hsm import token_app
+from .test_intermediate_rollover import certify, make_root, verify_both_generations, write_intermediate
 from .test_label_ca import enroll, fetch_crl, issued, revoke, revoked_serials
 from .test_protocol import post
 from .test_revocation import ocsp_post, ocsp_request
@@ -115,3 +117,45 @@ def test_a_token_ca_rolls_over_inside_its_token(tmp_path, key_type):
     reached = openssl("verify", "-CAfile", tmp_path / "old-root.pem", "-untrusted", tmp_path / "links.pem", tmp_path / "new.pem")
     assert reached.strip().endswith(b": OK")
     assert client.get("/readyz").status_code == 200
+
+
+def test_an_intermediate_ca_in_a_token_rolls_over_in_two_steps(tmp_path):
+    pki, token = token_pki_dir(tmp_path / "pki")
+    token_key = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes()).public_key()
+    root_key, root = make_root("est_app offline root")
+    old = write_intermediate(pki, root_key, root, public_key=token_key)  # the token's key, certified by the root
+    config = pki / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["ca"].update(cert_file=str(pki / "issuing.pem"), chain_file=str(pki / "root.pem"))
+    config.write_text(yaml.safe_dump(data))
+    pump_key = ec_key()
+    old_pump = enroll(token_app(pki).test_client(), "NPPHIOLD", key=pump_key)
+    old_pump.verify_directly_issued_by(old)
+
+    output = run_cli("ca", "rollover", "--request", str(tmp_path / "new-ca.csr"), config=config).output
+    assert f"new CA key:         pkcs11:token={token};object=issuing-ca-2 (in the token, never extractable)" in output
+    request = x509.load_pem_x509_csr((tmp_path / "new-ca.csr").read_bytes())
+    assert request.is_signature_valid and request.subject == old.subject and request.public_key() != token_key  # signed in the token
+    assert key_attributes(token, "issuing-ca-2")["EXTRACTABLE"] is False
+    signed = certify(request.public_key(), root_key, root)
+    (tmp_path / "signed.pem").write_bytes(pem(signed))
+    result = run_cli("ca", "rollover", "--certificate", str(tmp_path / "signed.pem"), config=config)
+    assert result.exit_code == 0, result.output
+    section = yaml.safe_load(config.read_text())["ca"]
+    assert section["key"] == f"pkcs11:token={token};object=issuing-ca-2" and section["cert_file"] == "issuing-2.pem"
+    assert section["previous"][0]["key"] == f"pkcs11:token={token};object=issuing-ca"
+
+    app = create_app(config)
+    app.config["TESTING"] = True
+    client = app.test_client()
+    cacerts = certs_from(client.get("/.well-known/est/cacerts"))
+    assert len(cacerts) == 3 and set(cacerts) == {signed, old, root}
+    new_pump = enroll(client, "NPPHINEW")
+    new_pump.verify_directly_issued_by(signed)
+    renewed = issued(post(client, "simplereenroll", make_csr("NPPHIOLD", key=pump_key), cert=old_pump))
+    renewed.verify_directly_issued_by(signed)
+    answer = ocsp_post(client, ocsp_request(old_pump, old))
+    assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert answer.responder_key_hash == x509.SubjectKeyIdentifier.from_public_key(token_key).digest
+    assert fetch_crl(client, f"/crl/issuer/{issuer_id(old)}").is_signature_valid(token_key)
+    verify_both_generations(tmp_path, root, [old, signed], old_pump, new_pump, renewed)

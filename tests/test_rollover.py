@@ -247,3 +247,34 @@ def test_a_retired_ca_has_no_previous_of_its_own(make_settings, ca_files):
     inner = ca_section(*ca_files[:2])
     with pytest.raises(ConfigError, match="a retired CA has no previous"):
         make_settings(ca=ca_section(*ca_files[:2], previous=[{**inner, "previous": [inner]}]))
+
+
+def test_a_labels_own_ca_rolls_over_and_the_default_ca_does_not(make_app, ca_files, tmp_path):
+    pump_cert_file, pump_key_file, pump_old = write_root_ca(tmp_path / "pumps", "est_app pump CA")
+    labels = {"pumps": {"ca": ca_section(pump_cert_file, pump_key_file, crl_url="https://est.example:8445/crl/pumps")}}
+    before = make_app(ca=ca_section(*ca_files[:2]), labels=labels)
+    pump_key = ec_key()
+    old_pump = enroll(before.test_client(), "NPPLBL1", label="pumps", key=pump_key)
+    config = app_config(before)
+    default_before = yaml.safe_load(config.read_text())["ca"]
+
+    result = run_cli("ca", "rollover", "--label", "pumps", config=config)
+    assert result.exit_code == 0, result.output
+    data = yaml.safe_load(config.read_text())
+    assert data["ca"] == default_before and not ca_files[0].with_name("ca-2.pem").exists()
+    section = data["labels"]["pumps"]["ca"]
+    assert section["previous"][0]["cert_file"] == str(pump_cert_file)
+    pump_new = x509.load_pem_x509_certificate((config.parent / section["cert_file"]).read_bytes())
+    links = x509.load_pem_x509_certificates((config.parent / section["link_certificates_file"]).read_bytes())
+    assert pump_new.subject == pump_old.subject and pump_new.public_key() != pump_old.public_key()
+
+    app = create_app(config)
+    app.config["TESTING"] = True
+    client = app.test_client()
+    label_cacerts = certs_from(client.get("/.well-known/est/pumps/cacerts"))
+    assert len(label_cacerts) == 4 and set(label_cacerts) == {pump_new, pump_old, *links}
+    assert certs_from(client.get("/.well-known/est/cacerts")) == [ca_files[2]]
+    enroll(client, "NPPLBL2", label="pumps").verify_directly_issued_by(pump_new)
+    enroll(client, "NPPDEF1").verify_directly_issued_by(ca_files[2])
+    renewed = issued(post(client, "simplereenroll", make_csr("NPPLBL1", key=pump_key), label="pumps", cert=old_pump))
+    renewed.verify_directly_issued_by(pump_new)
