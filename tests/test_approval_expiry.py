@@ -99,6 +99,8 @@ def test_a_pending_request_past_pending_hours_is_expired_in_every_list_and_canno
     assert browser.login().status_code == 302
     page = browser.get("/admin/requests").get_data(as_text=True)
     assert "1 enrollment request waiting" in page and "NPPFRESH" in page and "NPPSTALE" not in page
+    deadline = (fresh.created_at + timedelta(hours=1)).isoformat(timespec="seconds")
+    assert f"<dt>Expires</dt><dd>{deadline}" in page
 
     refused = run_cli("request", "approve", str(stale.id), config=config)
     assert refused.exit_code == 1 and f"enrollment request {stale.id} is expired already" in refused.output

@@ -27,7 +27,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from ..approval import inventory_label
 from ..ca.crl import REASONS
 from .. import revocation
-from ..records import request_json
+from ..records import iso, request_json
 from ..errors import TooManyRequests, describe
 from ..health import expiry_warnings
 from ..revocation import revoke
@@ -442,11 +442,12 @@ def delete_device(device: str):
 @bp.get("/requests")
 def requests_page():
     store = state().store
-    waiting = [request_json(r, with_csr=True) for r in state().approval.requests("pending")]
+    hours = state().settings.approval.pending_hours
+    waiting = [{**request_json(r, with_csr=True), "expires_at": iso(r.expires_at(hours))} for r in state().approval.requests("pending")]
     labels = sorted(p.name for p in state().profiles.values())
     return render_template(
         "admin/requests.html", section="requests", requests=waiting, inventory=list_inventory(store), labels=labels,
-        pending_hours=state().settings.approval.pending_hours,
+        pending_hours=hours,
     )
 
 
