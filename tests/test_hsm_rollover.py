@@ -18,20 +18,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
-from est_app import create_app
 from est_app.ca.authority import issuer_id
 from est_app.ca.pkcs11 import generate_key_in_token
 
 from .conftest import run_cli
 from .e2e_clients import openssl, run
-from .pki import ec_key, make_csr, pem
+from .pki import ec_key, pem
 from .softhsm import MODULE, PIN, key_attributes, token_pki_dir
 from .test_enroll import certs_from
 from .test_hsm import token_app
 from .test_intermediate_rollover import certify, make_root, verify_both_generations, write_intermediate
-from .test_label_ca import enroll, fetch_crl, issued, revoke, revoked_serials
-from .test_protocol import post
+from .test_label_ca import enroll, fetch_crl, revoke, revoked_serials
 from .test_revocation import ocsp_post, ocsp_request
+from .test_rollover import new_ca_issues, restarted
 
 CRL_URL = "http://127.0.0.1:8445/crl"
 
@@ -76,15 +75,10 @@ def test_a_token_ca_rolls_over_inside_its_token(tmp_path, key_type):
     old_with_new.verify_directly_issued_by(new)
     assert old_with_new.public_key() == old.public_key()
 
-    app = create_app(config)
-    app.config["TESTING"] = True
-    client = app.test_client()
+    app, client = restarted(config)
     assert set(certs_from(client.get("/.well-known/est/cacerts"))) == {new, old, new_with_old, old_with_new}
-    new_pump = enroll(client, "NPPHNEW1")
-    new_pump.verify_directly_issued_by(new)
     (good_key, good), (_, bad) = old_pumps
-    renewed = issued(post(client, "simplereenroll", make_csr("NPPHOLD1", key=good_key), cert=good))
-    renewed.verify_directly_issued_by(new)
+    new_pump, renewed = new_ca_issues(client, new, "NPPHNEW1", good_key, good)
 
     # The old key, in the token, signs the old CA's CRL and OCSP answers.
     revoke(app, bad)
@@ -145,15 +139,10 @@ def test_an_intermediate_ca_in_a_token_rolls_over_in_two_steps(tmp_path):
     assert section["key"] == f"pkcs11:token={token};object=issuing-ca-2" and section["cert_file"] == "issuing-2.pem"
     assert section["previous"][0]["key"] == f"pkcs11:token={token};object=issuing-ca"
 
-    app = create_app(config)
-    app.config["TESTING"] = True
-    client = app.test_client()
+    _, client = restarted(config)
     cacerts = certs_from(client.get("/.well-known/est/cacerts"))
     assert len(cacerts) == 3 and set(cacerts) == {signed, old, root}
-    new_pump = enroll(client, "NPPHINEW")
-    new_pump.verify_directly_issued_by(signed)
-    renewed = issued(post(client, "simplereenroll", make_csr("NPPHIOLD", key=pump_key), cert=old_pump))
-    renewed.verify_directly_issued_by(signed)
+    new_pump, renewed = new_ca_issues(client, signed, "NPPHINEW", pump_key, old_pump)
     answer = ocsp_post(client, ocsp_request(old_pump, old))
     assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD
     assert answer.responder_key_hash == x509.SubjectKeyIdentifier.from_public_key(token_key).digest

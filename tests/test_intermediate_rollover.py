@@ -23,18 +23,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
-from est_app import create_app
 from est_app.ca.authority import issuer_id
 from est_app.ca.development import write_certificate
 
 from .conftest import run_cli
 from .e2e_clients import openssl
-from .pki import ec_key, make_csr, pem
+from .pki import ec_key, pem
 from .test_enroll import certs_from
-from .test_label_ca import app_config, enroll, fetch_crl, issued, revoke, revoked_serials
-from .test_protocol import post
+from .test_label_ca import app_config, enroll, fetch_crl, revoke, revoked_serials
 from .test_revocation import ocsp_post, ocsp_request
-from .test_rollover import PASSPHRASE, PASSPHRASE_ENV
+from .test_rollover import PASSPHRASE, PASSPHRASE_ENV, new_ca_issues, restarted
 
 SUBJECT = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Hospital"), x509.NameAttribute(NameOID.COMMON_NAME, "est_app issuing CA")])
 CRL_URL = "https://est.example:8445/crl"
@@ -167,16 +165,11 @@ def test_an_intermediate_ca_rolls_over_in_two_steps(make_app, offline_root, tmp_
     assert section["chain_file"] == str(folder / "root.pem") and "link_certificates_file" not in section
     assert section["previous"][0]["cert_file"] == str(folder / "issuing.pem")
 
-    app = create_app(config)
-    app.config["TESTING"] = True
-    client = app.test_client()
+    app, client = restarted(config)
     cacerts = certs_from(client.get("/.well-known/est/cacerts"))
     assert len(cacerts) == 3 and set(cacerts) == {signed, old, root}
-    new_pump = enroll(client, "NPPINEW1")
-    new_pump.verify_directly_issued_by(signed)
     (good_key, good), (_, bad) = old_pumps
-    renewed = issued(post(client, "simplereenroll", make_csr("NPPIOLD1", key=good_key), cert=good))
-    renewed.verify_directly_issued_by(signed)
+    new_pump, renewed = new_ca_issues(client, signed, "NPPINEW1", good_key, good)
     revoke(app, bad)
     old_crl = fetch_crl(client, "/crl")  # the address in the old certificates
     assert old_crl.is_signature_valid(old.public_key()) and revoked_serials(old_crl) == {bad.serial_number}

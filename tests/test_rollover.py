@@ -89,12 +89,29 @@ def rolled(make_app, ca_files) -> Rolled:
     config = app_config(before)
     result = run_cli("ca", "rollover", config=config)
     assert result.exit_code == 0, result.output
-    app = create_app(config)
-    app.config["TESTING"] = True
+    app, _ = restarted(config)
     section = yaml.safe_load(config.read_text())["ca"]
     new = x509.load_pem_x509_certificate((config.parent / section["cert_file"]).read_bytes())
     links = x509.load_pem_x509_certificates((config.parent / section["link_certificates_file"]).read_bytes())
     return Rolled(app, config, old, new, links, old_pumps)
+
+
+def restarted(config: Path):
+    """The app a restart on the rewritten configuration gives: (app, its test client)."""
+    app = create_app(config)
+    app.config["TESTING"] = True
+    return app, app.test_client()
+
+
+def new_ca_issues(client, new_ca: x509.Certificate, new_cn: str, old_pump_key, old_pump: x509.Certificate, label=None):
+    """A new device enrolls and an old-CA device re-enrolls, both from ``new_ca``: (new pump, renewed pump)."""
+    new_pump = enroll(client, new_cn, label=label)
+    new_pump.verify_directly_issued_by(new_ca)
+    old_cn = old_pump.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    renewed = issued(post(client, "simplereenroll", make_csr(old_cn, key=old_pump_key), label=label, cert=old_pump))
+    renewed.verify_directly_issued_by(new_ca)
+    assert renewed.subject == old_pump.subject
+    return new_pump, renewed
 
 
 def test_rollover_writes_a_new_root_and_both_links_beside_the_old_files(rolled, ca_files):
@@ -268,13 +285,9 @@ def test_a_labels_own_ca_rolls_over_and_the_default_ca_does_not(make_app, ca_fil
     links = x509.load_pem_x509_certificates((config.parent / section["link_certificates_file"]).read_bytes())
     assert pump_new.subject == pump_old.subject and pump_new.public_key() != pump_old.public_key()
 
-    app = create_app(config)
-    app.config["TESTING"] = True
-    client = app.test_client()
+    _, client = restarted(config)
     label_cacerts = certs_from(client.get("/.well-known/est/pumps/cacerts"))
     assert len(label_cacerts) == 4 and set(label_cacerts) == {pump_new, pump_old, *links}
     assert certs_from(client.get("/.well-known/est/cacerts")) == [ca_files[2]]
-    enroll(client, "NPPLBL2", label="pumps").verify_directly_issued_by(pump_new)
+    new_ca_issues(client, pump_new, "NPPLBL2", pump_key, old_pump, label="pumps")
     enroll(client, "NPPDEF1").verify_directly_issued_by(ca_files[2])
-    renewed = issued(post(client, "simplereenroll", make_csr("NPPLBL1", key=pump_key), label="pumps", cert=old_pump))
-    renewed.verify_directly_issued_by(pump_new)
