@@ -140,7 +140,9 @@ def test_an_intermediate_ca_rolls_over_in_two_steps(make_app, offline_root, tmp_
     new_key = serialization.load_pem_private_key((folder / "issuing-2.key").read_bytes(), PASSPHRASE)
     assert stat.S_IMODE((folder / "issuing-2.key").stat().st_mode) == 0o600
     assert request.public_key() == new_key.public_key() != old.public_key()
-    assert "exists; name a new file" in refused(config, "--request", str(tmp_path / "new-ca.csr"))
+    for taken in (tmp_path / "new-ca.csr", tmp_path / "no-such-folder" / "new-ca.csr"):
+        assert "name a new file in an existing folder" in refused(config, "--request", str(taken))
+    assert not (folder / "issuing-3.key").exists()
 
     # Step two refuses what would not work, each in one line.
     other_root_key, other_root = make_root("est_app another root")

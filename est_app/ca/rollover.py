@@ -1,4 +1,4 @@
-"""CA rollover (RFC 7030 4.1.3): a new root key and certificate beside the old ones, and the two link certificates.
+"""CA rollover (RFC 7030 4.1.3): a new CA key and certificate beside the old ones (and for a root, the two link certificates).
 
 :func:`roll_over` makes, for a self-signed root CA: a new key of the same type,
 a new self-signed certificate with the same subject, NewWithOld (the new key
@@ -8,8 +8,10 @@ the old one is encrypted); a PKCS#11 key's is generated in the same token
 (``est-admin init``'s key generation) under the label ``<old label>-<n>``, and
 every signature is the token's. Files are created next to the old certificate
 under fresh names (``<stem>-<n>.pem``, ``.key``, ``-links.pem``); nothing
-existing, in a folder or a token, is overwritten. An intermediate CA is refused:
-its new certificate comes from its parent (docs/CA_ROLLOVER.md says how).
+existing, in a folder or a token, is overwritten. An intermediate CA's new
+certificate comes from its parent, so its rollover has two steps:
+:func:`request_rollover` (the new key, made the same way, and its CSR) and
+:func:`install_rollover_certificate` (the parent's certificate, checked).
 :func:`rolled_over_section` is the configuration section that makes the new CA
 issue and keeps the old one (``previous``) signing CRLs and OCSP answers; the new
 CA's ``crl_url`` moves to ``/crl/issuer/<its issuer id>``, the old address stays the old CA's.
@@ -106,8 +108,8 @@ def request_rollover(settings: CASettings, request_file: Path, where: str = "ca"
     chain = _intermediate_chain(settings, where, "--request")
     old = chain[0]
     old_signer = load_ca_signer(settings, old, where)
-    if request_file.exists():
-        raise ConfigError(f"{request_file} exists; name a new file for the request")
+    if request_file.exists() or not request_file.parent.is_dir():
+        raise ConfigError(f"{request_file}: name a new file in an existing folder for the request")
     number, new_key = _new_key(settings, old, old_signer, where)
     _, key_file, _, kept_request = _numbered(settings, number)
     builder = x509.CertificateSigningRequestBuilder().subject_name(old.subject)
