@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 
-from .softhsm import token_pki_dir
 from .test_e2e_rollover import (  # noqa: F401  (fixtures and tests, collected again here with the key in the token)
     rollover,
     rollovers,
@@ -21,11 +20,7 @@ from .test_e2e_rollover import (  # noqa: F401  (fixtures and tests, collected a
     test_freeradius_accepts_a_pump_of_each_ca_and_refuses_a_revoked_one_of_each,
     test_strongswan_reads_the_four_certificate_cacerts,
 )
+from .test_hsm_e2e_revocation import pki_dir  # noqa: F401  (`est init`'s folder with the CA key in a SoftHSM token)
 
 pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture(scope="module")
-def pki_dir(tmp_path_factory):
-    """`est init`'s folder with the CA key in a SoftHSM token, for every test of this module."""
-    return token_pki_dir(tmp_path_factory.mktemp("hsm-pki"))[0]
