@@ -10,7 +10,9 @@ enrollment is recorded as a pending request, CSR kept as DER, and answered 202 w
 - approved, same CSR: the enrollment service issues from the stored CSR, as it would have
   at once (a serverkeygen key is made now, never stored), and the request is collected;
 - rejected, same CSR: 403 with the operator's reason;
-- pending past ``approval.pending_hours``: marked expired, 403 saying so; the next try files anew.
+- pending past ``approval.pending_hours`` (from filing), or approved and not collected within
+  it (from the approval): marked expired, 403 saying so; the next try files anew. Operators'
+  lists show such a request expired at once (:meth:`EnrollmentRequest.as_of`), before any try.
 
 Operators decide with :meth:`ApprovalService.decide` (CLI, admin API, dashboard).
 No Flask here: :class:`AwaitingApproval` is what the EST views turn into the 202.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Callable, Optional, TypeVar, Union
 
 from cryptography import x509
@@ -31,7 +32,7 @@ from .config import DEFAULT_LABEL, ApprovalSettings, Settings
 from .enrollment import EnrollmentService, Requester, device_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .profiles import EnrollmentProfile
-from .store import AuditEvent, Store, utcnow
+from .store import AuditEvent, Store
 from .store.requests import (
     AlreadyDecided,
     EnrollmentRequest,
@@ -40,6 +41,7 @@ from .store.requests import (
     decide_request,
     get_request,
     in_inventory,
+    list_requests,
     settle_request,
 )
 
@@ -125,12 +127,15 @@ class ApprovalService:
         same = newest is not None and (newest.public_key_hash, newest.subject, newest.operation) == (
             values["public_key_hash"], values["subject"], values["operation"]
         )
-        if newest is not None and newest.status == "pending" and utcnow() - newest.created_at > timedelta(hours=self.settings.pending_hours):
-            writer.set_status(newest.id, "expired", self._event("request-expire", requester, newest, "no decision in time"))
-            return Forbidden(
-                f"enrollment request {newest.id} expired after {self.settings.pending_hours} hours without an operator's decision; "
-                "enroll again to file a new request"
-            )
+        hours = self.settings.pending_hours
+        if newest is not None and newest.as_of(hours).status == "expired" and newest.status != "expired":
+            if newest.status == "pending":
+                detail, message = "no decision in time", f"expired after {hours} hours without an operator's decision"
+            else:
+                detail = "approved, not collected in time"
+                message = f"was approved but expired: not collected within {hours} hours of the approval"
+            writer.set_status(newest.id, "expired", self._event("request-expire", requester, newest, detail))
+            return Forbidden(f"enrollment request {newest.id} {message}; enroll again to file a new request")
         if newest is not None and newest.status == "rejected" and same:
             by = f" by {newest.decided_by}" if newest.decided_by else ""
             return Forbidden(f"enrollment request {newest.id} was rejected{by}: {newest.reason or 'no reason given'}")
@@ -161,15 +166,20 @@ class ApprovalService:
             detail=f"request {request_id} {verb}d" + (f": {reason}" if reason else ""),
         )
         try:
-            return decide_request(self.store, request_id, approve, operator, reason, audit)
+            return decide_request(self.store, request_id, approve, operator, reason, audit, self.settings.pending_hours)
         except AlreadyDecided as exc:
             raise Conflict(f"enrollment request {request_id} is {exc.request.status} already; only a pending request can be decided") from None
 
     def find(self, request_id: int) -> EnrollmentRequest:
+        """The request as it stands now (expired once past ``pending_hours``, before any device's try records it)."""
         request = get_request(self.store, request_id)
         if request is None:
             raise NotFound(f"no enrollment request {request_id}")
-        return request
+        return request.as_of(self.settings.pending_hours)
+
+    def requests(self, status: Optional[str] = "pending") -> list[EnrollmentRequest]:
+        """Requests as they stand now, oldest first (``status`` None: every status)."""
+        return list_requests(self.store, status, self.settings.pending_hours)
 
     @staticmethod
     def _event(event: str, requester: Requester, request: EnrollmentRequest, detail: str) -> AuditEvent:

@@ -45,7 +45,12 @@ class Rollover:
         self.pki_dir = workdir / "pki"
         shutil.copytree(pki_dir, self.pki_dir)
         self.workdir, self.database, self.fmt = workdir, database, fmt
-        ca = {"cert_file": str(self.pki_dir / "ca.pem"), "key_file": str(self.pki_dir / "ca.key")}
+        section = yaml.safe_load((pki_dir / "config.yaml").read_text())["ca"]
+        ca = {"cert_file": str(self.pki_dir / "ca.pem")}
+        if "key" in section:  # in a token (tests/test_hsm_e2e_rollover.py): its URI, module and PIN file as they are
+            ca.update({name: section[name] for name in ("key", "pkcs11_module", "pin_file")})
+        else:
+            ca["key_file"] = str(self.pki_dir / "ca.key")
         server = self.start(ca)
         try:
             assert run_cli("user", "add", USER, input=PASSWORD + "\n", config=server.config).exit_code == 0
@@ -57,7 +62,8 @@ class Rollover:
         rolled = yaml.safe_load(server.config.read_text())["ca"]
         self.server = self.start(rolled)  # relative paths: the new config is written in the same folder
         self.old_ca = x509.load_pem_x509_certificate((self.pki_dir / "ca.pem").read_bytes())
-        self.new_ca_file = self.pki_dir / "ca-2.pem"
+        self.new_ca_file = server.config.parent / rolled["cert_file"]  # ca-2.pem, or ca-3.pem where the token holds issuing-ca-2 already
+        self.links_file = server.config.parent / rolled["link_certificates_file"]
         self.new_ca = x509.load_pem_x509_certificate(self.new_ca_file.read_bytes())
 
     def start(self, ca: dict) -> RunningServer:
@@ -94,7 +100,7 @@ def rollover(request, rollovers) -> Rollover:
 
 def test_cacerts_holds_both_cas_and_links_and_verifies_old_and_new_pumps(rollover, tmp_path):
     certificates = rollover.cacerts()
-    links = x509.load_pem_x509_certificates((rollover.pki_dir / "ca-2-links.pem").read_bytes())
+    links = x509.load_pem_x509_certificates(rollover.links_file.read_bytes())
     assert len(certificates) == 4 and set(certificates) == {rollover.old_ca, rollover.new_ca, *links}
     # As a relying party should use them: the self-signed roots are the anchors, the links only build paths.
     # (All four as anchors can send OpenSSL 3.0 round the two links until "certificate chain too long".)

@@ -89,12 +89,29 @@ def rolled(make_app, ca_files) -> Rolled:
     config = app_config(before)
     result = run_cli("ca", "rollover", config=config)
     assert result.exit_code == 0, result.output
-    app = create_app(config)
-    app.config["TESTING"] = True
+    app, _ = restarted(config)
     section = yaml.safe_load(config.read_text())["ca"]
     new = x509.load_pem_x509_certificate((config.parent / section["cert_file"]).read_bytes())
     links = x509.load_pem_x509_certificates((config.parent / section["link_certificates_file"]).read_bytes())
     return Rolled(app, config, old, new, links, old_pumps)
+
+
+def restarted(config: Path):
+    """The app a restart on the rewritten configuration gives: (app, its test client)."""
+    app = create_app(config)
+    app.config["TESTING"] = True
+    return app, app.test_client()
+
+
+def new_ca_issues(client, new_ca: x509.Certificate, new_cn: str, old_pump_key, old_pump: x509.Certificate, label=None):
+    """A new device enrolls and an old-CA device re-enrolls, both from ``new_ca``: (new pump, renewed pump)."""
+    new_pump = enroll(client, new_cn, label=label)
+    new_pump.verify_directly_issued_by(new_ca)
+    old_cn = old_pump.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    renewed = issued(post(client, "simplereenroll", make_csr(old_cn, key=old_pump_key), label=label, cert=old_pump))
+    renewed.verify_directly_issued_by(new_ca)
+    assert renewed.subject == old_pump.subject
+    return new_pump, renewed
 
 
 def test_rollover_writes_a_new_root_and_both_links_beside_the_old_files(rolled, ca_files):
@@ -213,16 +230,15 @@ def test_no_warning_while_the_ca_outlives_its_certificates(make_dashboard, ca_fi
     assert "roll it over" not in browser.get("/admin/").get_data(as_text=True)
 
 
-def test_rollover_refuses_a_pkcs11_key_in_one_line(make_config, ca_files, tmp_path):
-    module = tmp_path / "module.so"
-    module.write_bytes(b"")
-    (tmp_path / "pin").write_text("1234")
-    config = make_config(ca={"cert_file": str(ca_files[0]), "key_file": None, "key": "pkcs11:token=t;object=o", "pkcs11_module": str(module), "pin_file": str(tmp_path / "pin")})
+def test_a_root_ca_refuses_the_intermediate_steps_in_one_line(make_config, ca_files, tmp_path):
+    config = make_config(ca=ca_section(*ca_files[:2]))
     before = config.read_text()
-    result = run_cli("ca", "rollover", config=config)
-    assert result.exit_code == 1
-    assert "supports file keys only" in result.output and len(result.output.strip().splitlines()) == 1
-    assert config.read_text() == before
+    for option in ("--request", "--certificate"):
+        result = run_cli("ca", "rollover", option, str(ca_files[0]), config=config)
+        assert result.exit_code == 1
+        assert f"ca is a root CA: roll it over in one step, ca rollover without {option}" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert config.read_text() == before and not (tmp_path / "ca" / "ca-2.key").exists()
 
 
 def test_an_expired_retired_ca_is_skipped_with_a_warning(make_app, ca_files, tmp_path, caplog):
@@ -248,3 +264,30 @@ def test_a_retired_ca_has_no_previous_of_its_own(make_settings, ca_files):
     inner = ca_section(*ca_files[:2])
     with pytest.raises(ConfigError, match="a retired CA has no previous"):
         make_settings(ca=ca_section(*ca_files[:2], previous=[{**inner, "previous": [inner]}]))
+
+
+def test_a_labels_own_ca_rolls_over_and_the_default_ca_does_not(make_app, ca_files, tmp_path):
+    pump_cert_file, pump_key_file, pump_old = write_root_ca(tmp_path / "pumps", "est_app pump CA")
+    labels = {"pumps": {"ca": ca_section(pump_cert_file, pump_key_file, crl_url="https://est.example:8445/crl/pumps")}}
+    before = make_app(ca=ca_section(*ca_files[:2]), labels=labels)
+    pump_key = ec_key()
+    old_pump = enroll(before.test_client(), "NPPLBL1", label="pumps", key=pump_key)
+    config = app_config(before)
+    default_before = yaml.safe_load(config.read_text())["ca"]
+
+    result = run_cli("ca", "rollover", "--label", "pumps", config=config)
+    assert result.exit_code == 0, result.output
+    data = yaml.safe_load(config.read_text())
+    assert data["ca"] == default_before and not ca_files[0].with_name("ca-2.pem").exists()
+    section = data["labels"]["pumps"]["ca"]
+    assert section["previous"][0]["cert_file"] == str(pump_cert_file)
+    pump_new = x509.load_pem_x509_certificate((config.parent / section["cert_file"]).read_bytes())
+    links = x509.load_pem_x509_certificates((config.parent / section["link_certificates_file"]).read_bytes())
+    assert pump_new.subject == pump_old.subject and pump_new.public_key() != pump_old.public_key()
+
+    _, client = restarted(config)
+    label_cacerts = certs_from(client.get("/.well-known/est/pumps/cacerts"))
+    assert len(label_cacerts) == 4 and set(label_cacerts) == {pump_new, pump_old, *links}
+    assert certs_from(client.get("/.well-known/est/cacerts")) == [ca_files[2]]
+    new_ca_issues(client, pump_new, "NPPLBL2", pump_key, old_pump, label="pumps")
+    enroll(client, "NPPDEF1").verify_directly_issued_by(ca_files[2])

@@ -27,7 +27,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from ..approval import inventory_label
 from ..ca.crl import REASONS
 from .. import revocation
-from ..records import request_json
+from ..records import iso, request_json
 from ..errors import TooManyRequests, describe
 from ..health import expiry_warnings
 from ..revocation import revoke
@@ -35,7 +35,7 @@ from ..state import state
 from ..store import MAX_USER_NAME, AlreadyRevoked, AuditEvent, CertificateRecord, Device
 from ..store import NotFound as UnknownCertificate
 from ..store import utcnow
-from ..store.requests import add_to_inventory, list_inventory, list_requests, remove_from_inventory
+from ..store.requests import add_to_inventory, list_inventory, remove_from_inventory
 from ..store.reports import MAX_ID, AmbiguousDevice, DeviceNotFound, Reports
 from . import check_admin_password, refuse_login
 from .sessions import signed_in_admin
@@ -442,11 +442,12 @@ def delete_device(device: str):
 @bp.get("/requests")
 def requests_page():
     store = state().store
-    waiting = [request_json(r, with_csr=True) for r in list_requests(store, "pending")]
+    hours = state().settings.approval.pending_hours
+    waiting = [{**request_json(r, with_csr=True), "expires_at": iso(r.expires_at(hours))} for r in state().approval.requests("pending")]
     labels = sorted(p.name for p in state().profiles.values())
     return render_template(
         "admin/requests.html", section="requests", requests=waiting, inventory=list_inventory(store), labels=labels,
-        pending_hours=state().settings.approval.pending_hours,
+        pending_hours=hours,
     )
 
 

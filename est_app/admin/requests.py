@@ -13,7 +13,7 @@ from ..errors import BadRequest, NotFound
 from ..records import inventory_json, request_json
 from ..state import state
 from ..store import AuditEvent
-from ..store.requests import REQUEST_STATUSES, add_to_inventory, list_inventory, list_requests, remove_from_inventory
+from ..store.requests import REQUEST_STATUSES, add_to_inventory, list_inventory, remove_from_inventory
 from . import api_admin_required
 from .api import _actor, bp, json_object, json_response, query_params
 
@@ -26,7 +26,7 @@ def list_enrollment_requests() -> Response:
     status = query_params(("status",)).get("status", "pending")
     if status not in (*REQUEST_STATUSES, "all"):
         raise BadRequest(f"status must be one of {', '.join(REQUEST_STATUSES)} or all, not {status!r}")
-    requests = list_requests(state().store, None if status == "all" else status)
+    requests = state().approval.requests(None if status == "all" else status)
     return json_response({"items": [request_json(r) for r in requests]})
 
 

@@ -20,6 +20,7 @@ serials the store does not know, are signed fresh each time.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from datetime import datetime, timedelta
@@ -78,7 +79,9 @@ class OCSPResponder:
             signer = (signers or {}).get(authority.issuer_id) or (authority.certificate, None)  # None: the CA's own key
             for algorithm in HASHES:
                 probe = ocsp.OCSPRequestBuilder().add_certificate(authority.certificate, authority.certificate, algorithm()).build()
-                self._issuers[(algorithm.name, probe.issuer_name_hash, probe.issuer_key_hash)] = (authority, signer)
+                # The probe's name hash is of the certificate's issuer: the CA's own name only for a root.
+                name_hash = hashlib.new(algorithm.name, authority.certificate.subject.public_bytes()).digest()
+                self._issuers[(algorithm.name, name_hash, probe.issuer_key_hash)] = (authority, signer)
 
     def respond(self, request_der: bytes, now: datetime) -> bytes:
         try:  # unparsable, several requests, unsupported hash, values no answer can carry: all malformed

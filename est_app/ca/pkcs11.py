@@ -37,6 +37,8 @@ from typing import Callable, Optional, TypeVar
 
 from asn1crypto import core as asn1_core
 from asn1crypto import crl as asn1_crl
+from asn1crypto import csr as asn1_csr
+from asn1crypto import keys as asn1_keys
 from asn1crypto import ocsp as asn1_ocsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
@@ -310,6 +312,16 @@ class PKCS11Signer(Signer):
         response["response_bytes"]["response"] = asn1_core.ParsableOctetString(basic.dump())
         return ocsp.load_der_ocsp_response(response.dump())
 
+    def sign_request(self, builder: x509.CertificateSigningRequestBuilder, algorithm: hashes.HashAlgorithm) -> x509.CertificateSigningRequest:
+        """The builder's CSR for this key (a new CA key's, for its parent CA), signed in the token."""
+        draft = asn1_csr.CertificationRequest.load(builder.sign(self._throwaway(), algorithm).public_bytes(serialization.Encoding.DER))
+        info = draft["certification_request_info"]
+        info["subject_pk_info"] = asn1_keys.PublicKeyInfo.load(
+            self.public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        draft["signature"] = self.sign(info.dump(), algorithm)
+        return x509.load_der_x509_csr(draft.dump())
+
     def _throwaway(self):
         """A key of the CA key's family, only to have cryptography build and encode; its signature is replaced."""
         return throwaway_key(isinstance(self.public_key, ec.EllipticCurvePublicKey))
@@ -342,10 +354,29 @@ def throwaway_certificate(elliptic: bool) -> x509.Certificate:
     return certificate
 
 
+class KeyLabelTaken(ConfigError):
+    """The token holds a private key of that label already: it is never replaced."""
+
+
+def key_uri(token_label: str, label: str, serial: Optional[str] = None) -> str:
+    """The RFC 7512 URI naming the private key ``label`` in the token (and its serial, when given)."""
+    uri = f"pkcs11:token={urllib.parse.quote(token_label, safe='')};object={urllib.parse.quote(label, safe='')}"
+    return uri + (f";serial={urllib.parse.quote(serial, safe='')}" if serial else "")
+
+
+def token_key_type(public_key: CertificatePublicKeyTypes, where: str) -> str:
+    """The key type (ec-p256, ec-p384, rsa-2048, rsa-3072) to generate a token key like ``public_key`` as."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name in ("secp256r1", "secp384r1"):
+        return f"ec-p{public_key.curve.key_size}"
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size in (2048, 3072):
+        return f"rsa-{public_key.key_size}"
+    raise ConfigError(f"{where}: a token key is EC P-256, P-384 or RSA 2048, 3072; this CA's key is none of them")
+
+
 def generate_key_in_token(module_path: Path, token_label: str, pin: str, label: str, key_type: str) -> CertificatePublicKeyTypes:
     """Generate a CA key pair inside the token (private half sensitive, never extractable); its public key.
 
-    Refuses (ConfigError) when the token already holds a private key of that label.
+    Refuses (KeyLabelTaken) when the token already holds a private key of that label.
     """
     import pkcs11
     from pkcs11 import Attribute, KeyType, ObjectClass
@@ -366,7 +397,7 @@ def generate_key_in_token(module_path: Path, token_label: str, pin: str, label: 
         raise ConfigError(f"token {token_label!r} in {module_path}: cannot log in ({type(exc).__name__} {exc})".strip()) from None
     try:
         if list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})):
-            raise ConfigError(f"token {token_label!r} already holds a key labelled {label!r}; choose another --object label")
+            raise KeyLabelTaken(f"token {token_label!r} already holds a key labelled {label!r}; choose another --object label")
         key_id = os.urandom(16)
         private = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True, Attribute.SIGN: True, Attribute.ID: key_id}
         public = {Attribute.VERIFY: True, Attribute.ID: key_id}

@@ -1,8 +1,11 @@
 """``est ca``: roll a CA over (RFC 7030 4.1.3) and show every CA's state through the overlap.
 
-``ca rollover`` writes the new key, certificate and link certificates beside
-the old files (never over them) and rewrites the configuration's ``ca``
-section (or a label's), keeping the old section as ``previous``; the file as
+``ca rollover`` writes a root CA's new key (a file, or a new key in the old key's
+PKCS#11 token), certificate and link certificates beside the old ones (never over
+them); an intermediate CA's in two steps, ``--request`` (the new key and its CSR for
+the parent CA) then ``--certificate`` (what the parent signed, checked and written).
+Then it rewrites the configuration's ``ca`` section (or a label's), keeping the
+old section as ``previous``; the file as
 it was is kept as ``<config>.before-rollover-<n>`` to undo it. The running
 server picks the new CA up at its next restart.
 """
@@ -17,7 +20,7 @@ from typing import Optional
 import click
 import yaml
 
-from ..ca.rollover import roll_over, rolled_over_section
+from ..ca.rollover import install_rollover_certificate, request_rollover, roll_over, rolled_over_section
 from ..config import ConfigError, load_config
 from . import est
 from .output import json_option, print_list
@@ -30,10 +33,17 @@ def ca() -> None:
 
 @ca.command("rollover")
 @click.option("--label", help="Roll over this label's own CA (labels.<label>.ca) instead of the top-level ca.")
-def rollover(label: Optional[str]) -> None:
-    """Make a new CA key and certificate (same subject) and the NewWithOld/OldWithNew link certificates."""
+@click.option("--request", "request_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="An intermediate CA, step one: make the new key and write its CSR here, for the parent CA's operator.")
+@click.option("--certificate", "certificate_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="An intermediate CA, step two: check and install the certificate the parent CA signed for that CSR.")
+def rollover(label: Optional[str], request_file: Optional[Path], certificate_file: Optional[Path]) -> None:
+    """Make a new CA key and certificate (same subject): a root with the NewWithOld/OldWithNew link
+    certificates in one step; an intermediate CA in two (--request, then --certificate)."""
     from .. import config_path
 
+    if request_file and certificate_file:
+        raise click.UsageError("--request and --certificate are the two steps of an intermediate CA's rollover: one at a time")
     path = config_path(click.get_current_context().find_root().params.get("config"))
     settings = load_config(path)
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -43,7 +53,13 @@ def rollover(label: Optional[str]) -> None:
         raise click.ClickException(f"{where}: no such section in {path}")
     section = settings.labels[label].ca if label else settings.ca
     try:
-        files = roll_over(section, where)
+        if request_file:
+            requested = request_rollover(section, request_file, where)
+            click.echo(f"new CA key:         {_key_name(requested.key_uri, requested.key_file)}")
+            click.echo(f"request:            {requested.request_file} ({requested.request.subject.rfc4514_string()})")
+            click.echo("have the parent CA sign it as a CA certificate, then: est-admin ca rollover --certificate FILE; see docs/CA_ROLLOVER.md")
+            return
+        files = install_rollover_certificate(section, certificate_file, where) if certificate_file else roll_over(section, where)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     number = 1
@@ -54,10 +70,15 @@ def rollover(label: Optional[str]) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     load_config(path)  # the rewritten file must load, or say why now
     click.echo(f"new CA certificate: {files.cert_file} (expires {files.certificate.not_valid_after_utc:%Y-%m-%d})")
-    click.echo(f"new CA key:         {files.key_file}")
-    click.echo(f"link certificates:  {files.link_certificates_file} (NewWithOld, OldWithNew)")
+    click.echo(f"new CA key:         {_key_name(files.key_uri, files.key_file)}")
+    if files.link_certificates_file:
+        click.echo(f"link certificates:  {files.link_certificates_file} (NewWithOld, OldWithNew)")
     click.echo(f"{path} rewritten ({where}.previous keeps the old CA); the old file is {backup}")
     click.echo("restart the server (systemctl restart est) to issue from the new CA; see docs/CA_ROLLOVER.md")
+
+
+def _key_name(uri: Optional[str], key_file: Optional[Path]) -> str:
+    return f"{uri} (in the token, never extractable)" if uri else str(key_file)
 
 
 @ca.command("status")

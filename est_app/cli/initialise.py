@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import typing
-import urllib.parse
 from pathlib import Path
 from typing import Optional
 
@@ -159,11 +158,11 @@ def _token_ca(
     paths: dict[str, Path], module: Path, token: str, pin_file: Path, object_label: str, key_type: str
 ) -> tuple[Signer, x509.Certificate, str]:
     """The CA of a key generated in the token (or the existing ca.pem's), and config.yaml's lines for it."""
-    from ..ca.pkcs11 import PKCS11Signer, generate_key_in_token  # python-pkcs11: only where a token is used
+    from ..ca.pkcs11 import PKCS11Signer, generate_key_in_token, key_uri  # python-pkcs11: only where a token is used
 
     if paths["ca.key"].exists():
         raise click.ClickException(f"{paths['ca.key']} exists: this folder's CA key is a file; use another --dir for a CA in a token")
-    uri = f"pkcs11:token={urllib.parse.quote(token, safe='')};object={urllib.parse.quote(object_label, safe='')}"
+    uri = key_uri(token, object_label)
     try:
         if paths["ca.pem"].exists():
             ca_cert = x509.load_pem_x509_certificate(paths["ca.pem"].read_bytes())

@@ -14,7 +14,7 @@ from ..errors import ESTError
 from ..records import inventory_json, request_json
 from ..state import state
 from ..store import AuditEvent
-from ..store.requests import REQUEST_STATUSES, add_to_inventory, list_inventory, list_requests, remove_from_inventory
+from ..store.requests import REQUEST_STATUSES, add_to_inventory, list_inventory, remove_from_inventory
 from . import est
 from .output import json_option, print_list
 from .registry import device
@@ -36,7 +36,7 @@ def request() -> None:
 @json_option
 def request_list(status: str, as_json: bool) -> None:
     """Requests, oldest first."""
-    requests = list_requests(state().store, None if status == "all" else status)
+    requests = state().approval.requests(None if status == "all" else status)
     print_list((request_json(r) for r in requests), REQUEST_COLUMNS, as_json, f"No {'' if status == 'all' else status + ' '}requests.")
 
 

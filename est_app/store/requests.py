@@ -8,8 +8,8 @@ lock on PostgreSQL), so two workers answering one device's retries take turns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Callable, Optional, TypeVar
 
 import sqlalchemy as sa
@@ -38,6 +38,16 @@ class EnrollmentRequest:
     decided_by: str
     created_at: datetime
     decided_at: Optional[datetime]
+
+    def expires_at(self, hours: int) -> Optional[datetime]:
+        """When a pending request expires undecided, or an approved one uncollected (``hours`` after it was filed or approved)."""
+        start = {"pending": self.created_at, "approved": self.decided_at}.get(self.status)
+        return start + timedelta(hours=hours) if start is not None else None
+
+    def as_of(self, hours: int, now: Optional[datetime] = None) -> "EnrollmentRequest":
+        """The request as it stands ``now``: expired once past :meth:`expires_at`, even before a device's try records it."""
+        deadline = self.expires_at(hours)
+        return replace(self, status="expired") if deadline is not None and (now or utcnow()) >= deadline else self
 
 
 @dataclass(frozen=True)
@@ -96,23 +106,31 @@ def get_request(store: Store, request_id: int) -> Optional[EnrollmentRequest]:
     return store._one(enrollment_requests.select().where(enrollment_requests.c.id == request_id), EnrollmentRequest)
 
 
-def list_requests(store: Store, status: Optional[str] = "pending", limit: int = 1000) -> list[EnrollmentRequest]:
-    """Requests, oldest first (``status`` None: every status)."""
-    query = enrollment_requests.select().order_by(enrollment_requests.c.id).limit(limit)
-    if status is not None:
-        query = query.where(enrollment_requests.c.status == status)
+def list_requests(store: Store, status: Optional[str], expiry_hours: int, limit: int = 1000) -> list[EnrollmentRequest]:
+    """Requests as they stand now (:meth:`EnrollmentRequest.as_of`), oldest first (``status`` None: every status)."""
+    cutoff = utcnow() - timedelta(hours=expiry_hours)
+    c = enrollment_requests.c
+    overdue = sa.or_(sa.and_(c.status == "pending", c.created_at <= cutoff), sa.and_(c.status == "approved", c.decided_at <= cutoff))
+    query = enrollment_requests.select().order_by(c.id).limit(limit)
+    if status == "expired":
+        query = query.where(sa.or_(c.status == "expired", overdue))
+    elif status is not None:
+        query = query.where(c.status == status, sa.not_(overdue))
     with store.engine.connect() as conn:
-        return [EnrollmentRequest(**row._mapping) for row in conn.execute(query)]
+        return [EnrollmentRequest(**row._mapping).as_of(expiry_hours) for row in conn.execute(query)]
 
 
-def decide_request(store: Store, request_id: int, approve: bool, decided_by: str, reason: str, audit: AuditEvent) -> EnrollmentRequest:
-    """An operator's decision on a pending request; raises LookupError (no such request) or AlreadyDecided."""
+def decide_request(
+    store: Store, request_id: int, approve: bool, decided_by: str, reason: str, audit: AuditEvent, expiry_hours: int
+) -> EnrollmentRequest:
+    """An operator's decision on a pending request; raises LookupError (no such request) or AlreadyDecided (expired included)."""
     with store._write() as conn:
         row = conn.execute(enrollment_requests.select().where(enrollment_requests.c.id == request_id).with_for_update()).first()
         if row is None:
             raise LookupError(request_id)
-        if row.status != "pending":
-            raise AlreadyDecided(EnrollmentRequest(**row._mapping))
+        request = EnrollmentRequest(**row._mapping).as_of(expiry_hours)
+        if request.status != "pending":
+            raise AlreadyDecided(request)
         values = {"status": "approved" if approve else "rejected", "reason": reason, "decided_by": decided_by, "decided_at": utcnow()}
         conn.execute(enrollment_requests.update().where(enrollment_requests.c.id == request_id).values(**values))
         _insert_audit(conn, audit)
