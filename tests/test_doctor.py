@@ -26,7 +26,7 @@ from est_app.ca import load_authorities, load_authority
 from est_app.ca.crl import build_crl
 from est_app.ca.development import write_private_key
 from est_app.config import load_config
-from est_app.store import Store
+from est_app.store import Store, migrations
 
 from .conftest import PASSWORD, USER, run_cli
 from .e2e_clients import call, curl, pkcs7_certs, pki, run
@@ -258,18 +258,18 @@ def test_database_missing_or_outdated(deployment, tmp_path):
     empty = tmp_path / "empty.db"
     empty.touch(mode=0o600)
     fresh = doctor(offline_config(deployment, tmp_path, database={"url": f"sqlite:///{empty}"}))
-    assert has_line(fresh, "WARN", "database", "has no tables yet, which est-server creates at schema revision 0003 when it starts")
+    assert has_line(fresh, "WARN", "database", f"has no tables yet, which est-server creates at schema revision {migrations.head()} when it starts")
     assert not lines(fresh, "FAIL", "database") and "Traceback" not in fresh.output
     with sqlite3.connect(empty) as conn:  # looked at, nothing created
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-    assert has_line(doctor(offline_config(deployment, tmp_path)), "OK", "database", "its schema is this version's (revision 0003)")
+    assert has_line(doctor(offline_config(deployment, tmp_path)), "OK", "database", f"its schema is this version's (revision {migrations.head()})")
 
     # A database one revision behind: est-server refuses it, the doctor names the command.
     with sqlite3.connect(deployment / "est.db") as conn:
         conn.execute("UPDATE alembic_version SET version_num = '0001'")
     behind = doctor(offline_config(deployment, tmp_path))
     assert behind.exit_code == 1
-    assert has_line(behind, "FAIL", "database", "at schema revision 0001, this version needs 0003", "back it up, then run `est-admin db upgrade`", "est-server refuses to start")
+    assert has_line(behind, "FAIL", "database", f"at schema revision 0001, this version needs {migrations.head()}", "back it up, then run `est-admin db upgrade`", "est-server refuses to start")
     assert not lines(behind, r"\w+", "crl")  # no CRL query on a schema this version does not know
 
     # Made before migrations (no alembic_version), and then one lacking a column that cannot be added in place.

@@ -210,14 +210,15 @@ def _names_host(host: str, dns: list[str], ips: list) -> bool:
 
 
 def check_crl(report: Report, store: Store, ca: CheckedCA) -> None:
-    """The CA's newest CRL in the store: signed by it and not past its nextUpdate."""
+    """The CA's newest CRL in the store: signed by it, not past its nextUpdate, listing every revocation."""
     if not ca.chain:
         return  # its own finding says why; without its certificate the CA has no id to look the CRL up by
     subject, path, refresh = "crl", "/crl", "est-admin crl"
     if ca.label is not None:
         subject, path, refresh = f"{ca.where} crl", f"/crl/{ca.label}", f"est-admin crl --label {ca.label}"
     # The top-level CA's CRLs include those stored before CRLs recorded their issuer.
-    latest = store.current_crl(issuer_id(ca.chain[0]), or_unrecorded=ca.label is None)
+    scope = (issuer_id(ca.chain[0]), ca.label is None)
+    latest = store.current_crl(*scope)
     if latest is None:
         report.warn(subject, "none signed yet", f"fetch {path} once (or {refresh}) before FreeRADIUS checks CRLs")
         return
@@ -230,5 +231,13 @@ def check_crl(report: Report, store: Store, ca: CheckedCA) -> None:
         return
     if not x509.load_der_x509_crl(latest.der).is_signature_valid(ca.chain[0].public_key()):
         report.fail(subject, f"CRL {latest.number} is not signed by {ca.where}'s certificate (was the CA replaced?)", f"run {refresh}")
+        return
+    stale_since = store.unpublished_since(*scope)
+    if stale_since is not None:
+        report.fail(
+            subject, f"CRL {latest.number} is stale: it lacks revocations made since {stale_since:%Y-%m-%d %H:%M:%S} UTC, "
+            "whose re-sign failed; FreeRADIUS with CRL checks still accepts those pumps",
+            f"run {refresh} (it needs the CA key); the server re-signs it at the next {path} request once its key signs",
+        )
         return
     report.ok(subject, f"CRL {latest.number} valid until {latest.next_update:%Y-%m-%d %H:%M} UTC")
