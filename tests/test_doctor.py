@@ -22,13 +22,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from est_app import create_app
 from est_app.ca import load_authorities, load_authority
 from est_app.ca.crl import build_crl
 from est_app.ca.development import write_private_key
 from est_app.config import load_config
 from est_app.store import Store, migrations
 
-from .conftest import PASSWORD, USER, run_cli
+from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .e2e_clients import call, curl, pkcs7_certs, pki, run
 from .pki import der, ec_key, make_csr, pem
 from .server import free_port, start_server, write_config
@@ -245,6 +246,23 @@ def test_stale_crl(deployment, tmp_path):
     result = doctor(config)
     assert result.exit_code == 1
     assert has_line(result, "FAIL", "crl", "CRL 1 expired at", "FreeRADIUS", "est-admin crl")
+
+
+def test_a_crl_lacking_a_revocation_fails_until_it_is_re_signed(deployment, tmp_path):
+    config = offline_config(deployment, tmp_path)
+    assert run_cli("user", "add", USER, input=PASSWORD + "\n", config=config).exit_code == 0
+    client = create_app(config).test_client()
+    enrolled = client.post("/.well-known/est/simpleenroll", data=der(make_csr("NPPSTALE")), headers={"Content-Type": "application/pkcs10", **basic_auth()})
+    assert enrolled.status_code == 200 and client.get("/crl").status_code == 200
+    store = Store(load_config(config).database.url)
+    (device,) = store.find_devices()
+    store.revoke(device.current_serial, "keyCompromise")  # the revocation's transaction; its re-sign never happened
+
+    stale = doctor(config)
+    assert stale.exit_code == 1
+    assert has_line(stale, "FAIL", "crl", "CRL 1 is stale: it lacks revocations made since", "FreeRADIUS with CRL checks still accepts those pumps", "run est-admin crl")
+    assert run_cli("crl", config=config).exit_code == 0
+    assert has_line(doctor(config), "OK", "crl", "CRL 2 valid until")
 
 
 def test_database_missing_or_outdated(deployment, tmp_path):

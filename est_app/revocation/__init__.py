@@ -173,10 +173,13 @@ def _publish_crls(records: Iterable[CertificateRecord]) -> None:
             # recorded all the same: OCSP and EST refuse it, and the CA's CRL lists it once configured again
             log.warning("revoked %s, issued by a CA no longer configured (%s): no CRL re-signed", record.serial, record.issuer)
     for authority in signing_authorities(records):
+        # The revocation is committed whatever fails here: its mark keeps the CRL stale until one listing it is stored.
         try:
             app_state.crls[authority.issuer_id].regenerate()
-        except Exception:  # the revocation is committed whatever failed; its mark keeps the CRL stale until re-signed
-            log.warning("the CRL of %s could not be re-signed after a revocation; it stays marked stale", authority.name, exc_info=True)
+        except KeyUnavailable as exc:
+            log.warning("the CRL of %s is stale after a revocation: the CA key %s (%s)", authority.name, exc.problem, exc.detail)
+        except Exception:
+            log.warning("the CRL of %s is stale after a revocation: re-signing it failed", authority.name, exc_info=True)
 
 
 def delete_device(device: Device, actor: str, client_address: str = "", *, keep_certificate: bool = False) -> Optional[Device]:
