@@ -17,7 +17,7 @@ import yaml
 from ...config import ConfigError, Settings, parse_config
 from ...profiles import EnrollmentProfile
 from ...store import Store
-from ..database import database_url, open_store
+from ..database import open_store
 from .report import Report, count, one_line
 
 # systemd's LoadCredential= files exist only while the service runs.
@@ -96,9 +96,9 @@ def check_file(report: Report, subject: str, path: Path, secret: bool = True) ->
 
 def check_database(report: Report, settings: Settings) -> Optional[Store]:
     """The store when it answers with this version's schema; None otherwise (its findings say why)."""
-    url = database_url(settings)
     try:
-        parsed = sa.engine.make_url(url)
+        store = open_store(settings)  # connects at its first query: a missing SQLite file is not created here
+        parsed = store.engine.url
         url_shown = parsed.render_as_string(hide_password=True)
         if parsed.get_backend_name() == "sqlite" and parsed.database:
             path = Path(parsed.database)
@@ -106,7 +106,6 @@ def check_database(report: Report, settings: Settings) -> Optional[Store]:
                 report.fail("database", f"{url_shown}: no such file", "point database.url at the server's database; est-admin init or est-server creates it")
                 return None
             check_file(report, "database", path)
-        store = open_store(settings)
     except (sa.exc.ArgumentError, ImportError) as exc:
         report.fail("database", f"database.url cannot be used: {one_line(str(exc))}", "fix database.url, or install its driver (PostgreSQL: psycopg)")
         return None
