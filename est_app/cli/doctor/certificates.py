@@ -23,7 +23,7 @@ from gunicorn.util import parse_address
 from ...ca.authority import issuer_id, key_belongs_to, load_ca_chain, load_ca_key, load_certificates
 from ...config import CASettings, ConfigError, Settings
 from ...store import Store, utcnow
-from .inside import CREDENTIALS, check_file
+from .inside import check_file, check_secret
 from .report import Report, shown
 
 WARN_DAYS = 30
@@ -101,10 +101,7 @@ def _check_ca(report: Report, section: CASettings, where: str, credential: Optio
         check_lifetime(report, f"{where} chain", issuer, f"renew it, and {where}.chain_file with it")
     if section.key is not None:  # in a PKCS#11 token: the server checks it at start-up, /readyz while it runs
         report.ok(f"{where} key", f"in a PKCS#11 token ({section.key}); not opened by doctor")
-        if str(section.pin_file).startswith(CREDENTIALS) and not section.pin_file.exists():
-            report.ok(f"{where} token PIN", f"{section.pin_file} is a systemd credential, present only while est.service runs")
-        else:
-            check_file(report, f"{where} token PIN", section.pin_file)
+        check_secret(report, f"{where} token PIN", section.pin_file)
     elif check_file(report, f"{where} key", section.key_file):
         _check_ca_key(report, section, where, chain[0], credential)
     if section.key_passphrase_file:
