@@ -1,7 +1,7 @@
 """0004: revocations no stored CRL lists yet, the mark that makes a CA's CRL stale until it is re-signed.
 
-Revocations made before this revision get no mark: each was published when it was made, or
-by the half-life re-sign since (`est-admin crl` re-signs every CA's CRL at once).
+Revocations made before this revision get no mark: each was published when it was made, or is
+at the next half-life re-sign (`est-admin crl` re-signs every CA's CRL at once).
 """
 
 import sqlalchemy as sa
