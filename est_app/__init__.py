@@ -28,7 +28,7 @@ from .revocation import views as revocation_views
 from .auth import ClientCertificateVerifier, VerifiedCredentials
 from .ca import load_authorities
 from .ca.ocsp import OCSPResponder, load_signer
-from .config import ConfigError, Settings, load_config
+from .config import ConfigError, Settings, database_url, load_config
 from .approval import ApprovalService
 from .enrollment import EnrollmentService
 from .profiles import build_profiles
@@ -54,11 +54,9 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     settings = config if isinstance(config, Settings) else load_config(_config_path(config))
     _configure_logging(settings.log_level)
 
-    database_url = settings.database.url
-    if database_url is None:
+    if settings.database.url is None:
         os.makedirs(app.instance_path, exist_ok=True)
-        database_url = f"sqlite:///{Path(app.instance_path) / 'est.db'}"
-    store = Store(database_url, settings.database)
+    store = Store(database_url(settings.database, Path(app.instance_path)), settings.database)
     schema = SchemaCheck(store)
     try:
         schema.run()

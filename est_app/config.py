@@ -167,6 +167,11 @@ class DatabaseSettings:
         return read_secret_file(self.password_file, "database.password_file") if self.password_file else None
 
 
+def database_url(database: DatabaseSettings, instance_path: Path) -> str:
+    """The database est_app opens: ``database.url``, by default the SQLite file est.db in the instance folder ``instance_path``."""
+    return database.url or f"sqlite:///{instance_path / 'est.db'}"
+
+
 @dataclass(frozen=True)
 class RateLimitSettings:
     enabled: bool = False

@@ -5,8 +5,8 @@ touches nothing. ``/readyz`` answers 200 ``ready`` only when this worker can
 issue: the store answers a query on its certificates table, and for every CA
 (the top-level ``ca``, each label's own, and those retired by a rollover until they expire) the key, in its file or its
 PKCS#11 token, signs a fresh payload that the CA certificate verifies, the certificate is within its validity, and
-its CRL in the store is current (when there is none yet, or it has expired,
-the probe signs one, as serving the CRL would). Otherwise 503 with one line naming what failed; the
+its CRL in the store is current (when there is none yet, it has expired, or it lacks a revocation
+whose own re-sign failed, the probe signs one, as serving the CRL would). Otherwise 503 with one line naming what failed; the
 details go to the log, not to the unauthenticated caller. After a CA rollover (docs/CA_ROLLOVER.md)
 a ready answer adds one line per CA, issuing and retired: its expiry and how many unexpired,
 unrevoked certificates it still has (:func:`authority_status`, shared with ``est-admin ca status``).
@@ -160,4 +160,7 @@ def _crl_is_fresh(crl: CRLCache) -> str | None:
         crl.regenerate()
         if not crl.is_fresh():
             return "is past its nextUpdate and could not be renewed"
+    stale_since = crl.resign_if_stale()
+    if stale_since is not None:
+        return f"is stale: it lacks revocations made since {stale_since:%Y-%m-%d %H:%M:%S} UTC and could not be re-signed"
     return None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from est_app import create_app
-from est_app.config import ConfigError, load_config
+from est_app import create_app, instance_path
+from est_app.cli.database import open_store
+from est_app.config import ConfigError, DatabaseSettings, database_url, load_config
 
 
 def write(tmp_path, pki_dir, text_or_data) -> object:
@@ -64,6 +65,16 @@ def test_relative_paths_are_taken_from_the_config_folder(tmp_path, pki_dir):
         (tmp_path / name).write_bytes((pki_dir / name).read_bytes())
     settings = load_config(write(tmp_path, pki_dir, {"ca": {"cert_file": "ca.pem", "key_file": "ca.key"}, "tls": {}}))
     assert settings.ca.cert_file == tmp_path / "ca.pem"
+
+
+def test_the_default_database_is_est_db_in_the_instance_folder(tmp_path, pki_dir):
+    assert database_url(DatabaseSettings(), tmp_path) == f"sqlite:///{tmp_path / 'est.db'}"
+    postgresql = DatabaseSettings(url="postgresql+psycopg://est@db.example/est")
+    assert database_url(postgresql, tmp_path) == postgresql.url
+    # est-admin's commands (db, doctor) open the file est-server opens: create_app's instance folder's
+    settings = load_config(write(tmp_path, pki_dir, {"database": {}}))
+    assert settings.database.url is None
+    assert open_store(settings).engine.url.database == str(instance_path() / "est.db")  # not connected: nothing created
 
 
 def test_ca_key_not_matching_certificate_stops_start(tmp_path, pki_dir):

@@ -21,6 +21,7 @@ from .conftest import run_cli
 from .pki import der, make_csr
 from .test_admin_api import enroll_under_shared_name
 from .test_enroll import enroll
+from .test_revocation import token_unplugged
 
 BASE = "https://localhost"
 ADMIN = "alice"
@@ -445,6 +446,16 @@ def test_revoke_needs_confirmation_and_the_token(app, admin):
     again = admin.post(path, {"csrf": token, "serial": serial, "reason": "keyCompromise"})
     assert again.status_code == 302 and "revoked already" in text(admin.get(again.headers["Location"]))
     assert len(audit(app, "revoke")) == 1
+
+
+def test_a_revocation_whose_crl_cannot_be_signed_says_so(app, admin):
+    device = enroll_device(app, "NPPUNPLUG")
+    with token_unplugged(app):
+        done = admin.post(f"/admin/devices/{device.id}/revoke", {"csrf": admin.csrf(), "serial": device.current_serial, "reason": "keyCompromise"})
+        page = text(admin.get(done.headers["Location"]))
+    assert certificate(app, device.current_serial).status == "revoked"
+    assert "is revoked (keyCompromise), but the CRL of ca could not be re-signed (see the log): it is marked stale" in page
+    assert "the CRL has been re-signed" not in page
 
 
 def test_revoke_never_hits_a_certificate_the_admin_did_not_see(app, admin):

@@ -8,6 +8,8 @@ doctor says what a client can read, the client is run to confirm it.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import grp
 import json
 import os
 import re
@@ -22,13 +24,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from est_app import create_app
 from est_app.ca import load_authorities, load_authority
 from est_app.ca.crl import build_crl
 from est_app.ca.development import write_private_key
+from est_app import config as config_module
+from est_app.cli.doctor.inside import SECRET_FILE_SETTINGS
 from est_app.config import load_config
-from est_app.store import Store
+from est_app.store import Store, migrations
 
-from .conftest import PASSWORD, USER, run_cli
+from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .e2e_clients import call, curl, pkcs7_certs, pki, run
 from .pki import der, ec_key, make_csr, pem
 from .server import free_port, start_server, write_config
@@ -202,9 +207,86 @@ def test_world_readable_ca_key(deployment, tmp_path):
     os.chmod(deployment / "ca.key", 0o644)
     result = doctor(offline_config(deployment, tmp_path))
     assert result.exit_code == 1
-    assert has_line(result, "FAIL", "ca key", f"{deployment / 'ca.key'} is readable by every user (mode 0644)", f"chmod 600 {deployment / 'ca.key'}")
+    assert has_line(result, "FAIL", "ca key", f"{deployment / 'ca.key'} is readable by every user (mode 0644)", f"chmod o-rwx {deployment / 'ca.key'}")
+    # 0640, its group the service's (docs/DEPLOYMENT.md's root:est; doctor runs as the service user, here root)
     os.chmod(deployment / "ca.key", 0o640)
-    assert has_line(doctor(offline_config(deployment, tmp_path)), "WARN", "ca key", "is readable by its group (mode 0640)")
+    os.chown(deployment / "ca.key", 0, os.getegid())
+    fine = doctor(offline_config(deployment, tmp_path))
+    assert lines(fine, "WARN|FAIL", "ca key") == [f"WARN ca key: {deployment / 'ca.key'} is not encrypted — encrypt it and give the passphrase as a systemd credential (DEPLOYMENT.md 3b)"]
+
+
+SECRET = "s3cret-for-doctor"
+
+
+def secrets_config(deployment: Path, tmp_path: Path, mode: int, uid: int = 0, gid: int | None = None) -> tuple[Path, list[Path]]:
+    """A configuration naming the database's and Redis's password files (nothing answers there), both with ``mode``, owner and group."""
+    files = [tmp_path / "db-password", tmp_path / "redis-password"]
+    for file in files:
+        file.write_text(SECRET + "\n")
+        os.chown(file, uid, os.getegid() if gid is None else gid)
+        os.chmod(file, mode)
+    config = offline_config(
+        deployment, tmp_path,
+        database={"url": f"postgresql+psycopg://est@127.0.0.1:{free_port()}/est", "password_file": str(files[0]), "connect_timeout": 1},
+        rate_limit={"enabled": True, "storage_uri": f"redis://127.0.0.1:{free_port()}/0", "storage_password_file": str(files[1])},
+    )
+    return config, files
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o660], ids=oct)
+def test_secret_files_may_be_open_to_the_services_group(deployment, tmp_path, mode):
+    """docs/HIGH_AVAILABILITY.md puts the password files at 0640 root:est: the doctor agrees."""
+    config, (db_password, redis_password) = secrets_config(deployment, tmp_path, mode)
+    result = doctor(config)
+    assert has_line(result, "OK", "database.password_file", f"{db_password} is closed to other users")
+    assert has_line(result, "OK", "rate_limit.storage_password_file", f"{redis_password} is closed to other users")
+    assert not lines(result, "WARN|FAIL", "database.password_file") and not lines(result, "WARN|FAIL", "rate_limit.storage_password_file")
+
+
+@pytest.mark.parametrize("mode, access", [(0o644, "readable"), (0o604, "readable"), (0o602, "writable")])
+def test_a_secret_file_open_to_every_user_fails(deployment, tmp_path, mode, access):
+    config, (db_password, redis_password) = secrets_config(deployment, tmp_path, mode)
+    result = doctor(config)
+    assert result.exit_code == 1
+    for setting, file in (("database.password_file", db_password), ("rate_limit.storage_password_file", redis_password)):
+        assert has_line(result, "FAIL", setting, f"{file} is {access} by every user (mode {mode:04o})", f"chmod o-rwx {file}")
+
+
+def test_a_secret_file_open_to_another_group_or_owned_by_another_user_warns(deployment, tmp_path):
+    other = 65534  # nobody / nogroup: neither the user running doctor nor its group
+    config, (db_password, _) = secrets_config(deployment, tmp_path, 0o640, gid=other)
+    result = doctor(config)
+    group = grp.getgrgid(os.getegid()).gr_name
+    assert has_line(result, "WARN", "database.password_file", f"{db_password} is open to its group", "(mode 0640), not the service's", f"chgrp {group} {db_password}")
+    config, (db_password, _) = secrets_config(deployment, tmp_path, 0o600, uid=other)
+    result = doctor(config)
+    assert has_line(result, "WARN", "database.password_file", f"{db_password} is owned by uid {other}, neither", "nor root")
+
+
+def test_every_file_setting_is_known_as_secret_or_not():
+    """A new file setting must be placed: a secret's mode is checked as such (est_app.cli.doctor.inside)."""
+    public = {"cert_file", "chain_file", "client_ca_file", "ocsp_responder_cert_file", "link_certificates_file", "pkcs11_module"}
+    settings = {
+        field.name
+        for section in vars(config_module).values()
+        if isinstance(section, type) and dataclasses.is_dataclass(section)
+        for field in dataclasses.fields(section)
+        if "Path" in str(field.type)
+    }
+    assert settings == public | SECRET_FILE_SETTINGS and not public & SECRET_FILE_SETTINGS
+
+
+def test_every_secret_file_is_checked_once(deployment, pump_ca, tmp_path):
+    """The CA's key, a label's CA's key and an OCSP responder's key: each checked once, under its own name."""
+    responder_key = tmp_path / "responder.key"
+    responder_key.write_bytes((deployment / "ca.key").read_bytes())
+    os.chmod(responder_key, 0o644)
+    os.chmod(pump_ca / "pump-ca.key", 0o604)
+    ca = {"ocsp_responder_cert_file": str(deployment / "ca.pem"), "ocsp_responder_key_file": str(responder_key)}
+    result = doctor(offline_config(deployment, tmp_path, ca=ca, labels=pump_labels(pump_ca)))
+    assert has_line(result, "FAIL", "ca.ocsp_responder_key_file", f"{responder_key} is readable by every user (mode 0644)")
+    assert has_line(result, "FAIL", "labels.pumps.ca key", f"{pump_ca / 'pump-ca.key'} is readable by every user (mode 0604)")
+    assert len([line for line in result.output.splitlines() if "by every user" in line]) == 2, result.output
 
 
 def test_ca_key_that_does_not_match(deployment, tmp_path):
@@ -247,6 +329,23 @@ def test_stale_crl(deployment, tmp_path):
     assert has_line(result, "FAIL", "crl", "CRL 1 expired at", "FreeRADIUS", "est-admin crl")
 
 
+def test_a_crl_lacking_a_revocation_fails_until_it_is_re_signed(deployment, tmp_path):
+    config = offline_config(deployment, tmp_path)
+    assert run_cli("user", "add", USER, input=PASSWORD + "\n", config=config).exit_code == 0
+    client = create_app(config).test_client()
+    enrolled = client.post("/.well-known/est/simpleenroll", data=der(make_csr("NPPSTALE")), headers={"Content-Type": "application/pkcs10", **basic_auth()})
+    assert enrolled.status_code == 200 and client.get("/crl").status_code == 200
+    store = Store(load_config(config).database.url)
+    (device,) = store.find_devices()
+    store.revoke(device.current_serial, "keyCompromise")  # the revocation's transaction; its re-sign never happened
+
+    stale = doctor(config)
+    assert stale.exit_code == 1
+    assert has_line(stale, "FAIL", "crl", "CRL 1 is stale: it lacks revocations made since", "FreeRADIUS with CRL checks still accepts those pumps", "run est-admin crl")
+    assert run_cli("crl", config=config).exit_code == 0
+    assert has_line(doctor(config), "OK", "crl", "CRL 2 valid until")
+
+
 def test_database_missing_or_outdated(deployment, tmp_path):
     missing = doctor(offline_config(deployment, tmp_path, database={"url": f"sqlite:///{tmp_path / 'nowhere.db'}"}))
     assert missing.exit_code == 1
@@ -258,18 +357,18 @@ def test_database_missing_or_outdated(deployment, tmp_path):
     empty = tmp_path / "empty.db"
     empty.touch(mode=0o600)
     fresh = doctor(offline_config(deployment, tmp_path, database={"url": f"sqlite:///{empty}"}))
-    assert has_line(fresh, "WARN", "database", "has no tables yet, which est-server creates at schema revision 0003 when it starts")
+    assert has_line(fresh, "WARN", "database", f"has no tables yet, which est-server creates at schema revision {migrations.head()} when it starts")
     assert not lines(fresh, "FAIL", "database") and "Traceback" not in fresh.output
     with sqlite3.connect(empty) as conn:  # looked at, nothing created
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-    assert has_line(doctor(offline_config(deployment, tmp_path)), "OK", "database", "its schema is this version's (revision 0003)")
+    assert has_line(doctor(offline_config(deployment, tmp_path)), "OK", "database", f"its schema is this version's (revision {migrations.head()})")
 
     # A database one revision behind: est-server refuses it, the doctor names the command.
     with sqlite3.connect(deployment / "est.db") as conn:
         conn.execute("UPDATE alembic_version SET version_num = '0001'")
     behind = doctor(offline_config(deployment, tmp_path))
     assert behind.exit_code == 1
-    assert has_line(behind, "FAIL", "database", "at schema revision 0001, this version needs 0003", "back it up, then run `est-admin db upgrade`", "est-server refuses to start")
+    assert has_line(behind, "FAIL", "database", f"at schema revision 0001, this version needs {migrations.head()}", "back it up, then run `est-admin db upgrade`", "est-server refuses to start")
     assert not lines(behind, r"\w+", "crl")  # no CRL query on a schema this version does not know
 
     # Made before migrations (no alembic_version), and then one lacking a column that cannot be added in place.

@@ -26,6 +26,7 @@ from cryptography.x509 import ocsp
 from est_app import create_app
 from est_app.ca.pkcs11 import PKCS11URI
 from est_app.config import ConfigError, load_config, parse_config
+from est_app.revocation import revoke
 from est_app.state import state
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
@@ -275,6 +276,23 @@ def test_token_away_when_the_crl_is_due_serves_the_crl_held(tmp_path):
         with softhsm().token_away(token):
             assert crl.current(due).number == held.number
         assert crl.current(due).number > held.number  # the token back: re-signed
+
+
+def test_a_revocation_with_the_token_away_stands_and_its_crl_is_signed_when_the_token_returns(tmp_path):
+    pki, token = token_pki_dir(tmp_path / "pki")
+    app = token_app(pki)
+    client = app.test_client()
+    pump = issued(enroll(client, "NPPAWAY5"))
+    before = x509.load_der_x509_crl(client.get("/crl").data)
+    with softhsm().token_away(token):
+        with app.app_context():
+            assert revoke(format(pump.serial_number, "x"), "keyCompromise", "test:admin").status == "revoked"
+        ready = client.get("/readyz").get_data(as_text=True)
+        assert f"ca key is in token '{token}', which is unavailable" in ready and "; crl is stale: it lacks revocations made since " in ready
+        assert client.get("/crl").data == before.public_bytes(serialization.Encoding.DER)  # the CRL held
+    after = x509.load_der_x509_crl(client.get("/crl").data)
+    assert [entry.serial_number for entry in after] == [pump.serial_number]
+    assert client.get("/readyz").get_data(as_text=True) == "ready\n"
 
 
 def test_a_forked_process_signs_on_its_own_session_and_threads_share_one(tmp_path):

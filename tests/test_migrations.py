@@ -213,15 +213,15 @@ def test_a_filled_revision_1_database_upgrades_and_serves(database_url, config_f
     assert [len(before[t]) for t in ("users", "ra_clients", "devices", "certificates", "crls", "audit_events", "admin_sessions", "auth_failures")] == [2, 1, 3, 5, 1, 3, 1, 1]
 
     # est-server refuses it in one line naming the command; `db current` says the same, exit 1.
-    with pytest.raises(ConfigError, match=r"at schema revision 0001, this version needs 0003: back it up, then run `est-admin db upgrade`") as refused:
+    with pytest.raises(ConfigError, match=rf"at schema revision 0001, this version needs {HEAD}: back it up, then run `est-admin db upgrade`") as refused:
         create_app(config)
     assert "\n" not in str(refused.value)
     current = run_cli("db", "current", config=config)
-    assert current.exit_code == 1 and "schema revision 0001, this version's is 0003" in current.output
+    assert current.exit_code == 1 and f"schema revision 0001, this version's is {HEAD}" in current.output
 
     upgraded = run_cli("db", "upgrade", config=config)
     assert upgraded.exit_code == 0, upgraded.output
-    assert "upgraded from schema revision 0001 to 0003" in upgraded.output
+    assert f"upgraded from schema revision 0001 to {HEAD}" in upgraded.output
     assert snapshot(database_url) == before  # every row, every column, as it was
     assert [(key, status, not_after) for key, status, not_after, *_ in current_copies(database_url)] == [
         ("NPPVALID1", "valid", certs["valid"][1]), ("NPPRENEW2", "valid", certs["renewed"][1]), ("NPPREVOKED3", "revoked", certs["revoked"][1])
@@ -281,7 +281,7 @@ def test_a_database_made_before_migrations_is_refused_then_upgrades_in_place(dat
 
     upgraded = run_cli("db", "upgrade", config=config)
     assert upgraded.exit_code == 0, upgraded.output
-    assert "upgraded from schema revision none (no alembic_version table) to 0003" in upgraded.output
+    assert f"upgraded from schema revision none (no alembic_version table) to {HEAD}" in upgraded.output
     assert snapshot(database_url) == before
     assert [row[1] for row in current_copies(database_url)] == ["valid", "valid", "revoked"]
     assert "app_secrets" not in sa.inspect(sa.create_engine(database_url)).get_table_names()

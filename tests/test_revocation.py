@@ -9,15 +9,18 @@ A revoked certificate is refused as an RA credential and for re-enrollment from 
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import sqlite3
 import subprocess
 import urllib.parse
 from datetime import datetime, timedelta, timezone
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,10 +31,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import est_app.revocation as revocation_module
 from est_app import create_app
+from est_app.ca.crl import build_crl
 from est_app.ca.development import create_root_ca
+from est_app.ca.signers import KeyUnavailable, Signer
 from est_app.config import ConfigError
-from est_app.revocation import revoke
+from est_app.revocation import crl_not_renewed, revoke
 from est_app.state import state
+from est_app.store.schema import unpublished_revocations
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
 from .pki import der, make_csr, pem
@@ -448,6 +454,112 @@ def test_est_crl_resigns_now(env):
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"CRL {first + 1} valid until ")
     assert crl_number(get_crl(env.client)) == first + 1
+
+
+# --- a revocation whose CRL cannot be re-signed at once -------------------------------------------
+
+
+class UnpluggedToken(Signer):
+    """The CA's signer with its token pulled out: every signature fails as the PKCS#11 signer's do then
+    (tests/test_hsm.py pulls a real SoftHSM token)."""
+
+    def __init__(self, public_key) -> None:
+        self.public_key = public_key
+
+    def _away(self, *args):
+        raise KeyUnavailable("token 'unplugged'", "CKR_DEVICE_REMOVED")
+
+    sign_certificate = sign_crl = sign_ocsp = sign = _away
+
+
+@contextmanager
+def token_unplugged(app):
+    with app.app_context():
+        authority = state().authority
+    plugged = authority.signer
+    authority._signer = UnpluggedToken(plugged.public_key)
+    try:
+        yield
+    finally:
+        authority._signer = plugged
+
+
+def unpublished_serials(env: SimpleNamespace) -> list[str]:
+    with env.app.app_context():
+        with state().store.engine.connect() as conn:
+            return list(conn.execute(sa.select(unpublished_revocations.c.serial)).scalars())
+
+
+@pytest.mark.both_databases
+def test_a_revocation_the_ca_cannot_sign_a_crl_for_stands_and_the_next_request_signs_it(env):
+    cert, _ = enroll(env.client, "NPPSTALE")
+    before = get_crl(env.client)
+    with token_unplugged(env.app):
+        with env.app.app_context():
+            revoked = revoke(serial(cert), "keyCompromise", "test:admin")  # no error: the revocation is committed
+            assert crl_not_renewed().startswith("the CRL of ca could not be re-signed (see the log): it is marked stale, /readyz fails")
+        assert revoked.status == "revoked" and record_of(env, serial(cert)).status == "revoked"
+        assert unpublished_serials(env) == [serial(cert)]
+        ready = env.client.get("/readyz")
+        assert ready.status_code == 503
+        assert re.search(r"; crl is stale: it lacks revocations made since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC and could not be re-signed", ready.get_data(as_text=True))
+        held = get_crl(env.client)  # the CRL held, as with the database down: better than none for FreeRADIUS
+        assert crl_number(held) == crl_number(before) and list(held) == []
+
+    # The key back: the next request re-signs, though the CRL held is far from half its lifetime.
+    after = get_crl(env.client)
+    assert crl_number(after) == crl_number(before) + 1 and [e.serial_number for e in after] == [cert.serial_number]
+    assert unpublished_serials(env) == []
+    assert env.client.get("/readyz").get_data(as_text=True) == "ready\n"
+    with env.app.app_context():
+        assert crl_not_renewed() is None
+
+
+@pytest.mark.both_databases
+def test_a_revocation_whose_process_died_before_signing_is_published_by_any_worker(env):
+    """The revocation's own transaction, then nothing (the process killed): another worker's readiness probe signs
+    the CRL, and this worker, its CRL cached, serves that one at its next request."""
+    cert, _ = enroll(env.client, "NPPKILLED")
+    before = get_crl(env.client)
+    with create_app(env.config).app_context():
+        state().store.revoke(serial(cert), "keyCompromise")  # what revoke() commits before it signs
+    assert unpublished_serials(env) == [serial(cert)]
+
+    probe = create_app(env.config).test_client().get("/readyz")  # a third worker, as HAProxy probes every host
+    assert probe.get_data(as_text=True) == "ready\n"
+    assert unpublished_serials(env) == []
+    after = get_crl(env.client)
+    assert crl_number(after) == crl_number(before) + 1 and [e.serial_number for e in after] == [cert.serial_number]
+
+
+@pytest.mark.both_databases
+def test_a_revocation_committed_while_a_crl_is_signed_keeps_its_mark(env):
+    """The mark goes only with a stored CRL that lists it: a revocation committed after the list was read stays marked."""
+    early, _ = enroll(env.client, "NPPEARLY")
+    late, _ = enroll(env.client, "NPPLATE")
+    with env.app.app_context():
+        store, authority = state().store, state().authority
+        store.revoke(serial(early), "keyCompromise")
+
+        def build(number: int):
+            signed = build_crl(authority, store.revoked_certificates(), number, datetime.now(timezone.utc), timedelta(hours=24))
+            store.revoke(serial(late), "keyCompromise")  # after the revoked list was read, before the CRL is stored
+            return signed
+
+        stored = store.save_crl(build, authority.issuer_id, True)
+    assert [e.serial_number for e in x509.load_der_x509_crl(stored.der)] == [early.serial_number]
+    assert unpublished_serials(env) == [serial(late)]
+    assert {e.serial_number for e in get_crl(env.client)} == {early.serial_number, late.serial_number}
+    assert unpublished_serials(env) == []
+
+
+def test_deleting_a_device_marks_its_revoked_certificates(env):
+    cert, _ = enroll(env.client, "NPPGONE")
+    with create_app(env.config).app_context():
+        (device,) = state().store.find_devices(search="NPPGONE")
+        state().store.delete_device(device.id, revoke_reason="cessationOfOperation")  # the transaction alone, no re-sign
+    assert unpublished_serials(env) == [serial(cert)]
+    assert [e.serial_number for e in get_crl(env.client)] == [cert.serial_number]
 
 
 @pytest.mark.both_databases

@@ -400,7 +400,10 @@ def revoke_device(device: str):
     except AlreadyRevoked:
         flash(f"Certificate {serial} was revoked already; nothing changed.", "error")
         return redirect(url_for(".device", device=d.id))
-    flash(f"Certificate {serial} of {d.device_key} is revoked ({reason}) and the CRL has been re-signed.", "success")
+    if problem := revocation.crl_not_renewed():
+        flash(f"Certificate {serial} of {d.device_key} is revoked ({reason}), but {problem}.", "error")
+    else:
+        flash(f"Certificate {serial} of {d.device_key} is revoked ({reason}) and the CRL has been re-signed.", "success")
     return redirect(url_for(".device", device=d.id))
 
 
@@ -427,12 +430,14 @@ def delete_device(device: str):
     deleted = revocation.delete_device(d, f"admin:{g.admin.name}", request.remote_addr or "", keep_certificate=keep)
     if deleted is None:
         abort(404, f"There is no device {d.id}. It may have been deleted already.")
-    certificate = (
-        f"Its certificate {deleted.current_serial} stays valid until it expires, but cannot re-enroll."
-        if keep
-        else f"Its certificate {deleted.current_serial} is revoked and the CRL has been re-signed."
-    )
-    flash(f"Device {d.device_key} (number {d.id}) is deleted; it may enroll again. {certificate}", "success")
+    problem = None if keep else revocation.crl_not_renewed()
+    if keep:
+        certificate = f"Its certificate {deleted.current_serial} stays valid until it expires, but cannot re-enroll."
+    elif problem:
+        certificate = f"Its certificate {deleted.current_serial} is revoked, but {problem}."
+    else:
+        certificate = f"Its certificate {deleted.current_serial} is revoked and the CRL has been re-signed."
+    flash(f"Device {d.device_key} (number {d.id}) is deleted; it may enroll again. {certificate}", "error" if problem else "success")
     return redirect(url_for(".devices"))
 
 

@@ -9,21 +9,16 @@ from __future__ import annotations
 import click
 import sqlalchemy as sa
 
-from ..config import ConfigError, Settings, load_config
+from ..config import ConfigError, Settings, database_url, load_config
 from ..store import SchemaOutdated, Store
 from . import est
 
 
-def database_url(settings: Settings) -> str:
-    """The configuration's database, or the instance folder's SQLite file as create_app() opens it."""
+def open_store(settings: Settings) -> Store:
+    """The configuration's store, opened as est-server opens it (the same file by default, password file, timeouts)."""
     from .. import instance_path  # the package imports the CLI first
 
-    return settings.database.url or f"sqlite:///{instance_path() / 'est.db'}"
-
-
-def open_store(settings: Settings) -> Store:
-    """The configuration's store, opened as est-server opens it (password file, timeouts)."""
-    return Store(database_url(settings), settings.database)
+    return Store(database_url(settings.database, instance_path()), settings.database)
 
 
 def upgrade_database(settings: Settings) -> None:

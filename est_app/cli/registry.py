@@ -9,7 +9,7 @@ import click
 from ..records import certificate_json, device_json, event_json
 from ..audit import cli_actor
 from ..ca.crl import REASONS
-from ..revocation import delete_device, live_certificates, revoke, signing_authorities
+from ..revocation import crl_not_renewed, delete_device, live_certificates, revoke, signing_authorities
 from ..state import state
 from ..store import AlreadyRevoked, Device, NotFound
 from ..store.reports import AmbiguousDevice, DeviceNotFound, Reports
@@ -93,7 +93,8 @@ def device_delete(device_ref: str, label: str | None, keep_certificate: bool) ->
     if keep_certificate:
         outcome = f"its certificate {d.current_serial} stays valid (--keep-certificate)"
     else:
-        outcome = f"revoked (cessationOfOperation): {', '.join(c.serial for c in live) or 'none still valid'}; CRL re-signed"
+        crl = f"but {problem}" if (problem := crl_not_renewed()) else "CRL re-signed"
+        outcome = f"revoked (cessationOfOperation): {', '.join(c.serial for c in live) or 'none still valid'}; {crl}"
     click.echo(f"deleted device {d.device_key} (number {d.id}, label {d.label}); it may enroll again; {outcome}")
 
 
@@ -131,7 +132,8 @@ def _revoke(serial: str, reason: str) -> None:
         raise click.ClickException(f"no certificate with serial {serial}") from None
     except AlreadyRevoked:
         raise click.ClickException(f"certificate {serial} is revoked already") from None
-    click.echo(f"revoked {serial} ({reason}); CRL re-signed")
+    problem = crl_not_renewed()
+    click.echo(f"revoked {serial} ({reason}); " + (f"but {problem}" if problem else "CRL re-signed"))
 
 
 @cert.command("expiring")

@@ -7,6 +7,12 @@ lifetime has passed; each worker keeps the DER of the newest number it has
 seen (read when the worker starts, and on each /crl or /readyz) and only
 re-reads the store when that number moves. Nothing is rebuilt per request.
 While the database is down a worker serves the CRL it holds, as it is.
+
+A revocation marks itself unpublished in its own transaction, and the mark goes
+only with the storing of a CRL that lists it. So when the re-sign after a
+revocation fails (the CA key's token away, the process killed in between), the
+CRL is stale, not forgotten: the next /crl request or /readyz probe, on any
+worker or host, re-signs it; meanwhile /readyz and `est-admin doctor` say so.
 """
 
 from __future__ import annotations
@@ -50,14 +56,14 @@ class CRLCache:
         # The revoked list is read after the number is chosen (see Store.save_crl).
         record = self.store.save_crl(
             lambda number: build_crl(self.authority, self.store.revoked_certificates(*self._scope), number, now, self.lifetime),
-            self.authority.issuer_id,
+            *self._scope,
         )
         with self._lock:
             self._current = record
         return record
 
     def current(self, now: Optional[datetime] = None) -> CRLRecord:
-        """The CA's newest CRL, re-signed first when none exists or half its lifetime has gone.
+        """The CA's newest CRL, re-signed first when none exists, half its lifetime has gone, or it lacks a revocation.
 
         With the database down, or the CA key's token away: the CRL this worker holds, however old
         (relying parties judge its nextUpdate); the error (a 503) only when it holds none.
@@ -78,7 +84,8 @@ class CRLCache:
         cached = self._current
         if cached is None or cached.number != number:
             cached = self.store.current_crl(*self._scope) if number is not None else None
-        if cached is None or now >= cached.this_update + (cached.next_update - cached.this_update) / 2:
+        due = cached is None or now >= cached.this_update + (cached.next_update - cached.this_update) / 2
+        if due or self.unpublished_since() is not None:  # or it lacks a revocation whose own re-sign failed
             return self.regenerate()
         with self._lock:
             self._current = cached
@@ -92,12 +99,27 @@ class CRLCache:
                 self._current = latest
         return latest is not None and now < latest.next_update
 
+    def unpublished_since(self) -> Optional[datetime]:
+        """When the oldest revocation this CA's stored CRL lacks was made (its re-sign failed); None when it lists them all."""
+        return self.store.unpublished_since(*self._scope)
+
+    def resign_if_stale(self) -> Optional[datetime]:
+        """Re-sign when the stored CRL lacks a revocation, as the next /crl request would; then :meth:`unpublished_since`."""
+        if self.unpublished_since() is None:
+            return None
+        try:
+            self.regenerate()
+        except KeyUnavailable as exc:
+            log.warning("the CRL of %s lacks a revocation and cannot be re-signed: the CA key %s (%s)", self.authority.name, exc.problem, exc.detail)
+        return self.unpublished_since()
+
 
 def revoke(serial: str, reason: str, actor: str, client_address: str = "") -> CertificateRecord:
     """Revoke ``serial`` (audited as ``actor``) and publish a new CRL of the CA that issued it.
 
     Every worker refuses the certificate from its next request on; raises the
-    store's NotFound or AlreadyRevoked.
+    store's NotFound or AlreadyRevoked. The revocation stands when the CRL cannot
+    be re-signed now: :func:`crl_not_renewed` says so.
     """
     app_state = state()
     store = app_state.store
@@ -130,15 +152,34 @@ def signing_authorities(records: Iterable[CertificateRecord]) -> list[Certificat
     return list(found.values())
 
 
+def crl_not_renewed() -> Optional[str]:
+    """After a revocation: None when every CA's stored CRL lists all it revoked; otherwise one line for the operator."""
+    app_state = state()
+    stale = [authority.name for authority in app_state.authorities if app_state.crls[authority.issuer_id].unpublished_since()]
+    if not stale:
+        return None
+    return (
+        f"the CRL of {', '.join(stale)} could not be re-signed (see the log): it is marked stale, /readyz fails, "
+        "and the next /crl request or `est-admin crl` re-signs it"
+    )
+
+
 def _publish_crls(records: Iterable[CertificateRecord]) -> None:
-    """Re-sign the CRL of each CA that issued one of the just-revoked ``records``."""
+    """Re-sign the CRL of each CA that issued one of the just-revoked ``records``; a failure is logged, and the
+    revocation's mark has the CRL re-signed later."""
     app_state = state()
     for record in records:
         if app_state.authorities.issuer_of(record.issuer) is None:
             # recorded all the same: OCSP and EST refuse it, and the CA's CRL lists it once configured again
             log.warning("revoked %s, issued by a CA no longer configured (%s): no CRL re-signed", record.serial, record.issuer)
     for authority in signing_authorities(records):
-        app_state.crls[authority.issuer_id].regenerate()
+        # The revocation is committed whatever fails here: its mark keeps the CRL stale until one listing it is stored.
+        try:
+            app_state.crls[authority.issuer_id].regenerate()
+        except KeyUnavailable as exc:
+            log.warning("the CRL of %s is stale after a revocation: the CA key %s (%s)", authority.name, exc.problem, exc.detail)
+        except Exception:
+            log.warning("the CRL of %s is stale after a revocation: re-signing it failed", authority.name, exc_info=True)
 
 
 def delete_device(device: Device, actor: str, client_address: str = "", *, keep_certificate: bool = False) -> Optional[Device]:

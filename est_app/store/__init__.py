@@ -47,7 +47,7 @@ from .records import (  # the store's records and errors, re-exported
     User,
     UserExists,
 )
-from .schema import admin_sessions, audit_events, auth_failures, certificates, crls, devices, ra_clients, users
+from .schema import admin_sessions, audit_events, auth_failures, certificates, crls, devices, ra_clients, unpublished_revocations, users
 
 MAX_USER_NAME = users.c.name.type.length  # longer names are refused before any lookup
 
@@ -414,6 +414,7 @@ class Store:
                 )
                 for serial in conn.execute(live).scalars().all():
                     conn.execute(_REVOKE, {"serial_": serial, "reason": revoke_reason, "now": now})
+                    conn.execute(_MARK_UNPUBLISHED, {"serial": serial})
                     _insert_audit(conn, replace(audit, event="revoke", serial=serial, detail=revoke_reason) if audit else None)
             conn.execute(certificates.update().where(certificates.c.device_id == device_id).values(device_id=None))
             conn.execute(devices.delete().where(devices.c.id == device_id))
@@ -435,6 +436,7 @@ class Store:
             # The row count settles two revocations at once on PostgreSQL (the second finds it revoked).
             if row.status == "revoked" or not conn.execute(_REVOKE, {"serial_": serial, "reason": reason, "now": utcnow()}).rowcount:
                 raise AlreadyRevoked(serial)
+            conn.execute(_MARK_UNPUBLISHED, {"serial": serial})  # its CA's CRL is stale until one listing it is stored
             _insert_audit(conn, audit)
         return self.get_certificate(serial)
 
@@ -466,24 +468,35 @@ class Store:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.max(crls.c.number)).where(_issued_by(crls.c.issuer, issuer, or_unrecorded))).scalar()
 
-    def save_crl(self, build, issuer: str) -> CRLRecord:
+    def save_crl(self, build, issuer: str, or_unrecorded: bool = False) -> CRLRecord:
         """Store the CRL ``build(number)`` makes for the CA ``issuer``, numbered one past the newest of any CA.
 
         Built outside the write lock (a big CRL takes a while to sign; enrollments must not
         wait for it). ``build`` reads the revoked list itself, after the number is chosen; if
         another process stores that number first, the CRL is built again with the next one.
+        The CA's unpublished revocations read before ``build`` runs are in its list, so their
+        marks go in the CRL's transaction; one committed meanwhile keeps its mark.
         """
         for _ in range(5):
             number = (self.current_crl_number() or 0) + 1
+            with self.engine.connect() as conn:
+                listed = conn.execute(_unpublished(sa.select(unpublished_revocations.c.serial), issuer, or_unrecorded)).scalars().all()
             this_update, next_update, der = build(number)
             values = {"number": number, "this_update": _naive_utc(this_update), "next_update": _naive_utc(next_update), "der": der, "issuer": issuer}
             try:
                 with self._write() as conn:
                     conn.execute(crls.insert().values(**values))
+                    if listed:
+                        conn.execute(unpublished_revocations.delete().where(unpublished_revocations.c.serial.in_(listed)))
             except sa.exc.IntegrityError:
                 continue
             return CRLRecord(**values)
         raise RuntimeError("could not store a new CRL: other processes kept taking its number")
+
+    def unpublished_since(self, issuer: Optional[str] = None, or_unrecorded: bool = False) -> Optional[datetime]:
+        """When the oldest revocation of the CA that no stored CRL lists yet was made; None when its CRL lists them all."""
+        with self.engine.connect() as conn:
+            return conn.execute(_unpublished(sa.select(sa.func.min(certificates.c.revoked_at)), issuer, or_unrecorded)).scalar()
 
     # audit trail
 
@@ -522,6 +535,7 @@ _REVOKE = (
     .where(certificates.c.serial == sa.bindparam("serial_"), certificates.c.status != "revoked")
     .values(status="revoked", revoked_at=sa.bindparam("now"), revocation_reason=sa.bindparam("reason"))
 )
+_MARK_UNPUBLISHED = unpublished_revocations.insert().values(serial=sa.bindparam("serial"))
 _STATUS_BY_SERIAL = sa.select(
     certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason, certificates.c.issuer
 ).where(certificates.c.serial == sa.bindparam("serial"))
@@ -548,6 +562,12 @@ def _issued_by(column: sa.Column, issuer: Optional[str], or_unrecorded: bool):
     if issuer is None:
         return sa.true()
     return sa.or_(column == issuer, column.is_(None)) if or_unrecorded else column == issuer
+
+
+def _unpublished(query: sa.Select, issuer: Optional[str], or_unrecorded: bool) -> sa.Select:
+    """``query`` over the CA's revocations no stored CRL lists yet (as revoked_certificates scopes a CA)."""
+    joined = unpublished_revocations.join(certificates, certificates.c.serial == unpublished_revocations.c.serial)
+    return query.select_from(joined).where(_issued_by(certificates.c.issuer, issuer, or_unrecorded))
 
 
 def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: Optional[int] = None) -> None:

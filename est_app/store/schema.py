@@ -162,3 +162,11 @@ inventory = sa.Table(
     sa.Column("added_at", sa.DateTime, nullable=False),
     sa.UniqueConstraint("label", "device_key", name="uq_inventory_label_key"),
 )
+
+# Revocations no stored CRL lists yet, revision 0004: a row is written in the revocation's own transaction and
+# deleted in the transaction that stores a CRL listing it, so a CA's CRL is stale exactly while it has a row here.
+unpublished_revocations = sa.Table(
+    "unpublished_revocations",
+    metadata,
+    sa.Column("serial", sa.String(64), sa.ForeignKey("certificates.serial"), primary_key=True),
+)

@@ -30,7 +30,7 @@ from ...profiles import EnrollmentProfile, build_profiles
 from .. import est
 from .bodies import CLIENTS
 from .certificates import check_cas, check_crl, check_tls, issuing_ca
-from .inside import check_access, check_config, check_database
+from .inside import check_access, check_config, check_database, check_secret_files
 from .outside import check_cacerts, check_enrollment_answer, connect_to_server, pump_keys, stand_in_for
 from .report import Report
 from .request import check_request
@@ -97,6 +97,7 @@ def _check_deployment(
     cas = check_cas(report, settings, absent_credentials)
     tls_certificate = check_tls(report, settings, hosts)
     store = check_database(report, settings)
+    check_secret_files(report, settings)
     if store is not None:
         for ca in cas.values():
             check_crl(report, store, ca)

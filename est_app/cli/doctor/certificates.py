@@ -23,7 +23,7 @@ from gunicorn.util import parse_address
 from ...ca.authority import issuer_id, key_belongs_to, load_ca_chain, load_ca_key, load_certificates
 from ...config import CASettings, ConfigError, Settings
 from ...store import Store, utcnow
-from .inside import CREDENTIALS, check_file
+from .inside import check_file, check_secret
 from .report import Report, shown
 
 WARN_DAYS = 30
@@ -101,10 +101,7 @@ def _check_ca(report: Report, section: CASettings, where: str, credential: Optio
         check_lifetime(report, f"{where} chain", issuer, f"renew it, and {where}.chain_file with it")
     if section.key is not None:  # in a PKCS#11 token: the server checks it at start-up, /readyz while it runs
         report.ok(f"{where} key", f"in a PKCS#11 token ({section.key}); not opened by doctor")
-        if str(section.pin_file).startswith(CREDENTIALS) and not section.pin_file.exists():
-            report.ok(f"{where} token PIN", f"{section.pin_file} is a systemd credential, present only while est.service runs")
-        else:
-            check_file(report, f"{where} token PIN", section.pin_file)
+        check_secret(report, f"{where} token PIN", section.pin_file)
     elif check_file(report, f"{where} key", section.key_file):
         _check_ca_key(report, section, where, chain[0], credential)
     if section.key_passphrase_file:
@@ -210,14 +207,15 @@ def _names_host(host: str, dns: list[str], ips: list) -> bool:
 
 
 def check_crl(report: Report, store: Store, ca: CheckedCA) -> None:
-    """The CA's newest CRL in the store: signed by it and not past its nextUpdate."""
+    """The CA's newest CRL in the store: signed by it, not past its nextUpdate, listing every revocation."""
     if not ca.chain:
         return  # its own finding says why; without its certificate the CA has no id to look the CRL up by
     subject, path, refresh = "crl", "/crl", "est-admin crl"
     if ca.label is not None:
         subject, path, refresh = f"{ca.where} crl", f"/crl/{ca.label}", f"est-admin crl --label {ca.label}"
     # The top-level CA's CRLs include those stored before CRLs recorded their issuer.
-    latest = store.current_crl(issuer_id(ca.chain[0]), or_unrecorded=ca.label is None)
+    scope = (issuer_id(ca.chain[0]), ca.label is None)
+    latest = store.current_crl(*scope)
     if latest is None:
         report.warn(subject, "none signed yet", f"fetch {path} once (or {refresh}) before FreeRADIUS checks CRLs")
         return
@@ -230,5 +228,13 @@ def check_crl(report: Report, store: Store, ca: CheckedCA) -> None:
         return
     if not x509.load_der_x509_crl(latest.der).is_signature_valid(ca.chain[0].public_key()):
         report.fail(subject, f"CRL {latest.number} is not signed by {ca.where}'s certificate (was the CA replaced?)", f"run {refresh}")
+        return
+    stale_since = store.unpublished_since(*scope)
+    if stale_since is not None:
+        report.fail(
+            subject, f"CRL {latest.number} is stale: it lacks revocations made since {stale_since:%Y-%m-%d %H:%M:%S} UTC, "
+            "whose re-sign failed; FreeRADIUS with CRL checks still accepts those pumps",
+            f"run {refresh} (it needs the CA key); the server re-signs it at the next {path} request once its key signs",
+        )
         return
     report.ok(subject, f"CRL {latest.number} valid until {latest.next_update:%Y-%m-%d %H:%M} UTC")

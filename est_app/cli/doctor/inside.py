@@ -1,9 +1,16 @@
 """Inside checks of the deployment's own files: the configuration, file modes and owners, and the
 database (reachable, schema of this version, who may enroll). The certificates: certificates.py.
+
+A secret file (a private key, a password, passphrase or PIN, the SQLite database) may be read by its
+owner and by the service's group, never by every user: ``0600 est:est``, or ``0640 root:est`` as
+docs/DEPLOYMENT.md and docs/HIGH_AVAILABILITY.md lay out. The service is whoever runs the doctor
+(as the guides say, the service user).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import grp
 import os
 import pwd
 import re
@@ -17,11 +24,14 @@ import yaml
 from ...config import ConfigError, Settings, parse_config
 from ...profiles import EnrollmentProfile
 from ...store import Store
-from ..database import database_url, open_store
+from ..database import open_store
 from .report import Report, count, one_line
 
 # systemd's LoadCredential= files exist only while the service runs.
 CREDENTIALS = "/run/credentials/"
+# The settings naming a file that holds a secret; every other *_file holds certificates or configuration
+# (tests/test_doctor.py checks that each Path setting is one or the other).
+SECRET_FILE_SETTINGS = frozenset({"key_file", "key_passphrase_file", "pin_file", "password_file", "storage_password_file", "ocsp_responder_key_file"})
 
 
 # --- the configuration and its files ------------------------------------------------------------
@@ -70,25 +80,72 @@ def _leave_out_absent_credentials(data: dict) -> dict[str, str]:
 
 
 def check_file(report: Report, subject: str, path: Path, secret: bool = True) -> bool:
-    """Mode, owner and readability; True when this user can read it."""
+    """Mode, owner and readability (a secret's as the module says); True when this user can read it."""
+    report.files_checked.add(path)
     try:
         st = path.stat()
     except OSError as exc:
         report.fail(subject, f"{path}: {exc.strerror}", "create it, or fix the path in the configuration")
         return False
-    mode, me = stat.S_IMODE(st.st_mode), pwd.getpwuid(os.geteuid()).pw_name
-    if secret and mode & 0o004:
-        report.fail(subject, f"{path} is readable by every user (mode {mode:04o})", f"chmod 600 {path}")
-    elif secret and mode & 0o040:
-        report.warn(subject, f"{path} is readable by its group (mode {mode:04o})", f"chmod 600 {path}")
+    mode, me, group = stat.S_IMODE(st.st_mode), pwd.getpwuid(os.geteuid()).pw_name, _group_name(os.getegid())
+    if secret and mode & 0o006:
+        access = "readable" if mode & 0o004 else "writable"
+        report.fail(subject, f"{path} is {access} by every user (mode {mode:04o})", f"chmod o-rwx {path}")
+    elif secret and mode & 0o060 and st.st_gid != os.getegid():
+        report.warn(
+            subject, f"{path} is open to its group {_group_name(st.st_gid)} (mode {mode:04o}), not the service's ({group}, of {me} who runs doctor)",
+            f"chgrp {group} {path}, or chmod g-rwx {path}; or run doctor as the service user",
+        )
     elif mode & 0o022 and not secret:
         report.fail(subject, f"{path} is writable by others (mode {mode:04o})", f"chmod go-w {path}")
-    if secret and st.st_uid != os.geteuid():
-        report.warn(subject, f"{path} is owned by uid {st.st_uid}, not by {me} who runs doctor", f"chown {me} {path}, or run doctor as the service user")
+    if secret and st.st_uid not in (os.geteuid(), 0):
+        report.warn(subject, f"{path} is owned by uid {st.st_uid}, neither {me} who runs doctor nor root", f"chown {me} {path}, or run doctor as the service user")
     if not os.access(path, os.R_OK):
         report.fail(subject, f"{path} cannot be read by {me}", "run doctor as the service user; the service needs to read it")
         return False
     return True
+
+
+def check_secret(report: Report, subject: str, path: Path) -> bool:
+    """:func:`check_file` for a secret; a systemd credential absent here is as it should be. True when this user can read it."""
+    if str(path).startswith(CREDENTIALS) and not path.exists():
+        report.files_checked.add(path)
+        report.ok(subject, f"{path} is a systemd credential, present only while est.service runs")
+        return False
+    return check_file(report, subject, path)
+
+
+def check_secret_files(report: Report, settings: Settings) -> None:
+    """Each secret file the configuration names that no other check has looked at (the database's and Redis's
+    password files, OCSP responder keys, retired CAs' keys), named by its setting."""
+    for setting, path in _secret_files(settings, "").items():
+        if path not in report.files_checked:
+            found = len(report.findings)
+            if check_secret(report, setting, path) and len(report.findings) == found:
+                report.ok(setting, f"{path} is closed to other users")
+
+
+def _secret_files(section: object, prefix: str) -> dict[str, Path]:
+    """The secret files under a settings section (labels and retired CAs included), by setting name."""
+    found: dict[str, Path] = {}
+    for field in dataclasses.fields(section):
+        value, name = getattr(section, field.name), f"{prefix}{field.name}"
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, tuple) else ()
+        if dataclasses.is_dataclass(value):
+            found.update(_secret_files(value, f"{name}."))
+        for key, child in children:
+            if dataclasses.is_dataclass(child):
+                found.update(_secret_files(child, f"{name}.{key}." if isinstance(key, str) else f"{name}[{key}]."))
+        if isinstance(value, Path) and field.name in SECRET_FILE_SETTINGS:
+            found[name] = value
+    return found
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 # --- the database, and who may enroll ---------------------------------------------------------------
@@ -96,9 +153,9 @@ def check_file(report: Report, subject: str, path: Path, secret: bool = True) ->
 
 def check_database(report: Report, settings: Settings) -> Optional[Store]:
     """The store when it answers with this version's schema; None otherwise (its findings say why)."""
-    url = database_url(settings)
     try:
-        parsed = sa.engine.make_url(url)
+        store = open_store(settings)  # connects at its first query: a missing SQLite file is not created here
+        parsed = store.engine.url
         url_shown = parsed.render_as_string(hide_password=True)
         if parsed.get_backend_name() == "sqlite" and parsed.database:
             path = Path(parsed.database)
@@ -106,7 +163,6 @@ def check_database(report: Report, settings: Settings) -> Optional[Store]:
                 report.fail("database", f"{url_shown}: no such file", "point database.url at the server's database; est-admin init or est-server creates it")
                 return None
             check_file(report, "database", path)
-        store = open_store(settings)
     except (sa.exc.ArgumentError, ImportError) as exc:
         report.fail("database", f"database.url cannot be used: {one_line(str(exc))}", "fix database.url, or install its driver (PostgreSQL: psycopg)")
         return None

@@ -7,6 +7,7 @@ has failed when any finding is FAIL.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Finding:
 @dataclass
 class Report:
     findings: list[Finding] = field(default_factory=list)
+    files_checked: set[Path] = field(default_factory=set)  # each file's mode is checked once, by the first check to reach it
 
     def ok(self, subject: str, what: str, todo: str = "") -> None:
         self.findings.append(Finding("OK", subject, what, todo))
