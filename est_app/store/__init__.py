@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection
 
 from ..config import DatabaseSettings
 from . import migrations
+from .batch import GroupCommit, is_deadlock
 from .engine import create_engine
 from .records import (  # the store's records and errors, re-exported
     AlreadyIssued,
@@ -70,6 +71,7 @@ class Store:
         # handler, which sleeps 1, 2, 5, 10 ... 100 ms between retries. PostgreSQL locks rows instead.
         self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
         self._status_query = _StatusQuery(self.engine.dialect)
+        self._certificate_writes = GroupCommit(self._write)  # enrollments commit together (est_app/store/batch.py)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -323,12 +325,14 @@ class Store:
     def _write_certificate(self, write, serial: str):
         for _attempt in range(3):
             try:
-                with self._write() as conn:
-                    return write(conn)
+                return self._certificate_writes.run(write)
             except sa.exc.IntegrityError:
                 if self.get_certificate(serial) is not None:
                     raise SerialTaken(serial) from None
                 # Another server inserted the same device first (PostgreSQL); read it next time.
+            except sa.exc.OperationalError as exc:
+                if not is_deadlock(exc):
+                    raise
         raise RuntimeError("could not record the certificate after three attempts")
 
     def get_certificate(self, serial: str) -> Optional[CertificateRecord]:
