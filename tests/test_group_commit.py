@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 import sqlalchemy as sa
 
-from est_app.store import DeviceExists, SerialTaken, Store
+from est_app.store import DeviceExists, SerialTaken, Store, _lock_device_key
 
 from .test_races import only_valid_is_current, record, stores  # noqa: F401 (stores: the fixture)
 
@@ -125,3 +125,41 @@ def test_a_failed_commit_fails_every_write_of_its_batch(stores):
     assert store.find_devices(search="NPPLOST") == []
     # The store is fine afterwards: the same writes commit.
     assert [store.enroll_device(r, r.common_name, "renew", "127.0.0.1").current_serial for r in records] == [r.serial for r in records]
+
+
+
+def test_two_hosts_batches_waiting_on_each_other_both_commit(stores, database, request):
+    """Two stores (two hosts) each run a batch that locks device A then renews B, and B then A: the batches
+    deadlock, PostgreSQL refuses one write, and its store runs it again; every write commits."""
+    if database == "sqlite":
+        pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE: two batches never hold locks at once")
+    first, second = stores(), stores()
+    for cn in ("NPPCROSSA", "NPPCROSSB"):
+        first.enroll_device(record(cn=cn), cn, "renew", "127.0.0.1")
+    deadlocks_before = _deadlocks(request, first)
+    both_locked = threading.Barrier(2)
+
+    def lock_then_renew(store: Store, locked: str, renewed: str) -> list[Callable[[], object]]:
+        def lock(conn) -> None:
+            _lock_device_key(conn, locked)
+            both_locked.wait(timeout=60)
+
+        return [lambda: store._certificate_writes.run(lock), lambda: store.enroll_device(record(cn=renewed), renewed, "renew", "127.0.0.1")]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        one = pool.submit(behind_a_held_batch, first, lock_then_renew(first, "NPPCROSSA", "NPPCROSSB"))
+        two = pool.submit(behind_a_held_batch, second, lock_then_renew(second, "NPPCROSSB", "NPPCROSSA"))
+        outcomes = one.result(timeout=120) + two.result(timeout=120)
+
+    assert not [o for o in outcomes if isinstance(o, Exception)]
+    for cn, renewal in (("NPPCROSSA", outcomes[3]), ("NPPCROSSB", outcomes[1])):
+        assert only_valid_is_current(first, cn).serial == renewal.current_serial
+    deadline = time.monotonic() + 30  # statistics reach the view within a second or so
+    while _deadlocks(request, first) == deadlocks_before:
+        assert time.monotonic() < deadline, "PostgreSQL counted no deadlock: the batches did not cross"
+        time.sleep(0.2)
+
+
+def _deadlocks(request, store: Store) -> int:
+    cluster = request.getfixturevalue("postgres_cluster")
+    return int(cluster.psql(f"SELECT deadlocks FROM pg_stat_database WHERE datname = '{store.engine.url.database}'"))
