@@ -10,6 +10,8 @@ a transaction-scoped advisory lock on the device id for a device not yet
 recorded; a supersede that changed no row means another writer got there first.
 When the database is down or times out, methods raise SQLAlchemy's
 ``OperationalError`` (the app answers 503). The store knows bytes and fields, not X.509.
+A process's certificate writes commit in groups, one transaction and one fsync for
+many (batch.py), their statements compiled once (statements.py).
 """
 
 from __future__ import annotations
