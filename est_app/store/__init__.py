@@ -10,6 +10,8 @@ a transaction-scoped advisory lock on the device id for a device not yet
 recorded; a supersede that changed no row means another writer got there first.
 When the database is down or times out, methods raise SQLAlchemy's
 ``OperationalError`` (the app answers 503). The store knows bytes and fields, not X.509.
+A process's certificate writes commit in groups, one transaction and one fsync for
+many (batch.py), their statements compiled once (statements.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sqlalchemy.engine import Connection
 
 from ..config import DatabaseSettings
 from . import migrations
+from .batch import GroupCommit, is_deadlock
 from .engine import create_engine
 from .records import (  # the store's records and errors, re-exported
     AlreadyIssued,
@@ -48,6 +51,7 @@ from .records import (  # the store's records and errors, re-exported
     UserExists,
 )
 from .schema import admin_sessions, audit_events, auth_failures, certificates, crls, devices, ra_clients, unpublished_revocations, users
+from .statements import Compiled
 
 MAX_USER_NAME = users.c.name.type.length  # longer names are refused before any lookup
 
@@ -70,6 +74,8 @@ class Store:
         # handler, which sleeps 1, 2, 5, 10 ... 100 ms between retries. PostgreSQL locks rows instead.
         self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
         self._status_query = _StatusQuery(self.engine.dialect)
+        self._certificate_writes = GroupCommit(self._write)  # enrollments commit together (est_app/store/batch.py)
+        self._enrollment = _EnrollmentStatements(self.engine.dialect)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -261,30 +267,32 @@ class Store:
         certificate: checked under the device's lock, so two identical requests issue once.
         """
 
+        hot = self._enrollment
+
         def write(conn: Connection) -> Device:
             _lock_device_key(conn, device_key)
-            rows = conn.execute(_DEVICES_BY_KEY_FOR_UPDATE, {"device_key": device_key}).all()
-            row = next((r for r in rows if r.label == record.label), None)
+            rows = hot.devices_by_key.rows(conn, device_key=device_key)
+            row = next((r for r in rows if r["label"] == record.label), None)
             if row is None and rows:
-                raise DeviceOnOtherLabel(Device(**rows[0]._mapping))
+                raise DeviceOnOtherLabel(Device(**rows[0]))
             if row is not None and answers_request is not None:
-                current = conn.execute(_CERTIFICATE_BY_SERIAL, {"serial": row.current_serial}).first()
-                if current is not None and answers_request(existing := CertificateRecord(**current._mapping)):
+                current = hot.certificate_by_serial.rows(conn, serial=row["current_serial"])
+                if current and answers_request(existing := CertificateRecord(**current[0])):
                     raise AlreadyIssued(existing)
             if row is not None and policy == "reject":
-                raise DeviceExists(Device(**row._mapping))
+                raise DeviceExists(Device(**row))
             values = {"last_enrolled": utcnow(), "current_serial": record.serial, "requester": record.requester, "client_address": client_address}
             if row is None:
                 first_enrolled = values["last_enrolled"]
-                device_id = conn.execute(
-                    devices.insert(), {"label": record.label, "device_key": device_key, "first_enrolled": first_enrolled, **values}
-                ).inserted_primary_key[0]
+                (inserted,) = hot.insert_device.rows(conn, label=record.label, device_key=device_key, first_enrolled=first_enrolled, **values)
+                device_id = inserted["id"]
             else:
-                device_id, first_enrolled = row.id, row.first_enrolled
-                _supersede(conn, row.current_serial)
-                conn.execute(_DEVICE_UPDATE, {"device_id": device_id, **values})
-            _insert_certificate(conn, record, device_id)
-            _insert_audit(conn, audit)
+                device_id, first_enrolled = row["id"], row["first_enrolled"]
+                hot.supersede.execute(conn, serial_=row["current_serial"])
+                hot.update_device.execute(conn, device_id=device_id, **values)
+            hot.insert_certificate.execute(conn, **_certificate_values(record, device_id))
+            if audit is not None:
+                hot.insert_audit.execute(conn, **_audit_values(audit))
             return Device(id=device_id, label=record.label, device_key=device_key, first_enrolled=first_enrolled, **values)
 
         return self._write_certificate(write, record.serial)
@@ -297,38 +305,40 @@ class Store:
         Raises :class:`NotCurrent` when that certificate is not valid, :class:`Orphaned` when its device was deleted.
         """
 
+        hot = self._enrollment
+
         def write(conn: Connection) -> None:
-            old = conn.execute(_CERTIFICATE_BY_SERIAL, {"serial": old_serial}).first()
-            if old is not None and old.device_id is not None:
+            old = next(iter(hot.certificate_by_serial.rows(conn, serial=old_serial)), None)
+            if old is not None and old["device_id"] is not None:
                 # Lock the device first, as enroll_device does (one order: no deadlock), then the certificate,
                 # and read both again: a concurrent writer may have replaced it or deleted the device meanwhile.
-                conn.execute(_DEVICE_FOR_UPDATE, {"device_id": old.device_id}).first()
-                old = conn.execute(_CERTIFICATE_BY_SERIAL.with_for_update(), {"serial": old_serial}).first()
-            if old is None or old.status != "valid":
-                raise NotCurrent(old.status if old else None)
-            if old.device_id is None:
+                hot.lock_device.rows(conn, device_id=old["device_id"])
+                old = next(iter(hot.certificate_by_serial_for_update.rows(conn, serial=old_serial)), None)
+            if old is None or old["status"] != "valid":
+                raise NotCurrent(old["status"] if old else None)
+            if old["device_id"] is None:
                 raise Orphaned(old_serial)
-            if not _supersede(conn, old_serial):
+            if hot.supersede.execute(conn, serial_=old_serial) != 1:
                 raise NotCurrent("superseded")  # not reached while the lock holds; the row count is the last word
-            _insert_certificate(conn, record, old.device_id)
-            conn.execute(
-                devices.update()
-                .where(devices.c.id == old.device_id)
-                .values(last_enrolled=utcnow(), current_serial=record.serial, requester=record.requester, client_address=client_address)
-            )
-            _insert_audit(conn, audit)
+            hot.insert_certificate.execute(conn, **_certificate_values(record, old["device_id"]))
+            values = {"last_enrolled": utcnow(), "current_serial": record.serial, "requester": record.requester, "client_address": client_address}
+            hot.update_device.execute(conn, device_id=old["device_id"], **values)
+            if audit is not None:
+                hot.insert_audit.execute(conn, **_audit_values(audit))
 
         self._write_certificate(write, record.serial)
 
     def _write_certificate(self, write, serial: str):
         for _attempt in range(3):
             try:
-                with self._write() as conn:
-                    return write(conn)
+                return self._certificate_writes.run(write)
             except sa.exc.IntegrityError:
                 if self.get_certificate(serial) is not None:
                     raise SerialTaken(serial) from None
                 # Another server inserted the same device first (PostgreSQL); read it next time.
+            except sa.exc.OperationalError as exc:
+                if not is_deadlock(exc):
+                    raise
         raise RuntimeError("could not record the certificate after three attempts")
 
     def get_certificate(self, serial: str) -> Optional[CertificateRecord]:
@@ -524,6 +534,7 @@ _USER_BY_NAME = users.select().where(users.c.name == sa.bindparam("name"))
 _DEVICES_BY_KEY_FOR_UPDATE = devices.select().where(devices.c.device_key == sa.bindparam("device_key")).order_by(devices.c.id).with_for_update()
 _DEVICE_FOR_UPDATE = sa.select(devices.c.id).where(devices.c.id == sa.bindparam("device_id")).with_for_update()
 _CERTIFICATE_BY_SERIAL = certificates.select().where(certificates.c.serial == sa.bindparam("serial"))
+_ADVISORY_LOCK = sa.select(sa.func.pg_advisory_xact_lock(sa.bindparam("key", type_=sa.BigInteger)))
 _DEVICE_UPDATE = devices.update().where(devices.c.id == sa.bindparam("device_id"))
 _SUPERSEDE = (
     certificates.update()
@@ -539,6 +550,22 @@ _MARK_UNPUBLISHED = unpublished_revocations.insert().values(serial=sa.bindparam(
 _STATUS_BY_SERIAL = sa.select(
     certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason, certificates.c.issuer
 ).where(certificates.c.serial == sa.bindparam("serial"))
+
+
+class _EnrollmentStatements:
+    """The statements of :meth:`Store.enroll_device` and :meth:`Store.replace_certificate`, compiled for a dialect."""
+
+    def __init__(self, dialect: sa.engine.Dialect) -> None:
+        device_values = ["last_enrolled", "current_serial", "requester", "client_address"]
+        self.devices_by_key = Compiled(_DEVICES_BY_KEY_FOR_UPDATE, dialect)
+        self.lock_device = Compiled(_DEVICE_FOR_UPDATE, dialect)
+        self.certificate_by_serial = Compiled(_CERTIFICATE_BY_SERIAL, dialect)
+        self.certificate_by_serial_for_update = Compiled(_CERTIFICATE_BY_SERIAL.with_for_update(), dialect)
+        self.insert_device = Compiled(devices.insert().returning(devices.c.id), dialect, ["label", "device_key", "first_enrolled", *device_values])
+        self.update_device = Compiled(_DEVICE_UPDATE, dialect, device_values)
+        self.supersede = Compiled(_SUPERSEDE, dialect)
+        self.insert_certificate = Compiled(certificates.insert(), dialect, [c.key for c in certificates.columns])
+        self.insert_audit = Compiled(audit_events.insert(), dialect, [c.key for c in audit_events.columns if c.key != "id"])
 
 
 class _StatusQuery:
@@ -570,7 +597,7 @@ def _unpublished(query: sa.Select, issuer: Optional[str], or_unrecorded: bool) -
     return query.select_from(joined).where(_issued_by(certificates.c.issuer, issuer, or_unrecorded))
 
 
-def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: Optional[int] = None) -> None:
+def _certificate_values(record: CertificateRecord, device_id: Optional[int] = None) -> dict:
     values = dict(vars(record))  # shallow: asdict() deep-copies every field
     values.update(
         device_id=device_id if device_id is not None else record.device_id,
@@ -578,20 +605,19 @@ def _insert_certificate(conn: Connection, record: CertificateRecord, device_id: 
         not_after=_naive_utc(record.not_after),
         issued_at=_naive_utc(record.issued_at) or utcnow(),
     )
-    conn.execute(certificates.insert(), values)
+    return values
+
+
+def _audit_values(event: AuditEvent) -> dict:
+    values = dict(vars(event))
+    values.pop("id")
+    values["at"] = _naive_utc(event.at) or utcnow()
+    return values
 
 
 def _insert_audit(conn: Connection, event: Optional[AuditEvent]) -> None:
     if event is not None:
-        values = dict(vars(event))
-        values.pop("id")
-        values["at"] = _naive_utc(event.at) or utcnow()
-        conn.execute(audit_events.insert(), values)
-
-
-def _supersede(conn: Connection, serial: str) -> bool:
-    """Mark ``serial`` superseded; False when it was not valid (already superseded or revoked)."""
-    return conn.execute(_SUPERSEDE, {"serial_": serial}).rowcount == 1
+        conn.execute(audit_events.insert(), _audit_values(event))
 
 
 def _lock_device_key(conn: Connection, device_key: str) -> None:
@@ -599,4 +625,4 @@ def _lock_device_key(conn: Connection, device_key: str) -> None:
     enrollments of one id (on one label or two) run one after the other. SQLite: BEGIN IMMEDIATE did."""
     if conn.dialect.name == "postgresql":
         key = int.from_bytes(hashlib.sha256(b"est_app device " + device_key.encode()).digest()[:8], "big", signed=True)
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key))).all()
+        conn.execute(_ADVISORY_LOCK, {"key": key}).all()

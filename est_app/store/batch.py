@@ -1,0 +1,112 @@
+"""Group commit: the certificate writes of one process's threads share one transaction and one fsync.
+
+Owns the queue of pending certificate writes (:meth:`Store.enroll_device`,
+:meth:`Store.replace_certificate`) and the rule that releases them. A commit with
+``synchronous=FULL`` (or PostgreSQL's default) waits for the disk, and on SQLite
+every process's writers take turns on the one file lock: one fsync per enrollment
+capped throughput at a few hundred per second. Here the first writer to arrive
+leads: it takes every write queued so far, runs each in a SAVEPOINT of one
+transaction and commits once; the writes that arrive meanwhile queue for the next
+leader. Nothing waits on a timer, so a lone enrollment costs what it did.
+
+- A write that raises (DeviceExists, AlreadyIssued, NotCurrent, an IntegrityError
+  on a serial, ...) is rolled back to its savepoint alone; the others go on.
+- Every caller is released only after the commit of its batch returns: its own
+  rows are durable, and so is anything an earlier write of the batch showed it
+  (a refusal read under the same locks). A batch whose commit fails raises that
+  error to every caller in it: none is told it succeeded.
+- Locks are taken as each write takes them (device before certificate, the
+  PostgreSQL advisory lock on the device id) and held to the batch's commit,
+  which their transaction scope allows. Two hosts' batches can wait on each
+  other's devices: PostgreSQL then refuses one write with a deadlock error,
+  which the store retries (:func:`is_deadlock`).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Generic, Optional, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+T = TypeVar("T")
+
+MAX_BATCH = 32  # writes in one transaction: more only lengthens the wait of the first in it
+
+
+class _Write(Generic[T]):
+    """One caller's write, and its outcome once its batch is settled."""
+
+    def __init__(self, write: Callable[[Connection], T]) -> None:
+        self.write = write
+        self.settled = False
+        self.value: Optional[T] = None
+        self.error: Optional[BaseException] = None
+
+    def run(self, conn: Connection, savepoint: bool) -> None:
+        if not savepoint:  # alone in its transaction: an error rolls the whole of it back
+            self.value = self.write(conn)
+            return
+        try:
+            with conn.begin_nested():
+                self.value = self.write(conn)
+        except Exception as exc:
+            self.error = exc
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+class GroupCommit:
+    """Runs writes on a connection from ``begin`` (a write transaction), many to a commit."""
+
+    def __init__(self, begin: Callable[[], AbstractContextManager[Connection]]) -> None:
+        self._begin = begin
+        self._changed = threading.Condition()
+        self._queue: list[_Write[Any]] = []
+        self._leading = False
+
+    def run(self, write: Callable[[Connection], T]) -> T:
+        """``write(conn)`` committed (its value returned, or its error raised) with whatever else is queued."""
+        mine = _Write(write)
+        with self._changed:
+            self._queue.append(mine)
+            while self._leading and not mine.settled:
+                self._changed.wait()
+            if mine.settled:
+                return mine.outcome()
+            self._leading = True
+        try:
+            while not mine.settled:  # ours is queued: at most a few batches ahead of it
+                with self._changed:
+                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                self._commit(batch)
+        finally:
+            with self._changed:
+                self._leading = False
+                self._changed.notify_all()
+        return mine.outcome()
+
+    def _commit(self, batch: list[_Write[Any]]) -> None:
+        try:
+            with self._begin() as conn:
+                for item in batch:
+                    item.run(conn, savepoint=len(batch) > 1)
+        except BaseException as exc:  # not committed: nobody in the batch has anything recorded
+            for item in batch:
+                item.value, item.error = None, exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            with self._changed:
+                for item in batch:
+                    item.settled = True
+
+
+def is_deadlock(exc: sa.exc.OperationalError) -> bool:
+    """PostgreSQL chose this write to break a deadlock (SQLSTATE 40P01): nothing of it was kept, run it again."""
+    return getattr(exc.orig, "sqlstate", None) == "40P01"

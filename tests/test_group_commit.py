@@ -1,0 +1,165 @@
+"""Group commit (est_app/store/batch.py), on SQLite and PostgreSQL: one Store shared by many threads, as a
+gunicorn worker's app threads share it. Writes queued while a batch commits go in the next one, in one
+transaction; a refused write is refused alone; a failed commit fails every write of its batch.
+
+Each test holds the first write (the leader's) until the others have queued behind it, so the next
+batch holds all of them whatever the machine's load, then counts the transactions committed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import pytest
+import sqlalchemy as sa
+
+from est_app.store import DeviceExists, SerialTaken, Store, _lock_device_key
+
+from .test_races import only_valid_is_current, record, stores  # noqa: F401 (stores: the fixture)
+
+pytestmark = pytest.mark.both_databases
+
+QUEUED = 12
+
+
+def behind_a_held_batch(store: Store, jobs: list[Callable[[], object]]) -> list[object]:
+    """Run ``jobs`` (each its result or the exception it raised) while a first write holds the batch open,
+    and release it once every job has queued, in order: the jobs then commit as one batch."""
+    entered, release = threading.Event(), threading.Event()
+
+    def held(conn) -> None:
+        entered.set()
+        assert release.wait(timeout=60)
+
+    def run(job: Callable[[], object]) -> object:
+        try:
+            return job()
+        except Exception as exc:  # the outcome under test
+            return exc
+
+    writes = store._certificate_writes
+    with ThreadPoolExecutor(max_workers=len(jobs) + 1) as pool:
+        leader = pool.submit(writes.run, held)
+        assert entered.wait(timeout=60)
+        results = []
+        for job in jobs:  # one at a time: they queue, and run, in the order given
+            results.append(pool.submit(run, job))
+            deadline = time.monotonic() + 60
+            while len(writes._queue) < len(results):
+                assert time.monotonic() < deadline, "the write never queued"
+                time.sleep(0.005)
+        release.set()
+        leader.result(timeout=60)
+        return [r.result(timeout=60) for r in results]
+
+
+def count_commits(store: Store) -> list[int]:
+    commits: list[int] = []
+    sa.event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    return commits
+
+
+def test_writes_queued_while_a_batch_commits_commit_together(stores):
+    store = stores()
+    commits = count_commits(store)
+    records = [record(cn=f"NPPGROUP{i}") for i in range(QUEUED)]
+    jobs = [lambda r=r: store.enroll_device(r, r.common_name, "renew", "127.0.0.1") for r in records]
+
+    devices = behind_a_held_batch(store, jobs)
+
+    assert len(commits) == 2  # the held write's, then one for all the others
+    assert [d.current_serial for d in devices] == [r.serial for r in records]
+    for r in records:
+        assert only_valid_is_current(store, r.common_name).serial == r.serial
+
+
+def test_a_refused_write_is_refused_alone_and_the_batch_commits(stores):
+    store = stores()
+    known = record(cn="NPPKNOWN")
+    store.enroll_device(known, "NPPKNOWN", "renew", "127.0.0.1")
+    fresh = [record(cn=f"NPPFRESH{i}") for i in range(4)]
+    twice = [record(cn="NPPTWICE"), record(cn="NPPTWICE")]
+    taken = record(cn="NPPTAKEN", serial=known.serial)
+    commits = count_commits(store)
+
+    def enroll(r, policy="reject"):
+        return lambda: store.enroll_device(r, r.common_name, policy, "127.0.0.1")
+
+    jobs = [enroll(fresh[0]), enroll(record(cn="NPPKNOWN")), enroll(fresh[1]), enroll(twice[0]), enroll(taken),
+            enroll(fresh[2]), enroll(twice[1]), enroll(fresh[3])]
+    outcomes = behind_a_held_batch(store, jobs)
+
+    assert isinstance(outcomes[1], DeviceExists) and outcomes[1].device.current_serial == known.serial
+    assert isinstance(outcomes[6], DeviceExists)  # the same device earlier in the batch: seen under its lock
+    assert outcomes[6].device.current_serial == twice[0].serial
+    assert isinstance(outcomes[4], SerialTaken)
+    assert all(o.current_serial == r.serial for o, r in zip([outcomes[i] for i in (0, 2, 3, 5, 7)], [*fresh[:2], twice[0], *fresh[2:]]))
+    # The refused writes left nothing, and the batch went on: the held write's commit, then the batch's.
+    assert len(commits) == 2
+    for r in [*fresh, twice[0], known]:
+        assert only_valid_is_current(store, r.common_name).serial == r.serial
+    assert store.get_certificate(twice[1].serial) is None
+    assert store.get_certificate(known.serial).common_name == "NPPKNOWN"
+    assert [e.device for e in store.audit_events()] == []  # no audit events were given: none appeared
+
+
+def test_a_failed_commit_fails_every_write_of_its_batch(stores):
+    store = stores()
+    records = [record(cn=f"NPPLOST{i}") for i in range(QUEUED)]
+    jobs = [lambda r=r: store.enroll_device(r, r.common_name, "renew", "127.0.0.1") for r in records]
+    failing = {"commits": 0}
+
+    def fail_the_second_commit(conn) -> None:
+        failing["commits"] += 1
+        if failing["commits"] == 2:
+            raise sa.exc.OperationalError("COMMIT", None, OSError("disk full"))
+
+    sa.event.listen(store.engine, "commit", fail_the_second_commit)
+    outcomes = behind_a_held_batch(store, jobs)
+
+    assert all(isinstance(o, sa.exc.OperationalError) and "disk full" in str(o) for o in outcomes), outcomes
+    assert all(store.get_certificate(r.serial) is None for r in records)
+    assert store.find_devices(search="NPPLOST") == []
+    # The store is fine afterwards: the same writes commit.
+    assert [store.enroll_device(r, r.common_name, "renew", "127.0.0.1").current_serial for r in records] == [r.serial for r in records]
+
+
+
+def test_two_hosts_batches_waiting_on_each_other_both_commit(stores, database, request):
+    """Two stores (two hosts) each run a batch that locks device A then renews B, and B then A: the batches
+    deadlock, PostgreSQL refuses one write, and its store runs it again; every write commits."""
+    if database == "sqlite":
+        pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE: two batches never hold locks at once")
+    first, second = stores(), stores()
+    for cn in ("NPPCROSSA", "NPPCROSSB"):
+        first.enroll_device(record(cn=cn), cn, "renew", "127.0.0.1")
+    deadlocks_before = _deadlocks(request, first)
+    both_locked = threading.Barrier(2)
+
+    def lock_then_renew(store: Store, locked: str, renewed: str) -> list[Callable[[], object]]:
+        def lock(conn) -> None:
+            _lock_device_key(conn, locked)
+            both_locked.wait(timeout=60)
+
+        return [lambda: store._certificate_writes.run(lock), lambda: store.enroll_device(record(cn=renewed), renewed, "renew", "127.0.0.1")]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        one = pool.submit(behind_a_held_batch, first, lock_then_renew(first, "NPPCROSSA", "NPPCROSSB"))
+        two = pool.submit(behind_a_held_batch, second, lock_then_renew(second, "NPPCROSSB", "NPPCROSSA"))
+        outcomes = one.result(timeout=120) + two.result(timeout=120)
+
+    assert not [o for o in outcomes if isinstance(o, Exception)]
+    for cn, renewal in (("NPPCROSSA", outcomes[3]), ("NPPCROSSB", outcomes[1])):
+        assert only_valid_is_current(first, cn).serial == renewal.current_serial
+    deadline = time.monotonic() + 30  # statistics reach the view within a second or so
+    while _deadlocks(request, first) == deadlocks_before:
+        assert time.monotonic() < deadline, "PostgreSQL counted no deadlock: the batches did not cross"
+        time.sleep(0.2)
+
+
+def _deadlocks(request, store: Store) -> int:
+    cluster = request.getfixturevalue("postgres_cluster")
+    return int(cluster.psql(f"SELECT deadlocks FROM pg_stat_database WHERE datname = '{store.engine.url.database}'"))
