@@ -23,8 +23,8 @@ A few requests skip the app thread: those whose path the app lists in
 ``app.extensions["est_inline_paths"]`` (:func:`est_app.inline_paths`: /healthz, and
 /ocsp where answering never waits on anything but this machine) run on the
 connection's greenlet once their body is read. Handing a request to a thread and
-its answer back costs as much CPU as such a request itself (an OCSP answer from the
-cache: about 600 us of server CPU on the greenlet, 800 to 1,000 us through a thread).
+its answer back costs more CPU than such a request itself (an OCSP answer from the
+cache: about 500 us of server CPU on the greenlet, 800 us through a thread).
 
 docs/DEPLOYMENT.md ("Slow and idle clients", "Workers, threads and the cost of a request") has the measurements behind the choices.
 """
@@ -32,20 +32,18 @@ docs/DEPLOYMENT.md ("Slow and idle clients", "Workers, threads and the cost of a
 from __future__ import annotations
 
 import io
-import threading
 import time
 from collections import Counter
 from functools import partial
-from typing import Callable, TypeVar
 
 import gevent
 import gevent.local
 from gevent import monkey
 from gevent import socket as green_socket
 from gevent import ssl as gevent_ssl
-from gevent.hub import Waiter
 from gevent.pool import Pool
 from gevent.server import StreamServer
+from gevent.threadpool import ThreadPool
 from gunicorn import util
 from gunicorn.http.errors import ParseException
 from gunicorn.sock import ssl_context
@@ -55,7 +53,6 @@ from werkzeug.exceptions import RequestTimeout
 from .config import ServerSettings, Settings
 from .proxy import client_key, in_networks, parse_networks
 
-T = TypeVar("T")
 DRAIN_LIMIT = 64 * 1024  # bytes of an unread body worth reading to keep the connection (EST bodies are a few KiB)
 BODY_ERRORS = (RequestTimeout, ParseException, OSError)  # a body that could not be read to its end
 
@@ -91,44 +88,6 @@ class UnreadableBody(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         raise self.error
-
-
-class AppThreads:
-    """The app threads: WSGI calls handed over by the connections' greenlets, results handed back to them.
-
-    A call goes on the standard library's ``queue.SimpleQueue`` (C, one lock) to one of ``count`` plain
-    threads; its result comes back through the hub's ``run_callback_threadsafe``, which wakes the waiting
-    greenlet. gevent's ThreadPool, used before, did the same through Python-level locks and an async
-    watcher per call: 10 to 30 % more server CPU per request (an OCSP answer 1,130 us against 800-1,000 us,
-    /healthz 520-650 us against 450-470 us, 2 x 4 on 2 loaded cores).
-    """
-
-    def __init__(self, count: int) -> None:
-        self.hub = gevent.get_hub()
-        self.calls = monkey.get_original("queue", "SimpleQueue")()  # the standard library's: gevent patches queue
-        self.threads = [threading.Thread(target=self._serve, name=f"est-app-{n}", daemon=True) for n in range(count)]
-        for thread in self.threads:
-            thread.start()
-
-    def apply(self, function: Callable[[], T]) -> T:
-        """``function()`` run on an app thread; the calling greenlet waits, the others go on."""
-        waiter = Waiter(self.hub)
-        self.calls.put((function, waiter))
-        return waiter.get()
-
-    def _serve(self) -> None:
-        while (call := self.calls.get()) is not None:
-            function, waiter = call
-            try:
-                outcome, resume = function(), waiter.switch
-            except BaseException as exc:  # raised again in the waiting greenlet
-                outcome, resume = exc, waiter.throw
-            self.hub.loop.run_callback_threadsafe(resume, outcome)
-
-    def kill(self) -> None:
-        """Let each thread finish its call and end."""
-        for _ in self.threads:
-            self.calls.put(None)
 
 
 class ESTWorker(GeventWorker):
@@ -173,7 +132,7 @@ class ESTWorker(GeventWorker):
             # Made in the master before gevent patched ssl: gevent's SSLContext (the same C type
             # underneath, its OpenSSL context and ticket keys kept) wraps sockets cooperatively.
             self.context.__class__ = gevent_ssl.SSLContext
-        self.app_threads = AppThreads(self.limits.threads)
+        self.app_threads = ThreadPool(self.limits.threads)
         servers = []
         for listener in self.sockets:
             listener.setblocking(1)
