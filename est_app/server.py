@@ -57,7 +57,8 @@ def gunicorn_options(settings: Settings) -> dict:
         anchors = [p for p in (*(f for ca in cas for f in (ca.cert_file, ca.chain_file)), tls.client_ca_file) if p]
 
         def ssl_context(conf, default_ssl_context_factory):
-            # Called once per worker (est_app.worker), so a new worker reads renewed files.
+            # Called in the master when it starts or reloads (HUP), not per worker (est_app.worker): one set of
+            # TLS session-ticket keys for all workers; renewed files take effect at a reload or restart.
             context = default_ssl_context_factory()
             context.minimum_version = minimum
             context.set_ciphers(TLS12_CIPHERS)

@@ -19,7 +19,14 @@ hold while it is read:
   ones are closed before the handshake. A peer in ``trusted_proxies`` is not
   limited: it carries every client behind it.
 
-docs/DEPLOYMENT.md ("Slow and idle clients") has the measurements behind the choice.
+A few requests skip the app thread: those whose path the app lists in
+``app.extensions["est_inline_paths"]`` (:func:`est_app.inline_paths`: /healthz, and
+/ocsp where answering never waits on anything but this machine) run on the
+connection's greenlet once their body is read. Handing a request to a thread and
+its answer back costs more CPU than such a request itself (an OCSP answer from the
+cache: about 500 us of server CPU on the greenlet, 800 us through a thread).
+
+docs/DEPLOYMENT.md ("Slow and idle clients", "Workers, threads and the cost of a request") has the measurements behind the choices.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import gevent
 import gevent.local
 from gevent import monkey
 from gevent import socket as green_socket
+from gevent import ssl as gevent_ssl
 from gevent.pool import Pool
 from gevent.server import StreamServer
 from gevent.threadpool import ThreadPool
@@ -89,6 +97,17 @@ class ESTWorker(GeventWorker):
     max_body_bytes = Settings.max_body_bytes  # the default; worker_class() binds the configured one
     trusted_proxies: tuple = ()  # networks; worker_class() binds the configured ones
 
+    tls_context = None  # made in the master at the first spawn; every worker it forks inherits it
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # This runs in the master, before the fork. One TLS context for all workers means one set of
+        # session-ticket keys (OpenSSL makes them with the context): a gateway reconnecting with its
+        # ticket resumes whichever worker accepts it, as under nginx without ssl_session_ticket_key.
+        # A reload (HUP) makes a new worker class, so a new context: renewed files, new ticket keys.
+        if self.cfg.is_ssl and type(self).tls_context is None:
+            type(self).tls_context = ssl_context(self.cfg)
+
     def patch(self) -> None:
         # Everything but threading: the app threads need real locks, thread-locals and queues.
         monkey.patch_all(thread=False)
@@ -103,11 +122,16 @@ class ESTWorker(GeventWorker):
     def load_wsgi(self) -> None:
         super().load_wsgi()
         self.flask_app, self.wsgi = self.wsgi, self.call_app_in_thread  # self.app is gunicorn's
+        self.inline_paths = tuple(getattr(self.flask_app, "extensions", {}).get("est_inline_paths", ()))
 
     def run(self) -> None:
         # GeventWorker.run without its TLS wrapping: here the handshake runs in handle(), after the
         # per-address check and under the head deadline (gevent's StreamServer would run it unbounded).
-        self.context = ssl_context(self.cfg) if self.cfg.is_ssl else None
+        self.context = self.tls_context if self.cfg.is_ssl else None
+        if self.context is not None:
+            # Made in the master before gevent patched ssl: gevent's SSLContext (the same C type
+            # underneath, its OpenSSL context and ticket keys kept) wraps sockets cooperatively.
+            self.context.__class__ = gevent_ssl.SSLContext
         self.app_threads = ThreadPool(self.limits.threads)
         servers = []
         for listener in self.sockets:
@@ -208,9 +232,16 @@ class ESTWorker(GeventWorker):
                     result.close()
             return response, b"".join(written)
 
-        (status, headers, exc_info), body = self.app_threads.apply(run)
+        if self.runs_inline(environ.get("PATH_INFO", "")):
+            (status, headers, exc_info), body = run()
+        else:
+            (status, headers, exc_info), body = self.app_threads.apply(run)
         start_response(status, headers, exc_info)
         return [body]
+
+    def runs_inline(self, path: str) -> bool:
+        """Whether a request for ``path`` runs on the connection's greenlet: one of the app's inline paths, or below one."""
+        return any(path == inline or path.startswith(inline + "/") for inline in self.inline_paths)
 
     def read_body(self, environ) -> bytes:
         """The body, or nothing when its Content-Length already exceeds the limit (the app refuses it unread)."""

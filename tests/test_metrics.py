@@ -28,6 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from est_app.ca.signers import FileSigner
+from est_app.metrics import OCSP_STATUSES
 from est_app.state import state
 from est_app.store.schema import crls
 
@@ -188,7 +189,8 @@ def test_metrics_carry_no_device_data(client):
             labels = dict(labels)
             assert labels.get("operation", "cacerts") in operations, (name, labels)
             assert labels.get("status", "200").isdigit(), (name, labels)
-            assert set(labels) <= {"operation", "label", "status", "reason", "surface", "le"}, (name, labels)
+            assert set(labels) <= {"operation", "label", "status", "reason", "surface", "le", "response_status"}, (name, labels)
+            assert labels.get("response_status", "successful") in OCSP_STATUSES.values(), (name, labels)
             assert labels.get("surface", "est") in {"dashboard", "api", "est"}, (name, labels)
 
 
@@ -478,3 +480,23 @@ def test_gunicorn_conf_launch_is_multiprocess_too(pki_dir, tmp_path, monkeypatch
     finally:
         server.stop()
     assert not metrics_dir.exists()
+
+
+def test_ocsp_responses_are_counted_by_response_status(client):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509 import ocsp
+
+    with client.application.app_context():
+        ca = state().authority.certificate
+    known_issuer = ocsp.OCSPRequestBuilder().add_certificate(ca, ca, hashes.SHA1()).build().public_bytes(Encoding.DER)
+    other_issuer = ocsp.OCSPRequestBuilder().add_certificate_by_hash(b"\x01" * 20, b"\x02" * 20, 7, hashes.SHA1()).build().public_bytes(Encoding.DER)
+    headers = {"Content-Type": "application/ocsp-request"}
+    before = scrape(client)
+    for body in (known_issuer, known_issuer, known_issuer, b"\x30\x03not", other_issuer):
+        assert client.post("/ocsp", data=body, headers=headers).status_code == 200
+    after = scrape(client)
+    assert delta(before, after, "est_ocsp_responses_total", response_status="successful") == 3
+    assert delta(before, after, "est_ocsp_responses_total", response_status="malformedRequest") == 1
+    assert delta(before, after, "est_ocsp_responses_total", response_status="unauthorized") == 1
+    assert total(after, "est_ocsp_responses_total") - total(before, "est_ocsp_responses_total") == 5

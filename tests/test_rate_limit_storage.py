@@ -8,6 +8,7 @@ worker's memory, still answering 429, so the test looks into Redis.
 from __future__ import annotations
 
 import secrets
+import socket
 
 import pytest
 
@@ -47,3 +48,19 @@ def test_counts_go_to_a_redis_with_a_password_from_its_file(make_settings, redis
     statuses = [client.get("/.well-known/est/cacerts").status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
     assert redis_with_password.client().dbsize() > 0, "the counts stayed in the worker's memory: Redis refused the password"
+
+
+def test_exempt_routes_stay_unthrottled_and_the_rest_exactly_counted_while_the_storage_is_unreachable(make_app):
+    """Redis not answering: each worker counts in memory (Flask-Limiter's fallback). /healthz, /ocsp and
+    /crl must stay exempt there too (FreeRADIUS asks for every pump from one address); cacerts is counted exactly."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = make_app(rate_limit={"enabled": True, "limit": "3 per hour", "storage_uri": f"redis://127.0.0.1:{port}/0"})
+    client = app.test_client()
+    assert [client.get("/.well-known/est/cacerts").status_code for _ in range(4)] == [200, 200, 200, 429]
+    for _ in range(6):
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/crl").status_code == 200
+        assert client.post("/ocsp", data=b"\x30\x00", headers={"Content-Type": "application/ocsp-request"}).status_code == 200
+    assert client.get("/.well-known/est/cacerts").status_code == 429

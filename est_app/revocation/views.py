@@ -22,6 +22,7 @@ from cryptography.x509 import ocsp
 from flask import Blueprint, Response
 from sqlalchemy.exc import OperationalError
 
+from .. import metrics
 from ..encoding import Base64Encoding, read_body
 from ..errors import NotFound
 from ..revocation import CRLCache
@@ -119,4 +120,5 @@ def _ocsp(request_der: bytes) -> Response:
     except OperationalError as exc:  # only the status lookup reads the store; malformed and unauthorized still answer
         log.warning("OCSP: the database is unavailable, answering tryLater: %s", " ".join(str(exc.orig or exc).split())[:200])
         answer = TRY_LATER
+    metrics.ocsp_answered(answer)
     return Response(answer, content_type=OCSP_RESPONSE)
