@@ -73,7 +73,7 @@ class Store:
         # SQLite: threads of one process queue here for the write lock rather than in SQLite's busy
         # handler, which sleeps 1, 2, 5, 10 ... 100 ms between retries. PostgreSQL locks rows instead.
         self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
-        self._status_query = _StatusQuery(self.engine.dialect)
+        self._reads = _RequestReads(self.engine.dialect)
         self._certificate_writes = GroupCommit(self._write)  # enrollments commit together (est_app/store/batch.py)
         self._enrollment = _EnrollmentStatements(self.engine.dialect)
 
@@ -124,9 +124,8 @@ class Store:
             raise UserExists(name) from None
 
     def get_user(self, name: str) -> Optional[User]:
-        with self.engine.connect() as conn:
-            row = conn.execute(_USER_BY_NAME, {"name": name}).first()
-        return User(**row._mapping) if row else None
+        rows = self._reads.user_by_name.read(self.engine, name=name)
+        return User(**rows[0]) if rows else None
 
     def list_users(self) -> list[User]:
         with self.engine.connect() as conn:
@@ -186,9 +185,10 @@ class Store:
     # failed password checks
 
     def auth_failures(self, subjects: list[str]) -> list[AuthFailures]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(auth_failures.select().where(auth_failures.c.subject.in_(subjects))).all()
-        return [AuthFailures(**row._mapping) for row in rows]
+        """The back-off counts of one or two subjects (an address, and an account)."""
+        first, *rest = subjects
+        (second,) = rest or (first,)
+        return [AuthFailures(**row) for row in self._reads.auth_failures.read(self.engine, first=first, second=second)]
 
     def record_auth_failure(self, subjects: list[str], forget_before: datetime, delay: Callable[[int], timedelta]) -> list[AuthFailures]:
         """Count one failure for each subject and block it for ``delay(failures)``.
@@ -345,28 +345,9 @@ class Store:
         return self._one(certificates.select().where(certificates.c.serial == serial), CertificateRecord)
 
     def certificate_status(self, serial: str) -> Optional[tuple[str, Optional[datetime], Optional[str], Optional[str]]]:
-        """(status, revoked_at, reason, issuer) of a certificate, or None when unknown.
-
-        Every OCSP request asks, so this is one statement on a pooled DBAPI connection without
-        SQLAlchemy's per-execution work (a sixth of the time); its errors are raised as SQLAlchemy's.
-        """
-        query, dbapi_error, connection = self._status_query, self.engine.dialect.loaded_dbapi.Error, None
-        try:
-            connection = self.engine.raw_connection()
-            cursor = connection.cursor()
-            try:
-                cursor.execute(query.sql, query.parameters(serial))
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
-        except dbapi_error as exc:
-            if connection is not None:
-                connection.invalidate()  # a connection that failed is not handed out again
-            raise sa.exc.DBAPIError.instance(query.sql, (serial,), exc, dbapi_error) from exc
-        finally:
-            if connection is not None:
-                connection.close()  # back to the pool, which ends any transaction the driver began
-        return query.values(row) if row else None
+        """(status, revoked_at, reason, issuer) of a certificate, or None when unknown (every OCSP request asks)."""
+        rows = self._reads.status_by_serial.read(self.engine, serial=serial)
+        return tuple(rows[0].values()) if rows else None
 
     def expiring_certificates(self, before: datetime) -> list[CertificateRecord]:
         query = (
@@ -568,21 +549,15 @@ class _EnrollmentStatements:
         self.insert_audit = Compiled(audit_events.insert(), dialect, [c.key for c in audit_events.columns if c.key != "id"])
 
 
-class _StatusQuery:
-    """_STATUS_BY_SERIAL compiled once for a dialect: its SQL, parameters in the driver's style, and the
-    column conversions SQLAlchemy would apply (SQLite keeps datetimes as text)."""
+class _RequestReads:
+    """The reads requests make every time (Basic auth, its back-off check, OCSP), compiled for a dialect."""
 
     def __init__(self, dialect: sa.engine.Dialect) -> None:
-        compiled = _STATUS_BY_SERIAL.compile(dialect=dialect)
-        self.sql = str(compiled)
-        self.positional = compiled.positional
-        self.converters = [column.type.dialect_impl(dialect).result_processor(dialect, None) for column in _STATUS_BY_SERIAL.selected_columns]
-
-    def parameters(self, serial: str):
-        return (serial,) if self.positional else {"serial": serial}
-
-    def values(self, row) -> tuple:
-        return tuple(convert(value) if convert else value for convert, value in zip(self.converters, row))
+        self.user_by_name = Compiled(_USER_BY_NAME, dialect)
+        self.status_by_serial = Compiled(_STATUS_BY_SERIAL, dialect)
+        self.auth_failures = Compiled(
+            auth_failures.select().where(auth_failures.c.subject.in_([sa.bindparam("first"), sa.bindparam("second")])), dialect
+        )
 
 
 def _issued_by(column: sa.Column, issuer: Optional[str], or_unrecorded: bool):

@@ -1,4 +1,4 @@
-"""Statements compiled once for a dialect and run on the transaction's DBAPI cursor: the enrollment hot path.
+"""Statements compiled once for a dialect and run on a DBAPI cursor: the enrollment hot path and per-request reads.
 
 An enrollment's transaction runs five or six small statements. SQLAlchemy's work around each
 one (cache key, execution context, result set-up: about a tenth of a millisecond of CPU) costs
@@ -6,7 +6,9 @@ more than SQLite spends executing it. A :class:`Compiled` statement keeps the SQ
 compiled and the column types' own conversions (SQLite keeps datetimes as text), binds and runs
 on the DBAPI connection of a SQLAlchemy transaction (savepoints, commit and pooling stay
 SQLAlchemy's), and raises a DBAPI error as SQLAlchemy's (``IntegrityError``,
-``OperationalError``), as ``Connection.execute`` would.
+``OperationalError``), as ``Connection.execute`` would. :meth:`Compiled.read` runs a lone
+SELECT on a pooled connection without a transaction of SQLAlchemy's: the reads every
+request makes (the user, the back-off counts, a certificate's status for OCSP).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine import Connection, Dialect, Engine
 
 
 class Compiled:
@@ -47,18 +49,43 @@ class Compiled:
             fetched = cursor.fetchall()
         finally:
             cursor.close()
-        return [{key: convert(value) if convert else value for (key, convert), value in zip(self._columns, row)} for row in fetched]
+        return self._mapped(fetched)
+
+    def read(self, engine: Engine, **params: Any) -> list[dict[str, Any]]:
+        """Run this SELECT alone on a pooled connection (one statement: its own snapshot); the rows, as :meth:`rows`."""
+        try:
+            connection = engine.raw_connection()
+        except self._error as exc:  # the pool hands a failed connect over unwrapped
+            raise sa.exc.DBAPIError.instance(self.sql, params, exc, self._error, dialect=self._dialect) from exc
+        try:
+            cursor = self._cursor(connection, params)
+            try:
+                fetched = cursor.fetchall()
+            finally:
+                cursor.close()
+        except sa.exc.DBAPIError:
+            connection.invalidate()  # a connection that failed is not handed out again
+            raise
+        finally:
+            connection.close()  # back to the pool, which ends any transaction the driver began
+        return self._mapped(fetched)
 
     def _run(self, conn: Connection, params: dict[str, Any]):
+        return self._cursor(conn.connection.dbapi_connection, params)
+
+    def _cursor(self, dbapi_connection, params: dict[str, Any]):
         values = self._compiled.construct_params(params)
         for name, process in self._binds:
             if process is not None:
                 values[name] = process(values[name])
         bound = tuple(values[name] for name in self._order) if self._order is not None else values
-        cursor = conn.connection.dbapi_connection.cursor()
+        cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, bound)
         except self._error as exc:
             cursor.close()
             raise sa.exc.DBAPIError.instance(self.sql, bound, exc, self._error, dialect=self._dialect) from exc
         return cursor
+
+    def _mapped(self, fetched) -> list[dict[str, Any]]:
+        return [{key: convert(value) if convert else value for (key, convert), value in zip(self._columns, row)} for row in fetched]
