@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from est_app.store import DeviceExists, SerialTaken, Store, _lock_device_key, utcnow
+from est_app.store.batch import is_deadlock
 
 from .test_races import only_valid_is_current, record, stores  # noqa: F401 (stores: the fixture)
 
@@ -202,3 +203,20 @@ def test_a_write_that_fills_the_disk_fails_its_whole_batch(stores, database):
         else:
             assert recorded is not None, f"{r.common_name} was told it committed, but its certificate is not on record"
             assert only_valid_is_current(store, r.common_name).serial == r.serial
+
+
+def test_a_write_refused_as_a_deadlock_every_time_ends_as_the_database_error(stores):
+    """PostgreSQL may pick the same write to break a deadlock on each try (two hosts' batches crossing again and
+    again): after the last try the caller gets that OperationalError (503 + Retry-After), not an internal error."""
+    import psycopg
+
+    store = stores()
+    tries = []
+
+    def deadlocked(conn) -> None:
+        tries.append(1)
+        raise sa.exc.OperationalError("SELECT pg_advisory_xact_lock(%(key)s)", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        store._write_certificate(deadlocked, "1234")
+    assert len(tries) == 3 and is_deadlock(raised.value)
