@@ -30,7 +30,7 @@ from est_app.ca.crl import build_crl
 from est_app.ca.development import write_private_key
 from est_app import config as config_module
 from est_app.cli.doctor.inside import SECRET_FILE_SETTINGS
-from est_app.config import load_config
+from est_app.config import ConfigError, load_config
 from est_app.store import Store, migrations
 
 from .conftest import PASSWORD, USER, basic_auth, run_cli
@@ -602,3 +602,30 @@ def test_request_refused_by_the_labels_cn_pattern(deployment, tmp_path):
     assert escaped.exit_code == 1 and "\x1b" not in escaped.output
     assert has_line(escaped, "FAIL", "label default", "would answer 400: CSR", "\\x1b[2J", "control or formatting character")
     assert has_line(doctor(config, "--label", "nosuch", "--request", str(path)), "FAIL", "label nosuch", "not in the configuration")
+
+
+def test_a_database_password_that_is_an_absent_systemd_credential_is_reported_not_a_traceback(deployment, tmp_path):
+    """CONFIGURATION.md puts database.password_file at /run/credentials/est.service/db-password: it exists only while
+    est.service runs, so doctor run from a shell finds it absent. It says so, and checks the rest, as for the CA's."""
+    credential = "/run/credentials/est.service/db-password"
+    config = offline_config(
+        deployment, tmp_path,
+        database={"url": f"postgresql+psycopg://est@127.0.0.1:{free_port()}/est", "password_file": credential, "connect_timeout": 1},
+    )
+    result = doctor(config)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert has_line(result, "OK", "database.password_file", f"{credential} is a systemd credential, present only while est.service runs")
+    assert has_line(result, "WARN", "database", "not checked", credential)
+    assert lines(result, "OK", "config")  # the rest was checked all the same
+
+
+def test_a_database_password_file_that_cannot_be_read_fails_in_one_line(deployment, tmp_path):
+    unreadable = tmp_path / "db-password"
+    unreadable.mkdir()  # read even by root: it fails as a file the service user may not read would
+    config = offline_config(
+        deployment, tmp_path,
+        database={"url": f"postgresql+psycopg://est@127.0.0.1:{free_port()}/est", "password_file": str(unreadable), "connect_timeout": 1},
+    )
+    result = doctor(config)
+    assert result.exit_code == 1 and not isinstance(result.exception, ConfigError), result.exception
+    assert has_line(result, "FAIL", "database", f"database.password_file {unreadable}: cannot read it")

@@ -16,7 +16,8 @@ from typing import Callable
 import pytest
 import sqlalchemy as sa
 
-from est_app.store import DeviceExists, SerialTaken, Store, _lock_device_key
+from est_app.store import DeviceExists, SerialTaken, Store, _lock_device_key, utcnow
+from est_app.store.batch import is_deadlock
 
 from .test_races import only_valid_is_current, record, stores  # noqa: F401 (stores: the fixture)
 
@@ -163,3 +164,59 @@ def test_two_hosts_batches_waiting_on_each_other_both_commit(stores, database, r
 def _deadlocks(request, store: Store) -> int:
     cluster = request.getfixturevalue("postgres_cluster")
     return int(cluster.psql(f"SELECT deadlocks FROM pg_stat_database WHERE datname = '{store.engine.url.database}'"))
+
+
+def test_a_write_that_fills_the_disk_fails_its_whole_batch(stores, database):
+    """SQLite answers SQLITE_FULL (as IOERR, NOMEM) by rolling the whole transaction back, savepoints and all: the
+    writes before it in the batch are gone, so none of them may be told it committed, and the writes after it must
+    not run outside any transaction (each statement committing alone)."""
+    if database != "sqlite":
+        pytest.skip("PostgreSQL rolls a failed statement back to its savepoint, not the whole transaction")
+    store = stores()
+    store.enroll_device(record(cn="NPPWARM"), "NPPWARM", "renew", "127.0.0.1")  # tables and indexes have their pages
+    with store.engine.connect() as conn:
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+    sa.event.listen(store.engine, "connect", lambda dbapi, _: dbapi.execute(f"PRAGMA max_page_count={pages + 8}"))
+    store.engine.dispose()  # the next connections get the cap: the file may grow by 8 pages only
+
+    def fill_the_disk(conn) -> None:
+        for _ in range(64):  # far past the 8 pages left
+            conn.exec_driver_sql(
+                "INSERT INTO audit_events (at, event, outcome, actor, client_address, label, device, serial, detail) "
+                "VALUES (?, 'filler', 'ok', 'test', '', '', '', '', hex(randomblob(4000)))", (utcnow().isoformat(" "),)
+            )
+
+    before, after = record(cn="NPPBEFORE"), record(cn="NPPAFTER")
+    jobs = [
+        lambda: store.enroll_device(before, before.common_name, "renew", "127.0.0.1"),
+        lambda: store._certificate_writes.run(fill_the_disk),
+        lambda: store.enroll_device(after, after.common_name, "renew", "127.0.0.1"),
+    ]
+    outcomes = behind_a_held_batch(store, jobs)
+
+    assert isinstance(outcomes[1], sa.exc.OperationalError), outcomes
+    for r, outcome in ((before, outcomes[0]), (after, outcomes[2])):
+        recorded = store.get_certificate(r.serial)
+        # Told it committed only if it did, and all of it: certificate and device together.
+        if isinstance(outcome, Exception):
+            assert recorded is None and store.find_devices(search=r.common_name) == [], (r.common_name, outcome)
+        else:
+            assert recorded is not None, f"{r.common_name} was told it committed, but its certificate is not on record"
+            assert only_valid_is_current(store, r.common_name).serial == r.serial
+
+
+def test_a_write_refused_as_a_deadlock_every_time_ends_as_the_database_error(stores):
+    """PostgreSQL may pick the same write to break a deadlock on each try (two hosts' batches crossing again and
+    again): after the last try the caller gets that OperationalError (503 + Retry-After), not an internal error."""
+    import psycopg
+
+    store = stores()
+    tries = []
+
+    def deadlocked(conn) -> None:
+        tries.append(1)
+        raise sa.exc.OperationalError("SELECT pg_advisory_xact_lock(%(key)s)", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        store._write_certificate(deadlocked, "1234")
+    assert len(tries) == 3 and is_deadlock(raised.value)

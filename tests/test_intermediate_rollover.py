@@ -36,6 +36,7 @@ from .test_rollover import PASSPHRASE, PASSPHRASE_ENV, new_ca_issues, restarted
 
 SUBJECT = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Hospital"), x509.NameAttribute(NameOID.COMMON_NAME, "est_app issuing CA")])
 CRL_URL = "https://est.example:8445/crl"
+SIGNING_ONLY = x509.KeyUsage(True, False, False, False, False, False, False, False, False)  # digitalSignature alone
 
 
 def make_root(common_name: str):
@@ -54,8 +55,11 @@ def make_root(common_name: str):
     return key, certificate
 
 
-def certify(public_key, root_key, root: x509.Certificate, subject: x509.Name = SUBJECT, ca: bool = True, days: int = 1000) -> x509.Certificate:
-    """What the root's operator signs: a certificate for ``public_key`` issued by ``root``."""
+def certify(
+    public_key, root_key, root: x509.Certificate, subject: x509.Name = SUBJECT, ca: bool = True, days: int = 1000,
+    key_usage: x509.KeyUsage | None = None,
+) -> x509.Certificate:
+    """What the root's operator signs: a certificate for ``public_key`` issued by ``root`` (key usage: none, or ``key_usage``)."""
     now = datetime.now(timezone.utc)
     builder = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(root.subject).public_key(public_key)
@@ -64,6 +68,8 @@ def certify(public_key, root_key, root: x509.Certificate, subject: x509.Name = S
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root.public_key()), critical=False)
     )
+    if key_usage is not None:
+        builder = builder.add_extension(key_usage, critical=True)
     return builder.sign(root_key, hashes.SHA256())
 
 
@@ -150,6 +156,8 @@ def test_an_intermediate_ca_rolls_over_in_two_steps(make_app, offline_root, tmp_
         "another key": (certify(ec_key().public_key(), root_key, root), "certifies no key of a rollover request of ca"),
         "another subject": (certify(request.public_key(), root_key, root, subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other")])), "is not the CA's"),
         "not a CA": (certify(request.public_key(), root_key, root, ca=False), "not a CA certificate"),
+        # CA:TRUE, but a key usage without keyCertSign (and crlSign): what it issued, and its CRLs, would not verify.
+        "no keyCertSign": (certify(request.public_key(), root_key, root, key_usage=SIGNING_ONLY), "key usage lacks keyCertSign, cRLSign"),
         "another root": (certify(request.public_key(), other_root_key, other_root), "not issued by CN=est_app offline root"),
     }
     for name, (certificate, message) in wrong.items():

@@ -136,8 +136,8 @@ def install_rollover_certificate(
     """Step two for an intermediate CA: check the parent's certificate for the new key and write it as ``<stem>-<n>.pem``.
 
     Refused (ConfigError, one line) unless it certifies the key of a request :func:`request_rollover`
-    made, has the CA's subject, is a CA certificate, is issued by the CA's parent (so it chains to
-    the same root) and is valid now.
+    made, has the CA's subject, is a CA certificate (its key usage, if any, with keyCertSign and
+    cRLSign), is issued by the CA's parent (so it chains to the same root) and is valid now.
     """
     chain = _intermediate_chain(settings, where, "--certificate")
     old, parent = chain[0], chain[1]
@@ -159,6 +159,14 @@ def install_rollover_certificate(
         is_ca = False
     if not is_ca:
         raise ConfigError(f"{certificate_file}: not a CA certificate (basicConstraints CA:TRUE missing); ask for one with CA:TRUE")
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+        # Verifiers refuse what a CA signs outside its key usage: every certificate it would issue, and its CRLs.
+        lacking = [name for name, allowed in (("keyCertSign", usage.key_cert_sign), ("cRLSign", usage.crl_sign)) if not allowed]
+    except x509.ExtensionNotFound:
+        lacking = []
+    if lacking:
+        raise ConfigError(f"{certificate_file}: its key usage lacks {', '.join(lacking)}: ask for one with keyCertSign and cRLSign")
     try:
         certificate.verify_directly_issued_by(parent)
     except (ValueError, TypeError, InvalidSignature):

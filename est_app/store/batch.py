@@ -10,7 +10,9 @@ transaction and commits once; the writes that arrive meanwhile queue for the nex
 leader. Nothing waits on a timer, so a lone enrollment costs what it did.
 
 - A write that raises (DeviceExists, AlreadyIssued, NotCurrent, an IntegrityError
-  on a serial, ...) is rolled back to its savepoint alone; the others go on.
+  on a serial, ...) is rolled back to its savepoint alone; the others go on. When
+  that rollback fails (SQLite has rolled the whole transaction back on a full disk,
+  or the connection is lost) the batch fails: the writes before it are gone.
 - Every caller is released only after the commit of its batch returns: its own
   rows are durable, and so is anything an earlier write of the batch showed it
   (a refusal read under the same locks). A batch whose commit fails raises that
@@ -49,11 +51,16 @@ class _Write(Generic[T]):
         if not savepoint:  # alone in its transaction: an error rolls the whole of it back
             self.value = self.write(conn)
             return
+        nested = conn.begin_nested()
         try:
-            with conn.begin_nested():
-                self.value = self.write(conn)
+            self.value = self.write(conn)
         except Exception as exc:
             self.error = exc
+            # Raises when the transaction itself is gone (SQLite rolls all of it back on SQLITE_FULL, IOERR,
+            # NOMEM; the connection lost): the batch then fails, as nothing of it is left to commit.
+            nested.rollback()
+            return
+        nested.commit()
 
     def outcome(self) -> T:
         if self.error is not None:

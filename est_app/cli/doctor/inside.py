@@ -153,6 +153,10 @@ def _group_name(gid: int) -> str:
 
 def check_database(report: Report, settings: Settings) -> Optional[Store]:
     """The store when it answers with this version's schema; None otherwise (its findings say why)."""
+    password_file = settings.database.password_file
+    if password_file is not None and str(password_file).startswith(CREDENTIALS) and not password_file.exists():
+        report.warn("database", f"not checked: its password, {password_file}, exists only while est.service runs", "run doctor inside the service's credentials, or check the database from est.service's log")
+        return None
     try:
         store = open_store(settings)  # connects at its first query: a missing SQLite file is not created here
         parsed = store.engine.url
@@ -165,6 +169,9 @@ def check_database(report: Report, settings: Settings) -> Optional[Store]:
             check_file(report, "database", path)
     except (sa.exc.ArgumentError, ImportError) as exc:
         report.fail("database", f"database.url cannot be used: {one_line(str(exc))}", "fix database.url, or install its driver (PostgreSQL: psycopg)")
+        return None
+    except ConfigError as exc:  # the password file cannot be read
+        report.fail("database", str(exc), "run doctor as the service user; the service needs to read it")
         return None
     try:
         found = store.schema_status()
