@@ -67,8 +67,18 @@ def rollover(label: Optional[str], request_file: Optional[Path], certificate_fil
         number += 1
     shutil.copy2(path, backup)
     holder["ca"] = rolled_over_section(holder["ca"], files, path.resolve().parent)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    load_config(path)  # the rewritten file must load, or say why now
+    # The rewritten config must load before it replaces the old one (a refused config would stop the
+    # server at its next start); it is then written in place, keeping the file's owner, group and mode.
+    text = yaml.safe_dump(data, sort_keys=False)
+    draft = path.with_name(f".{path.name}.rollover")
+    draft.write_text(text, encoding="utf-8")
+    try:
+        load_config(draft)
+    except ConfigError as exc:
+        raise click.ClickException(f"the rewritten configuration would not load ({exc}); {path} is unchanged") from None
+    finally:
+        draft.unlink()
+    path.write_text(text, encoding="utf-8")
     click.echo(f"new CA certificate: {files.cert_file} (expires {files.certificate.not_valid_after_utc:%Y-%m-%d})")
     click.echo(f"new CA key:         {_key_name(files.key_uri, files.key_file)}")
     if files.link_certificates_file:
