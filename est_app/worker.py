@@ -234,6 +234,10 @@ class ESTWorker(GeventWorker):
 
         if self.runs_inline(environ.get("PATH_INFO", "")):
             (status, headers, exc_info), body = run()
+            # Let the worker's other connections in: a kept-alive client whose next request is already
+            # buffered would otherwise keep the hub, and the others' answers wait (OCSP p99 130-150 ms
+            # against about 30 ms with this yield, bench_operations, 8 connections).
+            gevent.sleep(0)
         else:
             (status, headers, exc_info), body = self.app_threads.apply(run)
         start_response(status, headers, exc_info)
