@@ -17,8 +17,7 @@ many (batch.py), their statements compiled once (statements.py).
 from __future__ import annotations
 
 import hashlib
-import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterator, Literal, Optional
@@ -29,7 +28,7 @@ from sqlalchemy.engine import Connection
 from ..config import DatabaseSettings
 from . import migrations
 from .batch import GroupCommit, is_deadlock
-from .engine import create_engine
+from .engine import create_engine, writer_turn
 from .records import (  # the store's records and errors, re-exported
     AlreadyIssued,
     AlreadyRevoked,
@@ -70,9 +69,9 @@ class Store:
         settings = settings or DatabaseSettings()
         self.engine = create_engine(url, settings.read_password(), settings.connect_timeout, settings.statement_timeout)
         self._writer = self.engine.execution_options(est_write=True)
-        # SQLite: threads of one process queue here for the write lock rather than in SQLite's busy
-        # handler, which sleeps 1, 2, 5, 10 ... 100 ms between retries. PostgreSQL locks rows instead.
-        self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
+        # SQLite: threads and processes take turns here rather than in SQLite's busy handler, which
+        # sleeps 1, 2, 5, 10 ... 100 ms between retries (engine.WriterTurn). PostgreSQL locks rows instead.
+        self._write_lock = writer_turn(self.engine, settings.statement_timeout)
         self._reads = _RequestReads(self.engine.dialect)
         self._certificate_writes = GroupCommit(self._write)  # enrollments commit together (est_app/store/batch.py)
         self._enrollment = _EnrollmentStatements(self.engine.dialect)
