@@ -70,12 +70,16 @@ def event_json(e: AuditEvent) -> dict:
     return record
 
 
-def request_json(r: EnrollmentRequest, with_csr: bool = False) -> dict:
-    """An enrollment request waiting for (or given) an operator's decision; ``with_csr``: its details and PEM."""
+def request_json(r: EnrollmentRequest, pending_hours: int, with_csr: bool = False) -> dict:
+    """An enrollment request waiting for (or given) an operator's decision; ``with_csr``: its details and PEM.
+
+    ``expires_at``: when a pending request expires undecided, or an approved one uncollected (``approval.pending_hours``).
+    """
     record = {
         "id": r.id, "label": r.label, "device": r.device_key, "operation": r.operation, "status": r.status,
         "subject": r.subject, "public_key_sha256": r.public_key_hash, "requester": r.requester, "client_address": r.client_address,
         "created_at": iso(r.created_at), "decided_by": r.decided_by or None, "decided_at": iso(r.decided_at), "reason": r.reason or None,
+        "expires_at": iso(r.expires_at(pending_hours)),
     }
     if with_csr:
         csr = x509.load_der_x509_csr(r.csr)

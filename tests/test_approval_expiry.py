@@ -8,7 +8,7 @@ the device's next try is refused with 403 saying why, and the try after that fil
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -69,6 +69,11 @@ def test_an_approved_request_not_collected_in_time_expires(make_app, make_config
     assert [r["device"] for r in client.get("/api/v1/requests?status=expired", headers=admin).get_json()["items"]] == ["NPPLATE1"]
     assert [r["device"] for r in client.get("/api/v1/requests?status=approved", headers=admin).get_json()["items"]] == ["NPPSOON1"]
     assert client.get(f"/api/v1/requests/{late_row.id}", headers=admin).get_json()["status"] == "expired"
+    assert client.get(f"/api/v1/requests/{late_row.id}", headers=admin).get_json()["expires_at"] is None  # no deadline ahead
+    (soon,) = client.get("/api/v1/requests?status=approved", headers=admin).get_json()["items"]
+    when = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: E731
+    assert when(soon["expires_at"]) - when(soon["decided_at"]) == timedelta(hours=1)
+    assert f"expires_at: {soon['expires_at']}" in run_cli("request", "show", str(soon["id"]), config=config).output.splitlines()
     assert pending(app)[0].status == "approved"  # computed, not written, by looking
 
     # The device's retry: 403 saying so, recorded; the try after files a new request. The prompt one collects.

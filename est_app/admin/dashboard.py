@@ -27,7 +27,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from ..approval import inventory_label
 from ..ca.crl import REASONS
 from .. import revocation
-from ..records import iso, request_json
+from ..records import request_json
 from ..errors import TooManyRequests, describe
 from ..health import expiry_warnings
 from ..revocation import revoke
@@ -447,8 +447,8 @@ def delete_device(device: str):
 @bp.get("/requests")
 def requests_page():
     store = state().store
-    hours = state().settings.approval.pending_hours
-    waiting = [{**request_json(r, with_csr=True), "expires_at": iso(r.expires_at(hours))} for r in state().approval.requests("pending")]
+    hours = state().approval.settings.pending_hours
+    waiting = [request_json(r, hours, with_csr=True) for r in state().approval.requests("pending")]
     labels = sorted(p.name for p in state().profiles.values())
     return render_template(
         "admin/requests.html", section="requests", requests=waiting, inventory=list_inventory(store), labels=labels,

@@ -27,13 +27,13 @@ def list_enrollment_requests() -> Response:
     if status not in (*REQUEST_STATUSES, "all"):
         raise BadRequest(f"status must be one of {', '.join(REQUEST_STATUSES)} or all, not {status!r}")
     requests = state().approval.requests(None if status == "all" else status)
-    return json_response({"items": [request_json(r) for r in requests]})
+    return json_response({"items": [request_json(r, _hours()) for r in requests]})
 
 
 @bp.get("/requests/<int:request_id>")
 @api_admin_required
 def show_enrollment_request(request_id: int) -> Response:
-    return json_response(request_json(state().approval.find(request_id), with_csr=True))
+    return json_response(request_json(state().approval.find(request_id), _hours(), with_csr=True))
 
 
 @bp.post("/requests/<int:request_id>/approve")
@@ -41,7 +41,7 @@ def show_enrollment_request(request_id: int) -> Response:
 def approve_enrollment_request(request_id: int) -> Response:
     json_object((), "{}")
     decided = state().approval.decide(request_id, True, _actor(), client_address=request.remote_addr or "")
-    return json_response(request_json(decided))
+    return json_response(request_json(decided, _hours()))
 
 
 @bp.post("/requests/<int:request_id>/reject")
@@ -51,7 +51,11 @@ def reject_enrollment_request(request_id: int) -> Response:
     if not isinstance(reason, str):
         raise BadRequest("reason must be text")
     decided = state().approval.decide(request_id, False, _actor(), reason, request.remote_addr or "")
-    return json_response(request_json(decided))
+    return json_response(request_json(decided, _hours()))
+
+
+def _hours() -> int:
+    return state().approval.settings.pending_hours
 
 
 @bp.get("/inventory")

@@ -21,7 +21,7 @@ from .registry import device
 
 REQUEST_COLUMNS = [
     ("id", "ID"), ("label", "LABEL"), ("device", "DEVICE"), ("operation", "OPERATION"), ("status", "STATUS"),
-    ("created_at", "CREATED"), ("requester", "REQUESTER"), ("subject", "SUBJECT"),
+    ("created_at", "CREATED"), ("expires_at", "EXPIRES"), ("requester", "REQUESTER"), ("subject", "SUBJECT"),
 ]
 label_option = click.option("--label", default=DEFAULT_LABEL, show_default=True, help="The label the inventory is for.")
 
@@ -37,14 +37,14 @@ def request() -> None:
 def request_list(status: str, as_json: bool) -> None:
     """Requests, oldest first."""
     requests = state().approval.requests(None if status == "all" else status)
-    print_list((request_json(r) for r in requests), REQUEST_COLUMNS, as_json, f"No {'' if status == 'all' else status + ' '}requests.")
+    print_list((request_json(r, state().approval.settings.pending_hours) for r in requests), REQUEST_COLUMNS, as_json, f"No {'' if status == 'all' else status + ' '}requests.")
 
 
 @request.command("show")
 @click.argument("request_id", type=int)
 def request_show(request_id: int) -> None:
     """One request with its CSR's details."""
-    record = request_json(_call(lambda: state().approval.find(request_id)), with_csr=True)
+    record = request_json(_call(lambda: state().approval.find(request_id)), state().approval.settings.pending_hours, with_csr=True)
     pem = record.pop("csr_pem")
     for key, value in record.items():
         click.echo(f"{key}: {' '.join(str(value).split()) if value not in (None, []) else '-'}")
