@@ -117,15 +117,19 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
 def inline_paths(store: Store, authorities: Authorities) -> tuple[str, ...]:
     """Paths whose requests est-server runs on the connection's greenlet, without the hand-off to an app thread.
 
-    Only requests that never wait on anything but this machine's CPU, since while one runs
-    no other connection of its worker is served: ``/healthz``, and ``/ocsp`` when the status
-    it reads every time comes from a local SQLite file (in WAL mode a read never waits for a
-    writer) and every CA's key is in a file (a PKCS#11 token's signature may take a round trip).
-    PostgreSQL's round trip, or its connect timeout while it is down, stays on an app thread.
+    Only requests that wait on nothing but this machine, since while one runs no other
+    connection of its worker is served: ``/healthz`` always; and when the store is a local
+    SQLite file and every CA's key is in a file, ``/ocsp`` and the EST operations. There a
+    status read never waits for a writer (WAL), and an enrollment's commit waits for its
+    turn and its batch cooperatively (est_app/hub.py); a password hash or a server-generated
+    key runs on the hub's thread pool. Handing a request to an app thread and back, and the
+    interpreter lock passing between that thread and the hub, cost an enrollment about as
+    much CPU as its two signatures (docs/DEPLOYMENT.md). PostgreSQL's round trips (or its
+    connect timeout while it is down) and a PKCS#11 token's stay on app threads.
     """
     paths = ["/healthz"]
     if store.engine.dialect.name == "sqlite" and all(ca.key is None for ca in authorities.settings.values()):
-        paths.append("/ocsp")
+        paths += ["/ocsp", "/.well-known/est"]
     return tuple(paths)
 
 

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
+from . import hub
 from .audit import EVENTS, RETRY
 from .ca import Authorities, CertificateAuthority, CertificateProfile, check_policy, issued_subject
 from .ca.keygen import generate_key, key_type_of
@@ -98,7 +99,7 @@ class EnrollmentService:
         if wanted not in profile.serverkeygen_key_types:
             allowed = ", ".join(profile.serverkeygen_key_types)
             raise BadRequest(f"serverkeygen key type {wanted or 'of this CSR'} is not allowed here; use a CSR key of: {allowed}")
-        private_key = generate_key(wanted)
+        private_key = hub.off_hub(generate_key, wanted)
         policy = profile.duplicate_policy or "renew"
         certificate = self._issue_for_device(
             csr, profile, requester, "serverkeygen", profile.certificate, policy, public_key=private_key.public_key()

@@ -20,11 +20,12 @@ hold while it is read:
   limited: it carries every client behind it.
 
 A few requests skip the app thread: those whose path the app lists in
-``app.extensions["est_inline_paths"]`` (:func:`est_app.inline_paths`: /healthz, and
-/ocsp where answering never waits on anything but this machine) run on the
-connection's greenlet once their body is read. Handing a request to a thread and
-its answer back costs more CPU than such a request itself (an OCSP answer from the
-cache: about 500 us of server CPU on the greenlet, 800 us through a thread).
+``app.extensions["est_inline_paths"]`` (:func:`est_app.inline_paths`: /healthz; /ocsp
+and the EST operations where answering never waits on anything but this machine) run
+on the connection's greenlet once their body is read. Handing a request to a thread
+and its answer back, and the interpreter lock passing between that thread and the
+hub, cost more CPU than an OCSP answer and about a third of an enrollment's. What such
+a request shares with the app threads waits cooperatively there (est_app/hub.py).
 
 docs/DEPLOYMENT.md ("Slow and idle clients", "Workers, threads and the cost of a request") has the measurements behind the choices.
 """
@@ -50,6 +51,7 @@ from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 from werkzeug.exceptions import RequestTimeout
 
+from . import hub
 from .config import ServerSettings, Settings
 from .proxy import client_key, in_networks, parse_networks
 
@@ -133,6 +135,7 @@ class ESTWorker(GeventWorker):
             # underneath, its OpenSSL context and ticket keys kept) wraps sockets cooperatively.
             self.context.__class__ = gevent_ssl.SSLContext
         self.app_threads = ThreadPool(self.limits.threads)
+        hub.run_greenlets_here()
         servers = []
         for listener in self.sockets:
             listener.setblocking(1)

@@ -81,9 +81,10 @@ def test_a_revocation_shows_in_the_next_ocsp_answer_from_every_worker(two_worker
     assert [ocsp_status(two_workers, certificate, issuer) for _ in range(12)] == [ocsp.OCSPCertStatus.REVOKED] * 12
 
 
-def test_ocsp_and_healthz_answer_while_the_only_app_thread_waits_for_the_database(pki_dir, tmp_path):
-    """One worker, one app thread, held by an enrollment waiting for SQLite's write lock: OCSP and
-    /healthz, which run on the connection's greenlet, still answer (an app thread would be needed otherwise)."""
+def test_ocsp_and_healthz_answer_while_an_enrollment_waits_for_the_database(pki_dir, tmp_path):
+    """One worker, one app thread, an enrollment waiting for SQLite's write lock held by another program:
+    OCSP and /healthz still answer, as the enrollment waits on its connection's greenlet cooperatively
+    (SQLite's own busy handler would stop the worker's thread), and the enrollment completes after."""
     database = {"url": f"sqlite:///{tmp_path / 'est.db'}", "connect_timeout": 60}  # SQLite's busy timeout: the enrollment waits, not fails
     server = start_server(pki_dir, tmp_path, database=database, rate_limit={"enabled": False}, server={"workers": 1, "threads": 1})
     try:
@@ -98,7 +99,7 @@ def test_ocsp_and_healthz_answer_while_the_only_app_thread_waits_for_the_databas
         waiting = threading.Thread(target=lambda: enrolled.append(enroll(server, "NPPOCSP7")))
         try:
             waiting.start()
-            time.sleep(1.0)  # the enrollment has reached the app thread and waits for the lock
+            time.sleep(1.0)  # the enrollment has reached its commit and waits for the lock
             assert waiting.is_alive() and not enrolled, "the enrollment did not wait for the write lock"
             started = time.monotonic()
             assert ocsp_status(server, certificate, issuer) == ocsp.OCSPCertStatus.GOOD

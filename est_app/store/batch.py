@@ -33,6 +33,8 @@ from typing import Any, Callable, Generic, Optional, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .. import hub
+
 T = TypeVar("T")
 
 MAX_BATCH = 32  # writes in one transaction: more only lengthens the wait of the first in it
@@ -46,6 +48,7 @@ class _Write(Generic[T]):
         self.settled = False
         self.value: Optional[T] = None
         self.error: Optional[BaseException] = None
+        self.woken = hub.new_event()  # set when settled, or when its caller is to lead the next batches
 
     def run(self, conn: Connection, savepoint: bool) -> None:
         if not savepoint:  # alone in its transaction: an error rolls the whole of it back
@@ -69,34 +72,57 @@ class _Write(Generic[T]):
 
 
 class GroupCommit:
-    """Runs writes on a connection from ``begin`` (a write transaction), many to a commit."""
+    """Runs writes on a connection from ``begin`` (a write transaction), many to a commit.
+
+    Callers may be threads, or greenlets on est-server's hub (est_app/hub.py): each waits on
+    an event of its own kind, and the lock below is never held across a wait.
+    """
 
     def __init__(self, begin: Callable[[], AbstractContextManager[Connection]]) -> None:
         self._begin = begin
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_Write[Any]] = []
         self._leading = False
 
     def run(self, write: Callable[[Connection], T]) -> T:
         """``write(conn)`` committed (its value returned, or its error raised) with whatever else is queued."""
         mine = _Write(write)
-        with self._changed:
+        with self._lock:
             self._queue.append(mine)
-            while self._leading and not mine.settled:
-                self._changed.wait()
+            follow, self._leading = self._leading, True
+        if follow:
+            try:
+                mine.woken.wait()  # settled by a leader, or handed the lead
+            except BaseException:  # a greenlet killed while it waits (the worker stopping)
+                self._abandon(mine)
+                raise
             if mine.settled:
                 return mine.outcome()
-            self._leading = True
         try:
             while not mine.settled:  # ours is queued: at most a few batches ahead of it
-                with self._changed:
+                with self._lock:
                     batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 self._commit(batch)
         finally:
-            with self._changed:
-                self._leading = False
-                self._changed.notify_all()
+            with self._lock:
+                self._hand_on()
         return mine.outcome()
+
+    def _hand_on(self) -> None:
+        """With the lock held, as a leader stops: the first write still queued leads next, or nobody leads."""
+        if self._queue:
+            self._queue[0].woken.set()
+        else:
+            self._leading = False
+
+    def _abandon(self, mine: _Write[Any]) -> None:
+        """A follower gone: its write leaves the queue (unless a batch runs it), and a lead it was handed passes on."""
+        with self._lock:
+            if mine not in self._queue:
+                return  # in the batch being committed: it is settled without its caller
+            self._queue.remove(mine)
+            if mine.woken.is_set():
+                self._hand_on()
 
     def _commit(self, batch: list[_Write[Any]]) -> None:
         try:
@@ -109,9 +135,9 @@ class GroupCommit:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            with self._changed:
-                for item in batch:
-                    item.settled = True
+            for item in batch:
+                item.settled = True
+                item.woken.set()
 
 
 def is_deadlock(exc: sa.exc.OperationalError) -> bool:

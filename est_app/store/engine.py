@@ -20,6 +20,8 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from .. import hub
+
 
 def create_engine(url: str, password: Optional[str] = None, connect_timeout: int = 5, statement_timeout: int = 10) -> Engine:
     """An engine for ``url``; ``password`` (PostgreSQL, from ``database.password_file``) is never part of the URL."""
@@ -51,7 +53,33 @@ def _configure_sqlite(engine: Engine, busy_seconds: int) -> None:
     @sa.event.listens_for(engine, "begin")
     def _begin(conn) -> None:
         # Writers take the lock up front, so a read-then-write never deadlocks on upgrade.
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("est_write") else "BEGIN")
+        if not conn.get_execution_options().get("est_write"):
+            conn.exec_driver_sql("BEGIN")
+        elif hub.on_hub():
+            _begin_immediate_cooperatively(conn.connection.dbapi_connection, busy_seconds)
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _begin_immediate_cooperatively(dbapi_connection, busy_seconds: int) -> None:
+    """BEGIN IMMEDIATE on est-server's hub: SQLite's busy handler would sleep with the thread, stopping every
+    connection of the worker while another program (the sqlite3 shell) holds the lock; here the greenlet
+    polls between cooperative sleeps instead, for as long as the busy timeout."""
+    deadline = time.monotonic() + busy_seconds
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=0")
+    try:
+        while True:
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise sa.exc.OperationalError("BEGIN IMMEDIATE", None, exc) from None
+                hub.sleep(0.001)
+    finally:
+        cursor.execute(f"PRAGMA busy_timeout={busy_seconds * 1000}")
+        cursor.close()
 
 
 def _use_wal(cursor, busy_seconds: int) -> None:
@@ -81,7 +109,8 @@ class WriterTurn:
     worker tries again every millisecond at most and writes as soon as the other has committed;
     SQLite's lock still guards the file against any other writer (the sqlite3 shell, a backup).
     A lock file that cannot be opened (a read-only folder) leaves SQLite's wait alone in charge.
-    Threads of one process queue on a ``threading.Lock`` before this: an ``flock`` is per open file.
+    Threads of one process queue on a ``threading.Lock`` before this: an ``flock`` is per open file
+    (greenlets on est-server's hub poll it, :func:`est_app.hub.acquire`).
     """
 
     def __init__(self, database: str, timeout: float) -> None:
@@ -92,7 +121,7 @@ class WriterTurn:
         self._pid = 0
 
     def __enter__(self) -> None:
-        self._thread_lock.acquire()
+        hub.acquire(self._thread_lock)  # its holder may be a greenlet of this thread, waiting in _take
         try:
             descriptor = self._open()
             if descriptor is not None:
@@ -126,7 +155,7 @@ class WriterTurn:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise sa.exc.OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")) from None
-                time.sleep(pause)
+                hub.sleep(pause)
                 pause = min(pause * 2, 0.001)
 
 

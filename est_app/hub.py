@@ -1,0 +1,84 @@
+"""Waiting on est-server's gevent hub: what shared code does when it runs on a connection's greenlet.
+
+est-server (est_app/worker.py) answers some requests on the greenlet that read them,
+in the thread that runs the worker's gevent hub, instead of handing them to an app
+thread. There, blocking the thread stops every connection of the worker, and a
+real lock held by a greenlet that is waiting cooperatively can never be released if
+another greenlet blocks the thread on it. So code shared by both paths asks
+:func:`on_hub` and, there:
+
+- waits for another writer with a gevent Event (:func:`new_event`) or by polling a
+  lock between cooperative sleeps (:func:`acquire`, :func:`sleep`), so the hub keeps serving;
+- runs what takes long without needing the interpreter (a password hash, a key
+  generation) on the hub's thread pool (:func:`off_hub`).
+
+Everywhere else (app threads, the CLI, the Flask test client) these are the
+ordinary threading calls. The worker calls :func:`run_greenlets_here` once, on its
+hub's thread; gevent is imported only then.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Optional, TypeVar
+
+T = TypeVar("T")
+
+_hub_thread: Optional[int] = None
+
+
+def run_greenlets_here() -> None:
+    """est-server's worker: requests may run on greenlets in this thread (its gevent hub's)."""
+    global _hub_thread
+    _hub_thread = threading.get_ident()
+
+
+def on_hub() -> bool:
+    """Whether the caller runs on a greenlet in the hub's thread, where blocking stops every connection."""
+    return _hub_thread is not None and threading.get_ident() == _hub_thread
+
+
+def new_event() -> Any:
+    """An Event for the caller to wait on: gevent's on the hub (the wait lets other greenlets run), else threading's.
+
+    Either may be set from any thread."""
+    if on_hub():
+        from gevent.event import Event
+
+        return Event()
+    return threading.Event()
+
+
+def acquire(lock: threading.Lock, timeout: float = -1) -> bool:
+    """``lock.acquire(timeout=timeout)``; on the hub, by polling between cooperative sleeps, since the
+    holder may be a greenlet of this very thread waiting for its turn at something."""
+    if not on_hub():
+        return lock.acquire(timeout=timeout)
+    deadline = None if timeout < 0 else time.monotonic() + timeout
+    pause = 0.0001
+    while not lock.acquire(blocking=False):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        sleep(pause)
+        pause = min(pause * 2, 0.001)
+    return True
+
+
+def off_hub(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, on the hub's thread pool when called on the hub: other connections go on meanwhile."""
+    if not on_hub():
+        return function(*args)
+    import gevent
+
+    return gevent.get_hub().threadpool.apply(function, args)
+
+
+def sleep(seconds: float) -> None:
+    """A pause; on the hub, one that lets its other greenlets run."""
+    if not on_hub():
+        time.sleep(seconds)
+        return
+    import gevent
+
+    gevent.sleep(seconds)
