@@ -50,20 +50,20 @@ class _Write(Generic[T]):
         self.error: Optional[BaseException] = None
         self.woken = hub.new_event()  # set when settled, or when its caller is to lead the next batches
 
-    def run(self, conn: Connection, savepoint: bool) -> None:
-        if not savepoint:  # alone in its transaction: an error rolls the whole of it back
+    def run(self, conn: Connection, savepoint: Optional[str]) -> None:
+        """Run the write, in the SAVEPOINT ``savepoint`` unless it is alone in its transaction (None)."""
+        if savepoint is None:  # an error rolls the whole transaction back
             self.value = self.write(conn)
             return
-        nested = conn.begin_nested()
+        _execute(conn, f"SAVEPOINT {savepoint}")
         try:
             self.value = self.write(conn)
         except Exception as exc:
             self.error = exc
             # Raises when the transaction itself is gone (SQLite rolls all of it back on SQLITE_FULL, IOERR,
             # NOMEM; the connection lost): the batch then fails, as nothing of it is left to commit.
-            nested.rollback()
-            return
-        nested.commit()
+            _execute(conn, f"ROLLBACK TO SAVEPOINT {savepoint}")
+        _execute(conn, f"RELEASE SAVEPOINT {savepoint}")
 
     def outcome(self) -> T:
         if self.error is not None:
@@ -127,8 +127,8 @@ class GroupCommit:
     def _commit(self, batch: list[_Write[Any]]) -> None:
         try:
             with self._begin() as conn:
-                for item in batch:
-                    item.run(conn, savepoint=len(batch) > 1)
+                for number, item in enumerate(batch):
+                    item.run(conn, savepoint=f"est_write_{number}" if len(batch) > 1 else None)
         except BaseException as exc:  # not committed: nobody in the batch has anything recorded
             for item in batch:
                 item.value, item.error = None, exc
@@ -138,6 +138,19 @@ class GroupCommit:
             for item in batch:
                 item.settled = True
                 item.woken.set()
+
+
+def _execute(conn: Connection, sql: str) -> None:
+    """``sql`` on the transaction's DBAPI connection, as the writes' compiled statements run (statements.py):
+    SQLAlchemy's own savepoints compile a statement each time, which cost more than the write itself."""
+    error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+    except error as exc:
+        raise sa.exc.DBAPIError.instance(sql, (), exc, error, dialect=conn.dialect) from exc
+    finally:
+        cursor.close()
 
 
 def is_deadlock(exc: sa.exc.OperationalError) -> bool:
