@@ -1,13 +1,12 @@
-"""The gunicorn worker ``est-server`` runs: connections on greenlets, the app on threads, read deadlines.
+"""The gunicorn worker ``est-server`` runs: connections on greenlets, the app on them or on threads, read deadlines.
 
 A gthread worker gives each open connection a thread while it handshakes and
 reads a request, so eight idle TLS connections stopped a 2 x 4 server (issue
 7). Here each connection is a greenlet (gevent) until its request has been
-read in full; only then does the request take one of ``server.threads`` app
-threads, so a slow or idle client never holds one, and the app stays ordinary
-threaded WSGI code (a blocking SQLite commit in one thread does not stop the
-others). On top of gunicorn's gevent worker this one bounds what a client can
-hold while it is read:
+read in full; only then is the request computed, on that greenlet or on one of
+``server.threads`` app threads (below), so a slow or idle client never holds
+one, and the app stays ordinary WSGI code. On top of gunicorn's gevent worker
+this one bounds what a client can hold while it is read:
 
 - the TLS handshake and the first request's head must arrive within
   ``server.header_timeout`` of the connection being accepted; a kept-alive

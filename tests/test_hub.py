@@ -161,3 +161,12 @@ def test_a_password_hash_on_the_hub_lets_the_other_greenlets_run():
 
     assert matched
     assert ticks >= 5  # the hash (tens of ms) ran on the hub's thread pool while this greenlet kept going
+
+
+@pytest.mark.both_databases
+def test_est_requests_run_on_the_greenlet_only_where_they_wait_on_nothing_but_this_machine(make_app, database):
+    paths = make_app().extensions["est_inline_paths"]
+    if database == "sqlite":  # a local file, the CA key in a file
+        assert paths == ("/healthz", "/ocsp", "/.well-known/est")
+    else:  # PostgreSQL's round trips (and its connect timeout while it is down) wait on an app thread
+        assert paths == ("/healthz",)

@@ -1,4 +1,4 @@
-"""Group commit: the certificate writes of one process's threads share one transaction and one fsync.
+"""Group commit: the certificate writes of one process (threads, or greenlets on est-server's hub) share one fsync.
 
 Owns the queue of pending certificate writes (:meth:`Store.enroll_device`,
 :meth:`Store.replace_certificate`) and the rule that releases them. A commit with

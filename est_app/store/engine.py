@@ -65,18 +65,12 @@ def _begin_immediate_cooperatively(dbapi_connection, busy_seconds: int) -> None:
     """BEGIN IMMEDIATE on est-server's hub: SQLite's busy handler would sleep with the thread, stopping every
     connection of the worker while another program (the sqlite3 shell) holds the lock; here the greenlet
     polls between cooperative sleeps instead, for as long as the busy timeout."""
-    deadline = time.monotonic() + busy_seconds
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=0")
     try:
-        while True:
-            try:
-                cursor.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
-                    raise sa.exc.OperationalError("BEGIN IMMEDIATE", None, exc) from None
-                hub.sleep(0.001)
+        _execute_while_locked(cursor, "BEGIN IMMEDIATE", busy_seconds, pause=0.001)
+    except sqlite3.OperationalError as exc:
+        raise sa.exc.OperationalError("BEGIN IMMEDIATE", None, exc) from None
     finally:
         cursor.execute(f"PRAGMA busy_timeout={busy_seconds * 1000}")
         cursor.close()
@@ -89,15 +83,21 @@ def _use_wal(cursor, busy_seconds: int) -> None:
     is locked" at once, without calling the busy handler: workers starting together on
     a fresh database met it (one of four failed to start).
     """
-    deadline = time.monotonic() + busy_seconds
+    _execute_while_locked(cursor, "PRAGMA journal_mode=WAL", busy_seconds, pause=0.01)
+
+
+def _execute_while_locked(cursor, sql: str, seconds: float, pause: float) -> None:
+    """``sql``, run again every ``pause`` (cooperatively on est-server's hub) while SQLite answers that the
+    database is locked, for up to ``seconds``; then its error."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(sql)
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() >= deadline:
                 raise
-            time.sleep(0.01)
+            hub.sleep(pause)
 
 
 class WriterTurn:
