@@ -8,7 +8,7 @@ another greenlet blocks the thread on it. So code shared by both paths asks
 :func:`on_hub` and, there:
 
 - waits for another writer with a gevent Event (:func:`new_event`) or by polling a
-  lock between cooperative sleeps (:func:`acquire`, :func:`sleep`), so the hub keeps serving;
+  lock between cooperative sleeps (:class:`Lock`, :func:`sleep`), so the hub keeps serving;
 - runs what takes long without needing the interpreter (a password hash, a key
   generation) on the hub's thread pool (:func:`off_hub`).
 
@@ -50,19 +50,31 @@ def new_event() -> Any:
     return threading.Event()
 
 
-def acquire(lock: threading.Lock, timeout: float = -1) -> bool:
-    """``lock.acquire(timeout=timeout)``; on the hub, by polling between cooperative sleeps, since the
-    holder may be a greenlet of this very thread waiting for its turn at something."""
-    if not on_hub():
-        return lock.acquire(timeout=timeout)
-    deadline = None if timeout < 0 else time.monotonic() + timeout
-    pause = 0.0001
-    while not lock.acquire(blocking=False):
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
-        sleep(pause)
-        pause = min(pause * 2, 0.001)
-    return True
+class Lock:
+    """A lock shared by threads and the hub's greenlets. On the hub it is taken by polling between
+    cooperative sleeps, since its holder may be a greenlet of this very thread waiting for its turn
+    at something; elsewhere, as ``threading.Lock``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if not on_hub():
+            self._lock.acquire()
+            return
+        pause = 0.0001
+        while not self._lock.acquire(blocking=False):
+            sleep(pause)
+            pause = min(pause * 2, 0.001)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *_exc) -> None:
+        self.release()
 
 
 def off_hub(function: Callable[..., T], *args: Any) -> T:

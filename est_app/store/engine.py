@@ -12,7 +12,6 @@ lock file beside it (:class:`WriterTurn`).
 import fcntl
 import os
 import sqlite3
-import threading
 import time
 from contextlib import nullcontext
 from typing import Optional
@@ -109,19 +108,19 @@ class WriterTurn:
     worker tries again every millisecond at most and writes as soon as the other has committed;
     SQLite's lock still guards the file against any other writer (the sqlite3 shell, a backup).
     A lock file that cannot be opened (a read-only folder) leaves SQLite's wait alone in charge.
-    Threads of one process queue on a ``threading.Lock`` before this: an ``flock`` is per open file
-    (greenlets on est-server's hub poll it, :func:`est_app.hub.acquire`).
+    Threads of one process (and greenlets on est-server's hub) queue on a :class:`est_app.hub.Lock`
+    before this: an ``flock`` is per open file.
     """
 
     def __init__(self, database: str, timeout: float) -> None:
         self.path = f"{database}-writer"
         self.timeout = timeout
-        self._thread_lock = threading.Lock()
+        self._thread_lock = hub.Lock()
         self._descriptor: Optional[int] = None
         self._pid = 0
 
     def __enter__(self) -> None:
-        hub.acquire(self._thread_lock)  # its holder may be a greenlet of this thread, waiting in _take
+        self._thread_lock.acquire()  # on the hub, cooperatively: its holder may be a greenlet waiting in _take
         try:
             descriptor = self._open()
             if descriptor is not None:
@@ -163,5 +162,5 @@ def writer_turn(engine: Engine, timeout: float):
     """What a write transaction on ``engine`` enters first: a :class:`WriterTurn` for a SQLite file, else nothing."""
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:" or database.startswith("file:"):
-        return threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+        return hub.Lock() if engine.dialect.name == "sqlite" else nullcontext()
     return WriterTurn(database, timeout)
