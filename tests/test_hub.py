@@ -117,6 +117,29 @@ def test_greenlets_waiting_for_the_writer_turn_let_the_others_run(store, tmp_pat
     assert only_valid_is_current(store, "NPPTURN1").serial == first.serial
 
 
+def test_writes_queued_while_the_leader_waits_for_its_turn_commit_with_it(store, tmp_path):
+    commits = count_commits(store)
+    other = os.open(f"{tmp_path / 'est.db'}-writer", os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another worker committing
+    records = [record(cn=f"NPPTURN{i}") for i in range(6)]
+
+    def scenario() -> None:
+        writers = [gevent.spawn(store.enroll_device, r, r.common_name, "renew", "127.0.0.1") for r in records]
+        while len(store._certificate_writes._queue) < len(records) - 1:  # the first leads and waits for the turn
+            gevent.sleep(0.001)
+        gevent.sleep(0.01)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        gevent.joinall(writers, raise_error=True)
+
+    try:
+        on_a_hub(scenario)
+    finally:
+        os.close(other)
+    assert len(commits) == 1  # one transaction, one fsync, for the leader's write and all that queued behind it
+    for r in records:
+        assert only_valid_is_current(store, r.common_name).serial == r.serial
+
+
 def test_a_greenlet_killed_while_queued_leaves_the_batches_going(store):
     kept, dropped = record(cn="NPPKEPT"), record(cn="NPPDROPPED")
 

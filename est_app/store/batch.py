@@ -5,9 +5,10 @@ Owns the queue of pending certificate writes (:meth:`Store.enroll_device`,
 ``synchronous=FULL`` (or PostgreSQL's default) waits for the disk, and on SQLite
 every process's writers take turns on the one file lock: one fsync per enrollment
 capped throughput at a few hundred per second. Here the first writer to arrive
-leads: it takes every write queued so far, runs each in a SAVEPOINT of one
-transaction and commits once; the writes that arrive meanwhile queue for the next
-leader. Nothing waits on a timer, so a lone enrollment costs what it did.
+leads: once its write transaction has begun (SQLite: its turn at the file), it
+takes every write queued by then, runs each in a SAVEPOINT of that transaction
+and commits once; the writes that arrive meanwhile queue for the next leader.
+Nothing waits on a timer, so a lone enrollment costs what it did.
 
 - A write that raises (DeviceExists, AlreadyIssued, NotCurrent, an IntegrityError
   on a serial, ...) is rolled back to its savepoint alone; the others go on. When
@@ -100,9 +101,7 @@ class GroupCommit:
                 return mine.outcome()
         try:
             while not mine.settled:  # ours is queued: at most a few batches ahead of it
-                with self._lock:
-                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                self._commit(batch)
+                self._commit()
         finally:
             with self._lock:
                 self._hand_on()
@@ -124,12 +123,17 @@ class GroupCommit:
             if mine.woken.is_set():
                 self._hand_on()
 
-    def _commit(self, batch: list[_Write[Any]]) -> None:
+    def _commit(self) -> None:
+        """Commit the writes queued by the time the transaction has begun: those that queued while the
+        leader waited for the write lock (another worker committing) go in with it."""
+        batch: list[_Write[Any]] = []
         try:
             with self._begin() as conn:
+                batch = self._take()
                 for number, item in enumerate(batch):
                     item.run(conn, savepoint=f"est_write_{number}" if len(batch) > 1 else None)
         except BaseException as exc:  # not committed: nobody in the batch has anything recorded
+            batch = batch or self._take()  # the transaction did not begin: the writes it was for fail
             for item in batch:
                 item.value, item.error = None, exc
             if not isinstance(exc, Exception):
@@ -138,6 +142,11 @@ class GroupCommit:
             for item in batch:
                 item.settled = True
                 item.woken.set()
+
+    def _take(self) -> list[_Write[Any]]:
+        with self._lock:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        return batch
 
 
 def _execute(conn: Connection, sql: str) -> None:
