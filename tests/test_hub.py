@@ -17,13 +17,13 @@ from typing import Callable
 import gevent
 import gevent.event
 import pytest
-import sqlalchemy as sa
 from werkzeug.security import generate_password_hash
 
 from est_app import hub
 from est_app.auth import VerifiedCredentials
 from est_app.store import AuditEvent, Store, User
 
+from .test_group_commit import count_commits
 from .test_races import only_valid_is_current, record
 
 DEADLINE = 60
@@ -55,12 +55,6 @@ def on_a_hub(scenario: Callable[[], object]) -> object:
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]
-
-
-def count_commits(store: Store) -> list[int]:
-    commits: list[int] = []
-    sa.event.listen(store.engine, "commit", lambda conn: commits.append(1))
-    return commits
 
 
 def test_greenlets_queued_behind_a_batch_commit_together_in_the_next(store):
