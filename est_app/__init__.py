@@ -123,8 +123,8 @@ def inline_paths(store: Store, authorities: Authorities) -> tuple[str, ...]:
     status read never waits for a writer (WAL), and an enrollment's commit waits for its
     turn and its batch cooperatively (est_app/hub.py); a password hash or a server-generated
     key runs on the hub's thread pool. Handing a request to an app thread and back, and the
-    interpreter lock passing between that thread and the hub, cost an enrollment about as
-    much CPU as its two signatures (docs/DEPLOYMENT.md). PostgreSQL's round trips (or its
+    interpreter lock passing between that thread and the hub, cost an enrollment about a
+    third of its server CPU (docs/DEPLOYMENT.md). PostgreSQL's round trips (or its
     connect timeout while it is down) and a PKCS#11 token's stay on app threads.
     """
     paths = ["/healthz"]

@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .. import hub
+from .statements import run_sql
 
 T = TypeVar("T")
 
@@ -56,15 +57,15 @@ class _Write(Generic[T]):
         if savepoint is None:  # an error rolls the whole transaction back
             self.value = self.write(conn)
             return
-        _execute(conn, f"SAVEPOINT {savepoint}")
+        run_sql(conn, f"SAVEPOINT {savepoint}")
         try:
             self.value = self.write(conn)
         except Exception as exc:
             self.error = exc
             # Raises when the transaction itself is gone (SQLite rolls all of it back on SQLITE_FULL, IOERR,
             # NOMEM; the connection lost): the batch then fails, as nothing of it is left to commit.
-            _execute(conn, f"ROLLBACK TO SAVEPOINT {savepoint}")
-        _execute(conn, f"RELEASE SAVEPOINT {savepoint}")
+            run_sql(conn, f"ROLLBACK TO SAVEPOINT {savepoint}")
+        run_sql(conn, f"RELEASE SAVEPOINT {savepoint}")
 
     def outcome(self) -> T:
         if self.error is not None:
@@ -147,19 +148,6 @@ class GroupCommit:
         with self._lock:
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         return batch
-
-
-def _execute(conn: Connection, sql: str) -> None:
-    """``sql`` on the transaction's DBAPI connection, as the writes' compiled statements run (statements.py):
-    SQLAlchemy's own savepoints compile a statement each time, which cost more than the write itself."""
-    error = conn.dialect.loaded_dbapi.Error
-    cursor = conn.connection.dbapi_connection.cursor()
-    try:
-        cursor.execute(sql)
-    except error as exc:
-        raise sa.exc.DBAPIError.instance(sql, (), exc, error, dialect=conn.dialect) from exc
-    finally:
-        cursor.close()
 
 
 def is_deadlock(exc: sa.exc.OperationalError) -> bool:

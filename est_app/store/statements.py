@@ -4,9 +4,10 @@ An enrollment's transaction runs five or six small statements. SQLAlchemy's work
 one (cache key, execution context, result set-up: about a tenth of a millisecond of CPU) costs
 more than SQLite spends executing it. A :class:`Compiled` statement keeps the SQL the dialect
 compiled and the column types' own conversions (SQLite keeps datetimes as text), binds and runs
-on the DBAPI connection of a SQLAlchemy transaction (savepoints, commit and pooling stay
-SQLAlchemy's), and raises a DBAPI error as SQLAlchemy's (``IntegrityError``,
-``OperationalError``), as ``Connection.execute`` would. :meth:`Compiled.read` runs a lone
+on the DBAPI connection of a SQLAlchemy transaction (commit and pooling stay SQLAlchemy's), and
+raises a DBAPI error as SQLAlchemy's (``IntegrityError``, ``OperationalError``), as
+``Connection.execute`` would; :func:`run_sql` does the same for a statement without parameters
+(the group commit's savepoints, which SQLAlchemy would compile anew each time). :meth:`Compiled.read` runs a lone
 SELECT on a pooled connection without a transaction of SQLAlchemy's: the reads every
 request makes (the user, the back-off counts, a certificate's status for OCSP).
 """
@@ -89,3 +90,15 @@ class Compiled:
 
     def _mapped(self, fetched) -> list[dict[str, Any]]:
         return [{key: convert(value) if convert else value for (key, convert), value in zip(self._columns, row)} for row in fetched]
+
+
+def run_sql(conn: Connection, sql: str) -> None:
+    """``sql``, without parameters, on the transaction's DBAPI connection; its error raised as SQLAlchemy's."""
+    error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+    except error as exc:
+        raise sa.exc.DBAPIError.instance(sql, (), exc, error, dialect=conn.dialect) from exc
+    finally:
+        cursor.close()
