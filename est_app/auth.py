@@ -97,13 +97,20 @@ def describe(certificate: x509.Certificate) -> str:
 
 
 class VerifiedCredentials:
-    """A bounded, expiring memory of (name, password) pairs that matched a stored hash."""
+    """A bounded, expiring memory of (name, password) pairs that matched a stored hash.
+
+    Requests that present the same pair while it is being checked wait for that check
+    instead of hashing it again: a worker starting cold, or whose memory of the gateway's
+    pair has just expired, under a burst of enrollments (all through the gateway's one
+    account) computed one ~100 ms hash per waiting request, each its share of the cores.
+    """
 
     def __init__(self, ttl_seconds: float = 300.0, max_entries: int = 10000) -> None:
         self.ttl = ttl_seconds
         self.max_entries = max_entries
         self._key = secrets.token_bytes(32)
         self._entries: dict[bytes, tuple[str, float]] = {}
+        self._checking: dict[tuple[bytes, str], _Check] = {}
         self._lock = threading.Lock()
 
     def check(self, user: User, password: str) -> bool:
@@ -114,7 +121,7 @@ class VerifiedCredentials:
         entry = self._entries.get(digest)
         if entry is not None and entry[0] == user.password_hash and entry[1] > now:
             return True
-        if not hub.off_hub(check_password_hash, user.password_hash, password):
+        if not self._hash_once(digest, user.password_hash, password):
             return False
         if self.ttl > 0:
             with self._lock:
@@ -124,6 +131,39 @@ class VerifiedCredentials:
                         self._entries.clear()
                 self._entries[digest] = (user.password_hash, now + self.ttl)
         return True
+
+    def _hash_once(self, digest: bytes, password_hash: str, password: str) -> bool:
+        """The hash check of one pair against one stored hash, shared by the requests that ask meanwhile."""
+        key = (digest, password_hash)
+        with self._lock:
+            check = self._checking.get(key)
+            if check is None:
+                check = self._checking[key] = _Check()
+                done = None
+            else:
+                done = hub.new_event()
+                check.waiters.append(done)
+        if done is not None:
+            done.wait()
+            if check.matched is not None:
+                return check.matched
+            return hub.off_hub(check_password_hash, password_hash, password)  # the first asker's check raised
+        try:
+            check.matched = hub.off_hub(check_password_hash, password_hash, password)
+        finally:
+            with self._lock:
+                del self._checking[key]
+            for waiter in check.waiters:
+                waiter.set()
+        return check.matched
+
+
+class _Check:
+    """A hash check in progress: who waits for it, and its outcome (None until known, or if it raised)."""
+
+    def __init__(self) -> None:
+        self.waiters: list = []
+        self.matched: Optional[bool] = None
 
 
 _dummy_hash: Optional[str] = None

@@ -187,3 +187,32 @@ def test_est_requests_run_on_the_greenlet_only_where_they_wait_on_nothing_but_th
         assert paths == ("/healthz", "/ocsp", "/.well-known/est")
     else:  # PostgreSQL's round trips (and its connect timeout while it is down) wait on an app thread
         assert paths == ("/healthz",)
+
+
+def test_greenlets_presenting_the_same_password_together_share_one_hash(monkeypatch):
+    from est_app import auth
+
+    password = "pw-Hub-123456"
+    stored = generate_password_hash(password)
+    user = User(id=1, name="gateway", password_hash=stored, role="est", created_at=None)
+    renamed = User(id=1, name="gateway", password_hash=generate_password_hash(password), role="est", created_at=None)
+    credentials = VerifiedCredentials(ttl_seconds=0)  # nothing remembered: only checks in progress are shared
+    hashed: list[str] = []
+    real = auth.check_password_hash
+
+    def counted(password_hash: str, presented: str) -> bool:  # werkzeug's check, counted
+        hashed.append(password_hash)
+        return real(password_hash, presented)
+
+    monkeypatch.setattr(auth, "check_password_hash", counted)
+
+    def scenario() -> list[bool]:
+        checks = [gevent.spawn(credentials.check, user, password) for _ in range(8)]
+        checks.append(gevent.spawn(credentials.check, user, "wrong-password"))  # another pair: hashed apart
+        checks.append(gevent.spawn(credentials.check, renamed, password))  # a changed stored hash: hashed apart
+        gevent.joinall(checks, raise_error=True)
+        return [c.value for c in checks]
+
+    assert on_a_hub(scenario) == [True] * 8 + [False, True]
+    assert sorted(hashed) == sorted([stored, stored, renamed.password_hash])
+    assert not credentials._checking

@@ -2,6 +2,8 @@
 
 import fcntl
 import os
+import sys
+import threading
 import time
 
 import pytest
@@ -9,7 +11,7 @@ import sqlalchemy as sa
 
 from est_app.config import DatabaseSettings
 from est_app.store import Store
-from est_app.store.engine import WriterTurn
+from est_app.store.engine import Checkpointer, WriterTurn
 
 
 def test_a_write_waits_for_another_process_turn_and_goes_as_soon_as_it_ends(tmp_path):
@@ -51,3 +53,50 @@ def test_each_process_takes_its_turn_on_a_descriptor_of_its_own(tmp_path):
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 
+
+
+def log_frames(database: str) -> tuple[int, int]:
+    """(frames in the write-ahead log, frames of it copied into the file), from the log's index in
+    ``<file>-shm`` (sqlite.org/walformat.html: mxFrame at byte 16, nBackfill at byte 96)."""
+    index = open(f"{database}-shm", "rb").read(100)
+    return int.from_bytes(index[16:20], sys.byteorder), int.from_bytes(index[96:100], sys.byteorder)
+
+
+def test_commits_leave_the_log_to_a_checkpoint_thread(tmp_path):
+    database = str(tmp_path / "est.db")
+    store = Store(f"sqlite:///{database}")
+    store.create_schema()
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0  # no commit stops to copy the log
+    for number in range(300):  # past SQLite's own threshold of 1,000 pages, one commit each
+        store.add_user(f"user{number:04d}-" + "x" * 200, "hash" * 500)
+    frames, _ = log_frames(database)
+    assert frames > 0
+    deadline = time.monotonic() + 10
+    while log_frames(database)[1] < log_frames(database)[0]:
+        assert time.monotonic() < deadline, f"log not checkpointed: {log_frames(database)}"
+        time.sleep(0.05)
+    assert [t.name for t in threading.enumerate()].count(f"checkpoint {database}") == 1  # one thread, for all the writes
+
+
+def test_sqlite_in_memory_keeps_its_own_checkpoints(tmp_path):
+    store = Store("sqlite://")
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+
+
+def test_the_log_starts_afresh_while_writes_go_on(tmp_path):
+    """The checkpoint takes the writer's turn: beside writers that kept appending, it copied all it found
+    but the log never restarted and grew without bound."""
+    database = str(tmp_path / "est.db")
+    store = Store(f"sqlite:///{database}")
+    store.create_schema()
+    frames = []
+    deadline = time.monotonic() + 4 * Checkpointer.INTERVAL + 2
+    number = 0
+    while time.monotonic() < deadline and not (frames and max(frames) > frames[-1] + 50):
+        store.add_user(f"user{number:05d}", "hash" * 100)
+        store.get_user(f"user{number:05d}")
+        number += 1
+        frames.append(log_frames(database)[0])
+    assert max(frames) > frames[-1] + 50, f"the log only grew: {frames[::50]}"

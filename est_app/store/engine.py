@@ -6,12 +6,15 @@ statement (lock waits included) after ``statement_timeout``; SQLite waits at
 most ``statement_timeout`` for a lock. Pooled connections are pinged before
 use, so a restarted PostgreSQL is used again without restarting est_app.
 On SQLite the processes sharing a file also take turns at writing through a
-lock file beside it (:class:`WriterTurn`).
+lock file beside it (:class:`WriterTurn`), and the write-ahead log is copied
+into the file on a thread of each writing process (:class:`Checkpointer`), not
+in the commit of whichever write filled it.
 """
 
 import fcntl
 import os
 import sqlite3
+import threading
 import time
 from contextlib import nullcontext
 from typing import Optional
@@ -28,7 +31,7 @@ def create_engine(url: str, password: Optional[str] = None, connect_timeout: int
     if parsed.get_backend_name() != "postgresql":
         engine = sa.create_engine(parsed)
         if engine.dialect.name == "sqlite":
-            _configure_sqlite(engine, statement_timeout)
+            _configure_sqlite(engine, statement_timeout, checkpoint_apart=sqlite_file(engine) is not None)
         return engine
     # connect_args win over the URL's query: keep any options it gives (search_path, ...) before ours.
     options = " ".join(filter(None, (parsed.query.get("options"), f"-c statement_timeout={statement_timeout * 1000}")))
@@ -38,13 +41,25 @@ def create_engine(url: str, password: Optional[str] = None, connect_timeout: int
     return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
 
 
-def _configure_sqlite(engine: Engine, busy_seconds: int) -> None:
+def sqlite_file(engine: Engine) -> Optional[str]:
+    """The path of a SQLite engine's database file; None for another database, or SQLite in memory or by URI."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return database
+
+
+def _configure_sqlite(engine: Engine, busy_seconds: int, checkpoint_apart: bool) -> None:
+    pragmas = [f"busy_timeout={busy_seconds * 1000}", "synchronous=FULL", "foreign_keys=ON"]
+    if checkpoint_apart:
+        pragmas.append("wal_autocheckpoint=0")  # the Checkpointer's thread does it
+
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record) -> None:
         # Hand transaction control to the "begin" hook below (pysqlite's own is unreliable).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in (f"busy_timeout={busy_seconds * 1000}", "synchronous=FULL", "foreign_keys=ON"):
+        for pragma in pragmas:
             cursor.execute(f"PRAGMA {pragma}")
         _use_wal(cursor, busy_seconds)
         cursor.close()
@@ -109,7 +124,7 @@ class WriterTurn:
     SQLite's lock still guards the file against any other writer (the sqlite3 shell, a backup).
     A lock file that cannot be opened (a read-only folder) leaves SQLite's wait alone in charge.
     Threads of one process (and greenlets on est-server's hub) queue on a :class:`est_app.hub.Lock`
-    before this: an ``flock`` is per open file.
+    before this: an ``flock`` is per open file. A turn's end tells the :class:`Checkpointer`.
     """
 
     def __init__(self, database: str, timeout: float) -> None:
@@ -118,8 +133,17 @@ class WriterTurn:
         self._thread_lock = hub.Lock()
         self._descriptor: Optional[int] = None
         self._pid = 0
+        self.checkpointer = Checkpointer(database, self)
 
     def __enter__(self) -> None:
+        self.take()
+
+    def __exit__(self, *_exc) -> None:
+        self.release()
+        self.checkpointer.written()
+
+    def take(self) -> None:
+        """This process's turn at writing, waited for up to ``timeout`` (then "database is locked")."""
         self._thread_lock.acquire()  # on the hub, cooperatively: its holder may be a greenlet waiting in _take
         try:
             descriptor = self._open()
@@ -129,7 +153,7 @@ class WriterTurn:
             self._thread_lock.release()
             raise
 
-    def __exit__(self, *_exc) -> None:
+    def release(self) -> None:
         try:
             if self._descriptor is not None and self._pid == os.getpid():
                 fcntl.flock(self._descriptor, fcntl.LOCK_UN)
@@ -158,9 +182,74 @@ class WriterTurn:
                 pause = min(pause * 2, 0.001)
 
 
+class Checkpointer:
+    """Copies a SQLite file's write-ahead log into it from a thread of this process, at most every ``INTERVAL``.
+
+    By default SQLite does this in the commit that takes the log past 1,000 pages: every
+    few seconds under load that commit, and with it every connection of an est-server
+    worker, waited 70-110 ms (the copy and its fsync), the other worker waiting for the
+    turn meanwhile: bench_enroll's slowest enrollments. Here the serving connections never
+    checkpoint (``wal_autocheckpoint=0``); after a write, this thread takes the writer's
+    turn and checkpoints while the hub goes on computing. The turn matters: beside writers
+    that kept appending, every checkpoint copied all it found, yet the log never started
+    afresh (the next writer restarts it only when it finds it all copied) and grew to 90 MB
+    in a 5 s run. The thread ends after ``IDLE`` seconds without a write; the next write
+    starts another.
+    """
+
+    INTERVAL = 0.5  # seconds between checkpoints: a few thousand pages at most under full load
+    IDLE = 10.0
+
+    def __init__(self, database: str, turn: WriterTurn) -> None:
+        self.database, self._turn = database, turn
+        self._pid = 0
+
+    def written(self) -> None:
+        """A write was committed: checkpoint within ``INTERVAL``."""
+        if self._pid != os.getpid():  # threads and locks do not survive a fork: a worker makes its own
+            self._pid = os.getpid()
+            self._condition = threading.Condition()
+            self._due = self._running = False
+        with self._condition:
+            self._due = True
+            if self._running:
+                self._condition.notify()
+                return
+            self._running = True
+        threading.Thread(target=self._run, name=f"checkpoint {self.database}", daemon=True).start()
+
+    def _run(self) -> None:
+        pause = threading.Event()  # never set: a real sleep (est-server's workers make time.sleep the hub's)
+        while True:
+            with self._condition:
+                if not self._condition.wait_for(lambda: self._due, timeout=self.IDLE):
+                    self._running = False
+                    return
+                self._due = False
+            self.checkpoint()
+            pause.wait(self.INTERVAL)
+
+    def checkpoint(self) -> None:
+        """One checkpoint in the writer's turn, on a connection of its own; a failure is left to the next one."""
+        try:
+            self._turn.take()
+        except sa.exc.OperationalError:
+            return  # writers held the turn for the whole timeout
+        try:
+            connection = sqlite3.connect(self.database, isolation_level=None)
+            try:
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                connection.close()
+        except sqlite3.Error:
+            pass
+        finally:
+            self._turn.release()
+
+
 def writer_turn(engine: Engine, timeout: float):
     """What a write transaction on ``engine`` enters first: a :class:`WriterTurn` for a SQLite file, else nothing."""
-    database = engine.url.database if engine.dialect.name == "sqlite" else None
-    if not database or database == ":memory:" or database.startswith("file:"):
+    database = sqlite_file(engine)
+    if database is None:
         return hub.Lock() if engine.dialect.name == "sqlite" else nullcontext()
     return WriterTurn(database, timeout)
