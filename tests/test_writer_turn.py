@@ -48,8 +48,11 @@ def test_each_process_takes_its_turn_on_a_descriptor_of_its_own(tmp_path):
         parent = turn._descriptor
     child = os.fork()
     if child == 0:
-        with turn:
-            os._exit(0 if turn._descriptor != parent else 1)
+        try:
+            with turn:
+                os._exit(0 if turn._descriptor != parent else 1)
+        finally:
+            os._exit(2)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 
@@ -100,3 +103,36 @@ def test_the_log_starts_afresh_while_writes_go_on(tmp_path):
         number += 1
         frames.append(log_frames(database)[0])
     assert max(frames) > frames[-1] + 50, f"the log only grew: {frames[::50]}"
+
+
+def test_a_process_forked_while_a_thread_holds_the_turn_takes_turns_of_its_own(tmp_path):
+    """gunicorn forks workers from a master whose checkpoint thread may hold the turn at that moment."""
+    turn = WriterTurn(str(tmp_path / "est.db"), timeout=5)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with turn:
+            holding.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait()
+    child = os.fork()
+    if child == 0:
+        try:
+            with turn:  # after the parent's thread lets go of the flock
+                os._exit(0)
+        finally:
+            os._exit(2)
+    time.sleep(0.2)
+    release.set()
+    holder.join()
+    deadline = time.monotonic() + 10
+    while (ended := os.waitpid(child, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+            pytest.fail("the child waited for a lock only its parent's thread could release")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(ended[1]) == 0

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from contextlib import nullcontext
 from typing import Optional
 
@@ -134,6 +135,12 @@ class WriterTurn:
         self._descriptor: Optional[int] = None
         self._pid = 0
         self.checkpointer = Checkpointer(database, self)
+        _turns.add(self)
+
+    def forked(self) -> None:
+        """In a child just forked: the parent's checkpoint thread may have held the lock, which no thread
+        here would ever release; the flock's descriptor is opened anew at the next turn (see _open)."""
+        self._thread_lock = hub.Lock()
 
     def __enter__(self) -> None:
         self.take()
@@ -245,6 +252,17 @@ class Checkpointer:
             pass
         finally:
             self._turn.release()
+
+
+_turns: "weakref.WeakSet[WriterTurn]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for turn in list(_turns):
+        turn.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def writer_turn(engine: Engine, timeout: float):
