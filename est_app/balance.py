@@ -52,8 +52,13 @@ class ConnectionCounts:
         """The worker is stopping: its count no longer holds connections back."""
         _SLOT.pack_into(self._memory, slot * _SLOT.size, 0, 0)
 
-    def publish(self, slot: int, connections: int) -> None:
-        _COUNT.pack_into(self._memory, slot * _SLOT.size + _COUNT.size, connections)
+    def held(self, slot: int) -> int:
+        """The connections the worker in ``slot`` holds."""
+        return _COUNT.unpack_from(self._memory, slot * _SLOT.size + _COUNT.size)[0]
+
+    def add(self, slot: int, change: int) -> None:
+        """In the worker of ``slot`` (one thread counts, its hub's): ``change`` connections opened (+) or closed (-)."""
+        _COUNT.pack_into(self._memory, slot * _SLOT.size + _COUNT.size, self.held(slot) + change)
 
     def fewest_elsewhere(self, slot: int) -> Optional[int]:
         """The fewest connections a sibling holds (None: no sibling is running)."""
@@ -73,18 +78,17 @@ def _alive(pid: int) -> bool:
 
 
 class BalancedServer(StreamServer):
-    """gevent's StreamServer that publishes the connections it holds and leaves a pending one, for a while,
-    to a sibling holding fewer."""
+    """gevent's StreamServer that counts the connections it holds in its worker's slot and leaves a pending
+    one, for a while, to a sibling holding fewer."""
 
     def __init__(self, listener, counts: ConnectionCounts, slot: int, **kwargs) -> None:
         super().__init__(listener, **kwargs)
         self._counts, self._slot = counts, slot
-        self._held = 0  # accepted and not yet closed
         self._waiting_since: Optional[float] = None
 
     def do_read(self):
         fewest = self._counts.fewest_elsewhere(self._slot)
-        if fewest is not None and self._held > fewest:
+        if fewest is not None and self._counts.held(self._slot) > fewest:
             now = time.monotonic()
             if self._waiting_since is None or now - self._waiting_since > 2 * MAX_WAIT:
                 self._waiting_since = now  # a connection not seen before (the last one went to a sibling)
@@ -96,8 +100,7 @@ class BalancedServer(StreamServer):
         self._waiting_since = None
         accepted = super().do_read()
         if accepted:
-            self._held += 1  # counted at once: the connection's greenlet starts later
-            self._counts.publish(self._slot, self._held)
+            self._counts.add(self._slot, 1)  # counted at once: the connection's greenlet starts later
         return accepted
 
     def do_close(self, sock, *args) -> None:
@@ -105,5 +108,4 @@ class BalancedServer(StreamServer):
         try:
             super().do_close(sock, *args)
         finally:
-            self._held -= 1
-            self._counts.publish(self._slot, self._held)
+            self._counts.add(self._slot, -1)

@@ -119,7 +119,7 @@ def test_a_slot_of_a_dead_worker_is_given_again_and_free_slots_hold_nobody_back(
     assert first != second
     assert counts.fewest_elsewhere(first) is None  # reserved, not yet serving: not counted
     counts.take(second)
-    counts.publish(second, 3)
+    counts.add(second, 3)
     assert counts.fewest_elsewhere(first) == 3
     assert counts.fewest_elsewhere(second) is None
     counts.release(second)
@@ -127,8 +127,10 @@ def test_a_slot_of_a_dead_worker_is_given_again_and_free_slots_hold_nobody_back(
     assert counts.reserve() == second  # released: given again
     worker = os.fork()
     if worker == 0:  # a worker that takes its slot and dies without releasing it (SIGKILL, a crash)
-        counts.take(first)
-        counts.publish(first, 0)
-        os._exit(0)
+        try:
+            counts.take(first)
+            counts.add(first, 1)
+        finally:
+            os._exit(0)
     os.waitpid(worker, 0)  # reaped, as gunicorn's master does before it forks the replacement
     assert counts.reserve() == first
