@@ -2,9 +2,9 @@
 
 Every worker waits on the one listening socket and whichever wakes first accepts, so
 connections opened together (a gateway's pool at start-up, a burst of pumps) often land
-on one worker: eight kept-alive connections were split 8-0 or 7-1 in about a third of
-bench_enroll's runs, one core then serving at 280-530 enrollments/s while the other
-idled. Here each worker publishes how many connections it holds in memory it shares with
+unevenly: eight opened at once were split 6-2, 7-1 or 8-0 (tests/test_worker_balance.py),
+the busier core then serving 280-530 enrollments/s while the other idled. Here each
+worker publishes how many connections it holds in memory it shares with
 the master and its siblings (:class:`ConnectionCounts`), and :class:`BalancedServer` does
 not accept while a sibling holds fewer: that sibling takes the connection. A sibling busy
 computing may not look for a while, so the wait lasts at most ``MAX_WAIT``; then the
