@@ -128,13 +128,14 @@ class WriterTurn:
     before this: an ``flock`` is per open file. A turn's end tells the :class:`Checkpointer`.
     """
 
-    def __init__(self, database: str, timeout: float) -> None:
+    def __init__(self, database: str, timeout: float, engine: Optional[Engine] = None) -> None:
         self.path = f"{database}-writer"
         self.timeout = timeout
         self._thread_lock = hub.Lock()
         self._descriptor: Optional[int] = None
         self._pid = 0
-        self.checkpointer = Checkpointer(database, self)
+        # The writes through ``engine`` (a Store's) have their log checkpointed on a thread.
+        self.checkpointer = Checkpointer(engine, self) if engine is not None else None
         _turns.add(self)
 
     def forked(self) -> None:
@@ -147,7 +148,8 @@ class WriterTurn:
 
     def __exit__(self, *_exc) -> None:
         self.release()
-        self.checkpointer.written()
+        if self.checkpointer is not None:
+            self.checkpointer.written()
 
     def take(self) -> None:
         """This process's turn at writing, waited for up to ``timeout`` (then "database is locked")."""
@@ -207,8 +209,9 @@ class Checkpointer:
     INTERVAL = 0.5  # seconds between checkpoints: a few thousand pages at most under full load
     IDLE = 10.0
 
-    def __init__(self, database: str, turn: WriterTurn) -> None:
-        self.database, self._turn = database, turn
+    def __init__(self, engine: Engine, turn: WriterTurn) -> None:
+        # Weakly: a store dropped closes its connections as before, and its log is left alone.
+        self._engine, self._turn = weakref.ref(engine), turn
         self._pid = 0
 
     def written(self) -> None:
@@ -223,7 +226,7 @@ class Checkpointer:
                 self._condition.notify()
                 return
             self._running = True
-        threading.Thread(target=self._run, name=f"checkpoint {self.database}", daemon=True).start()
+        threading.Thread(target=self._run, name=f"checkpoint {self._turn.path}", daemon=True).start()
 
     def _run(self) -> None:
         pause = threading.Event()  # never set: a real sleep (est-server's workers make time.sleep the hub's)
@@ -237,18 +240,27 @@ class Checkpointer:
             pause.wait(self.INTERVAL)
 
     def checkpoint(self) -> None:
-        """One checkpoint in the writer's turn, on a connection of its own; a failure is left to the next one."""
+        """One checkpoint in the writer's turn, on a connection from the store's pool; a failure is left to the next.
+
+        A connection of its own, closed after, would delete the log and its index whenever it was
+        the last one open (SQLite does on the last close), while another program might be copying them.
+        """
+        engine = self._engine()
+        if engine is None:
+            return
         try:
             self._turn.take()
         except sa.exc.OperationalError:
             return  # writers held the turn for the whole timeout
         try:
-            connection = sqlite3.connect(self.database, isolation_level=None)
+            connection = engine.raw_connection()
             try:
-                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                cursor.close()
             finally:
-                connection.close()
-        except sqlite3.Error:
+                connection.close()  # back to the pool
+        except (sqlite3.Error, sa.exc.DBAPIError):
             pass
         finally:
             self._turn.release()
@@ -270,4 +282,4 @@ def writer_turn(engine: Engine, timeout: float):
     database = sqlite_file(engine)
     if database is None:
         return hub.Lock() if engine.dialect.name == "sqlite" else nullcontext()
-    return WriterTurn(database, timeout)
+    return WriterTurn(database, timeout, engine)
