@@ -142,6 +142,8 @@ class WriterTurn:
         """In a child just forked: the parent's checkpoint thread may have held the lock, which no thread
         here would ever release; the flock's descriptor is opened anew at the next turn (see _open)."""
         self._thread_lock = hub.Lock()
+        if self.checkpointer is not None:
+            self.checkpointer.forked()
 
     def __enter__(self) -> None:
         self.take()
@@ -212,14 +214,15 @@ class Checkpointer:
     def __init__(self, engine: Engine, turn: WriterTurn) -> None:
         # Weakly: a store dropped closes its connections as before, and its log is left alone.
         self._engine, self._turn = weakref.ref(engine), turn
-        self._pid = 0
+        self.forked()
+
+    def forked(self) -> None:
+        """Fresh state, at creation and in a child just forked: the parent's thread is not there."""
+        self._condition = threading.Condition()
+        self._due = self._running = False
 
     def written(self) -> None:
         """A write was committed: checkpoint within ``INTERVAL``."""
-        if self._pid != os.getpid():  # threads and locks do not survive a fork: a worker makes its own
-            self._pid = os.getpid()
-            self._condition = threading.Condition()
-            self._due = self._running = False
         with self._condition:
             self._due = True
             if self._running:
