@@ -26,8 +26,10 @@ and its answer back, and the interpreter lock passing between that thread and th
 hub, cost more CPU than an OCSP answer and about a third of an enrollment's. What such
 a request shares with the app threads waits cooperatively there (est_app/hub.py).
 
-With several workers, a worker holding more connections than a sibling leaves a new
-one to it (est_app/balance.py).
+Once answered, a connection waits a turn of the worker's event loop before its next
+request is read, so one client sending request after request cannot keep the worker
+from the others. With several workers, a worker holding more connections than a
+sibling leaves a new one to it (est_app/balance.py).
 
 docs/DEPLOYMENT.md ("Slow and idle clients", "Workers, threads and the cost of a request") has the measurements behind the choices.
 """
@@ -61,6 +63,9 @@ from .proxy import client_key, in_networks, parse_networks
 
 DRAIN_LIMIT = 64 * 1024  # bytes of an unread body worth reading to keep the connection (EST bodies are a few KiB)
 BODY_ERRORS = (RequestTimeout, ParseException, OSError)  # a body that could not be read to its end
+# A connection answered waits this long, which is one turn of the hub's loop, before its next request is
+# read: gevent.sleep(0) resumes it before the loop polls again (gevent's documentation says so).
+NEXT_TURN = 1e-6
 
 
 class BodyWithDeadline:
@@ -224,6 +229,10 @@ class ESTWorker(GeventWorker):
         try:
             super().handle_request(listener_name, req, sock, addr)  # StopIteration: the answer said "close"
             self.drain(req.body)
+            # The worker's other connections go first. A client whose next request is already buffered would
+            # otherwise be answered again and again while theirs wait: OCSP p99 40-46 ms against 7-9.5 ms
+            # (bench_operations, docs/DEPLOYMENT.md).
+            gevent.sleep(NEXT_TURN)
         except StopIteration:
             # Half-close and linger (RFC 9112 9.6), as gthread does: closing with request bytes unread
             # would send a reset that can destroy the answer (a 408 or 413) before the client reads it.
@@ -254,10 +263,6 @@ class ESTWorker(GeventWorker):
 
         if self.runs_inline(environ.get("PATH_INFO", "")):
             (status, headers, exc_info), body = run()
-            # Let the worker's other connections in: a kept-alive client whose next request is already
-            # buffered would otherwise keep the hub, and the others' answers wait (OCSP p99 130-150 ms
-            # against about 30 ms with this yield, bench_operations, 8 connections).
-            gevent.sleep(0)
         else:
             (status, headers, exc_info), body = self.app_threads.apply(run)
         start_response(status, headers, exc_info)

@@ -7,7 +7,9 @@ enrollment and OCSP, ``est-admin`` for the revocation, ``sqlite3``'s write lock 
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import ssl
 import threading
 import time
 
@@ -114,3 +116,51 @@ def test_ocsp_and_healthz_answer_while_an_enrollment_waits_for_the_database(pki_
         assert len(enrolled) == 1  # and the enrollment itself completed once the lock was free
     finally:
         server.stop()
+
+
+PIPELINED = 400  # /healthz requests one client sends at once: ~0.2 s of the worker's time
+
+
+def test_a_client_with_requests_queued_does_not_keep_the_worker_from_the_others(pki_dir, tmp_path):
+    """One worker. A client sends 400 requests at once (pipelined: each is in the worker's buffer when the one
+    before is answered); once its first answer is back, another client asks once. That answer waits about as
+    long as a few of the first client's: an answered connection lets the worker's other connections go before
+    its next request is read. With gevent.sleep(0) instead, the hub resumed it before polling the others, and
+    the other answer waited for 40-60 of the first client's (until its socket's send buffer was full)."""
+    server = serve(pki_dir, tmp_path, workers=1)
+    try:
+        context = ssl.create_default_context(cafile=str(server.ca_file))
+        greedy, other = (
+            context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=30), server_hostname="127.0.0.1")
+            for _ in range(2)
+        )
+        request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        other.sendall(request)
+        read_answers(other, 1)  # handshaken and answered once: its greenlet now waits for its next request
+        received = bytearray()
+        reader = threading.Thread(target=read_answers, args=(greedy, PIPELINED, received))
+        started = time.monotonic()
+        greedy.sendall(request * PIPELINED)
+        reader.start()
+        while b"HTTP/1.1 200 " not in received and reader.is_alive():
+            time.sleep(0.0005)
+        asked = time.monotonic()
+        other.sendall(request)
+        read_answers(other, 1)
+        waited = time.monotonic() - asked
+        reader.join(timeout=60)
+        per_answer = (time.monotonic() - started) / PIPELINED
+        assert received.count(b"HTTP/1.1 200 ") == PIPELINED
+        assert waited < 15 * per_answer, f"the other client waited {waited * 1000:.1f} ms, {waited / per_answer:.0f} of the first client's answers"
+    finally:
+        server.stop()
+
+
+def read_answers(conn: ssl.SSLSocket, count: int, into: bytearray | None = None) -> bytearray:
+    """Read ``count`` /healthz answers (200, body "ok\\n") from ``conn`` into ``into`` as they come; what was read."""
+    data = bytearray() if into is None else into
+    while data.count(b"HTTP/1.1 200 ") < count or not data.endswith(b"ok\n"):
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed after {data.count(b'HTTP/1.1 200 ')} answers"
+        data += chunk
+    return data
