@@ -118,49 +118,51 @@ def test_ocsp_and_healthz_answer_while_an_enrollment_waits_for_the_database(pki_
         server.stop()
 
 
-PIPELINED = 400  # /healthz requests one client sends at once: ~0.2 s of the worker's time
+PIPELINED = 1000  # /healthz requests one client sends at once: about a third of a second of the worker's time
+ASKS = 10  # single requests another client makes meanwhile, one after the other
 
 
 def test_a_client_with_requests_queued_does_not_keep_the_worker_from_the_others(pki_dir, tmp_path):
-    """One worker. A client sends 400 requests at once (pipelined: each is in the worker's buffer when the one
-    before is answered); once its first answer is back, another client asks once. That answer waits about as
-    long as a few of the first client's: an answered connection lets the worker's other connections go before
-    its next request is read. With gevent.sleep(0) instead, the hub resumed it before polling the others, and
-    the other answer waited for 40-60 of the first client's (until its socket's send buffer was full)."""
+    """One worker. A client sends 1,000 requests at once (pipelined: each is in the worker's buffer when the one
+    before is answered); once its first answer is in, another client asks 10 times, one request after the other.
+    Those 10 answers take 2-3% of the time the first client's take: an answered connection lets the worker's
+    other connections go before its next request is read. With gevent.sleep(0) instead, the hub resumed it
+    before polling the others, and the 10 answers took 44-49% of that time, waiting on the first client's."""
     server = serve(pki_dir, tmp_path, workers=1)
     try:
         context = ssl.create_default_context(cafile=str(server.ca_file))
-        greedy, other = (
-            context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=30), server_hostname="127.0.0.1")
-            for _ in range(2)
-        )
+        greedy, other = socket.socket(), socket.socket()
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # room for its answers, read at the end
+        greedy, other = (context.wrap_socket(s, server_hostname="127.0.0.1") for s in (greedy, other))
+        for conn in (greedy, other):
+            conn.settimeout(30)
+            conn.connect(("127.0.0.1", server.port))
         request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         other.sendall(request)
         read_answers(other, 1)  # handshaken and answered once: its greenlet now waits for its next request
-        received = bytearray()
-        reader = threading.Thread(target=read_answers, args=(greedy, PIPELINED, received))
         started = time.monotonic()
         greedy.sendall(request * PIPELINED)
-        reader.start()
-        while b"HTTP/1.1 200 " not in received and reader.is_alive():
-            time.sleep(0.0005)
-        asked = time.monotonic()
-        other.sendall(request)
-        read_answers(other, 1)
-        waited = time.monotonic() - asked
-        reader.join(timeout=60)
-        per_answer = (time.monotonic() - started) / PIPELINED
-        assert received.count(b"HTTP/1.1 200 ") == PIPELINED
-        assert waited < 15 * per_answer, f"the other client waited {waited * 1000:.1f} ms, {waited / per_answer:.0f} of the first client's answers"
+        first = bytearray(greedy.recv(262144))
+        assert first.count(b"HTTP/1.1 200 ") < PIPELINED, "all the first client's answers came at once: nothing was shown"
+        asking = time.monotonic()
+        for _ in range(ASKS):
+            other.sendall(request)
+            read_answers(other, 1)
+        asked = time.monotonic() - asking
+        read_answers(greedy, PIPELINED, first)
+        took = time.monotonic() - started
+        assert asked < took / 5, f"the other client's {ASKS} answers took {asked * 1000:.0f} ms, the first client's {PIPELINED} took {took * 1000:.0f} ms"
     finally:
         server.stop()
 
 
 def read_answers(conn: ssl.SSLSocket, count: int, into: bytearray | None = None) -> bytearray:
-    """Read ``count`` /healthz answers (200, body "ok\\n") from ``conn`` into ``into`` as they come; what was read."""
+    """Read from ``conn`` until ``into`` (or a new buffer) holds ``count`` /healthz answers (200, body "ok\\n")."""
     data = bytearray() if into is None else into
-    while data.count(b"HTTP/1.1 200 ") < count or not data.endswith(b"ok\n"):
-        chunk = conn.recv(65536)
-        assert chunk, f"connection closed after {data.count(b'HTTP/1.1 200 ')} answers"
+    marker, found = b"HTTP/1.1 200 ", data.count(b"HTTP/1.1 200 ")
+    while found < count or not data.endswith(b"ok\n"):
+        chunk = conn.recv(262144)
+        assert chunk, f"connection closed after {found} answers"
+        found += (data[-len(marker) + 1 :] + chunk).count(marker)  # a marker split between reads counts once
         data += chunk
     return data
