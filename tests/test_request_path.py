@@ -129,11 +129,10 @@ def test_a_client_with_requests_queued_does_not_keep_the_worker_from_the_others(
     other connections go before its next request is read. With gevent.sleep(0) instead, the hub resumed it
     before polling the others, and the 10 answers took 44-49% of that time, waiting on the first client's."""
     server = serve(pki_dir, tmp_path, workers=1)
+    context = ssl.create_default_context(cafile=str(server.ca_file))
+    greedy, other = (context.wrap_socket(socket.socket(), server_hostname="127.0.0.1") for _ in range(2))
     try:
-        context = ssl.create_default_context(cafile=str(server.ca_file))
-        greedy, other = socket.socket(), socket.socket()
         greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # room for its answers, read at the end
-        greedy, other = (context.wrap_socket(s, server_hostname="127.0.0.1") for s in (greedy, other))
         for conn in (greedy, other):
             conn.settimeout(30)
             conn.connect(("127.0.0.1", server.port))
@@ -153,6 +152,8 @@ def test_a_client_with_requests_queued_does_not_keep_the_worker_from_the_others(
         took = time.monotonic() - started
         assert asked < took / 5, f"the other client's {ASKS} answers took {asked * 1000:.0f} ms, the first client's {PIPELINED} took {took * 1000:.0f} ms"
     finally:
+        greedy.close()
+        other.close()
         server.stop()
 
 
