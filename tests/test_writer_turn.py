@@ -2,6 +2,8 @@
 
 import fcntl
 import os
+import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -10,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from est_app.config import DatabaseSettings
-from est_app.store import Store
+from est_app.store import Store, UserExists
 from est_app.store.engine import Checkpointer, WriterTurn
 
 
@@ -58,6 +60,68 @@ def test_each_process_takes_its_turn_on_a_descriptor_of_its_own(tmp_path):
 
 
 
+# --- one connection for a process's writes (est_app.store.engine.WriteConnection) ---
+
+
+def checkouts(store: Store) -> list[int]:
+    """A list that grows by one with each connection the store's pool hands this thread from now on
+    (not the checkpoint thread's)."""
+    handed, here = [], threading.get_ident()
+    sa.event.listen(store.engine.pool, "checkout", lambda *_args: handed.append(1) if threading.get_ident() == here else None)
+    return handed
+
+
+def test_a_process_writes_through_one_connection(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'est.db'}")
+    store.create_schema()
+    handed = checkouts(store)
+    for number in range(20):
+        store.add_user(f"user{number}", "hash")
+    assert len(handed) == 0  # the connection the schema was written through serves them all
+    assert len(store.list_users()) == 20
+
+
+def test_a_write_whose_transaction_failed_leaves_the_next_a_fresh_connection(tmp_path):
+    database = tmp_path / "est.db"
+    store = Store(f"sqlite:///{database}", DatabaseSettings(statement_timeout=1))
+    store.create_schema()
+    store.add_user("before", "hash")
+    handed = checkouts(store)
+    with pytest.raises(UserExists):  # fails inside its transaction
+        store.add_user("before", "hash")
+    other = sqlite3.connect(database, isolation_level=None)  # another program holds SQLite's write lock
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sa.exc.OperationalError, match="database is locked"):  # fails to begin at all
+        store.add_user("refused", "hash")
+    other.execute("ROLLBACK")
+    other.close()
+    store.add_user("after", "hash")
+    store.add_user("later", "hash")
+    assert len(handed) == 2  # a fresh one after each failure (the second never began), then kept
+    assert [u.name for u in store.list_users()] == ["after", "before", "later"]
+
+
+def test_a_forked_process_writes_through_a_connection_of_its_own(tmp_path):
+    database = tmp_path / "est.db"
+    store = Store(f"sqlite:///{database}")
+    store.create_schema()
+    store.add_user("parent-before", "hash")
+    child = os.fork()
+    if child == 0:
+        try:
+            store.add_user("child", "hash")
+            os._exit(0 if store.get_user("child") is not None else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.add_user("parent-after", "hash")
+    assert [u.name for u in store.list_users()] == ["child", "parent-after", "parent-before"]
+    check = sqlite3.connect(database)
+    assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    check.close()
+
+
 def log_frames(database: str) -> tuple[int, int]:
     """(frames in the write-ahead log, frames of it copied into the file), from the log's index in
     ``<file>-shm`` (sqlite.org/walformat.html: mxFrame at byte 16, nBackfill at byte 96)."""
@@ -103,6 +167,47 @@ def test_the_log_starts_afresh_while_writes_go_on(tmp_path):
         number += 1
         frames.append(log_frames(database)[0])
     assert max(frames) > frames[-1] + 50, f"the log only grew: {frames[::50]}"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs to fill (mounting needs root, as CI runs)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_a_checkpoint_that_fails_is_logged_once_and_so_is_its_recovery(small_disk, caplog):
+    """A failed checkpoint leaves the log growing: the operator hears of it, once, not at every try."""
+    database = str(small_disk / "est.db")
+    store = Store(f"sqlite:///{database}")
+    store.create_schema()
+    checkpointer = store._write_lock.checkpointer
+    for number in range(40):  # the log's file grows to hold ~160 KB, then is all copied into the file
+        store.add_user(f"first{number:02d}", "h" * 4000)
+    checkpointer.checkpoint()
+    assert log_frames(database)[1] == log_frames(database)[0]
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # the disk full: the log's file has room for new pages, the database none
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+    for number in range(8):
+        store.add_user(f"second{number}", "h" * 4000)
+    for _ in range(3):
+        checkpointer.checkpoint()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "est_app.store.engine"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"cannot checkpoint {database}: database or disk is full"), warnings
+    filler.unlink()
+    checkpointer.checkpoint()
+    checkpointer.checkpoint()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "est_app.store.engine"]
+    assert warnings[1:] == [f"checkpoints of {database} succeed again"]
+    assert log_frames(database)[1] == log_frames(database)[0]  # all of it copied in the end
+    assert len(store.list_users()) == 48
 
 
 def test_a_process_forked_while_a_thread_holds_the_turn_takes_turns_of_its_own(tmp_path):

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 from ..config import DatabaseSettings
 from . import migrations
 from .batch import GroupCommit, is_deadlock
-from .engine import create_engine, writer_turn
+from .engine import WriteConnection, create_engine, sqlite_file, writer_turn
 from .records import (  # the store's records and errors, re-exported
     AlreadyIssued,
     AlreadyRevoked,
@@ -72,6 +72,8 @@ class Store:
         # SQLite: threads and processes take turns here rather than in SQLite's busy handler, which
         # sleeps 1, 2, 5, 10 ... 100 ms between retries (engine.WriterTurn). PostgreSQL locks rows instead.
         self._write_lock = writer_turn(self.engine, settings.statement_timeout)
+        # A SQLite file's writers share one connection (engine.WriteConnection); PostgreSQL's run side by side.
+        self._write_connection = WriteConnection(self.engine) if sqlite_file(self.engine) else None
         self._reads = _RequestReads(self.engine.dialect)
         self._certificate_writes = GroupCommit(self._write)  # enrollments commit together (est_app/store/batch.py)
         self._enrollment = _EnrollmentStatements(self.engine.dialect)
@@ -79,8 +81,9 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         """A write transaction (BEGIN IMMEDIATE on SQLite), one per process at a time."""
-        with self._write_lock, self._writer.begin() as conn:
-            yield conn
+        with self._write_lock:
+            with self._write_connection.transaction() if self._write_connection else self._writer.begin() as conn:
+                yield conn
 
     def create_schema(self) -> None:
         """At start-up: create the schema at head in an empty database; refuse (SchemaOutdated) any other not at head.

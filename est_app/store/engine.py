@@ -6,24 +6,28 @@ statement (lock waits included) after ``statement_timeout``; SQLite waits at
 most ``statement_timeout`` for a lock. Pooled connections are pinged before
 use, so a restarted PostgreSQL is used again without restarting est_app.
 On SQLite the processes sharing a file also take turns at writing through a
-lock file beside it (:class:`WriterTurn`), and the write-ahead log is copied
-into the file on a thread of each writing process (:class:`Checkpointer`), not
-in the commit of whichever write filled it.
+lock file beside it (:class:`WriterTurn`), each process writing through one
+connection (:class:`WriteConnection`), and the write-ahead log is copied into
+the file on a thread of each writing process (:class:`Checkpointer`), not in
+the commit of whichever write filled it.
 """
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from contextlib import nullcontext
-from typing import Optional
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Optional
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from .. import hub
+
+log = logging.getLogger(__name__)
 
 
 def create_engine(url: str, password: Optional[str] = None, connect_timeout: int = 5, statement_timeout: int = 10) -> Engine:
@@ -205,7 +209,8 @@ class Checkpointer:
     that kept appending, every checkpoint copied all it found, yet the log never started
     afresh (the next writer restarts it only when it finds it all copied) and grew to 90 MB
     in a 5 s run. The thread ends after ``IDLE`` seconds without a write; the next write
-    starts another.
+    starts another. A checkpoint that fails (a full disk) leaves the log growing: the first
+    failure is logged as a warning, and so is the first success after it.
     """
 
     INTERVAL = 0.5  # seconds between checkpoints: a few thousand pages at most under full load
@@ -219,7 +224,7 @@ class Checkpointer:
     def forked(self) -> None:
         """Fresh state, at creation and in a child just forked: the parent's thread is not there."""
         self._condition = threading.Condition()
-        self._due = self._running = False
+        self._due = self._running = self._failing = False
 
     def written(self) -> None:
         """A write was committed: checkpoint within ``INTERVAL``."""
@@ -263,10 +268,63 @@ class Checkpointer:
                 cursor.close()
             finally:
                 connection.close()  # back to the pool
-        except (sqlite3.Error, sa.exc.DBAPIError):
-            pass
+        except (sqlite3.Error, sa.exc.DBAPIError) as exc:
+            if not self._failing:
+                log.warning("cannot checkpoint %s: %s; its write-ahead log grows until a checkpoint succeeds", engine.url.database, exc)
+            self._failing = True
+        else:
+            if self._failing:
+                log.warning("checkpoints of %s succeed again", engine.url.database)
+            self._failing = False
         finally:
             self._turn.release()
+
+
+class WriteConnection:
+    """SQLite: the one connection a process's write transactions run on, one after another.
+
+    They take turns anyway (:class:`WriterTurn`), so a connection from the pool for each
+    cost only its check-out and the rollback that resets it on return: about 3% of an
+    enrollment's instructions (``tests/benchmarks/bench_instructions.py``). A transaction
+    that raised gives its connection back and the next one connects afresh, so a failure
+    leaves no state behind; so does a forked child, and ``engine.dispose()`` renews it
+    with the pool's. Use it only within the turn.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._connection: Optional[Connection] = None
+        self._parents: Optional[Connection] = None
+        self._pid = 0
+        self._disposed = False
+        sa.event.listen(engine, "engine_disposed", self._dispose)
+
+    def _dispose(self, _engine: Engine) -> None:
+        self._disposed = True  # given back at the next transaction: a write may be using it now
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction on the shared connection, as ``engine.begin()``'s."""
+        if self._pid != os.getpid():
+            # The first, or the first in a forked child, where the connection is the parent's: left untouched, as
+            # closing it would drop this process's locks on the file (sqlite.org/howtocorrupt.html, 2.6).
+            self._parents, self._connection, self._pid = self._connection, None, os.getpid()
+        if self._disposed:
+            self._disposed = False
+            self._give_back()
+        if self._connection is None:
+            self._connection = self._engine.connect().execution_options(est_write=True)
+        try:
+            with self._connection.begin():
+                yield self._connection
+        except BaseException:
+            self._give_back()
+            raise
+
+    def _give_back(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 _turns: "weakref.WeakSet[WriterTurn]" = weakref.WeakSet()
