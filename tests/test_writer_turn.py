@@ -59,7 +59,6 @@ def test_each_process_takes_its_turn_on_a_descriptor_of_its_own(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-
 # --- one connection for a process's writes (est_app.store.engine.WriteConnection) ---
 
 
@@ -97,7 +96,7 @@ def test_a_write_whose_transaction_failed_leaves_the_next_a_fresh_connection(tmp
     other.close()
     store.add_user("after", "hash")
     store.add_user("later", "hash")
-    assert len(handed) == 2  # a fresh one after each failure (the second never began), then kept
+    assert len(handed) == 2  # a fresh connection after each of the two failures, then kept
     assert [u.name for u in store.list_users()] == ["after", "before", "later"]
 
 
