@@ -40,8 +40,6 @@ COLLECTED = re.compile(r"Collected : (\d+)")
 
 def count(config: Path, what: str, repeats: int, warmup: int) -> int:
     """Instructions valgrind counted in a child that does ``warmup`` then ``repeats`` of ``what``."""
-    if shutil.which("valgrind") is None:
-        raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     command = [
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
         sys.executable, "-m", "tests.benchmarks.bench_instructions", "--child", what, str(config), str(warmup), str(repeats),
@@ -135,6 +133,8 @@ def main() -> None:
         what, config, warmup, repeats = args.child
         child(what, Path(config), int(warmup), int(repeats))
         return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as work:
         pki_dir = Path(work) / "pki"
         init_pki(pki_dir)
