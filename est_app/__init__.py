@@ -13,12 +13,11 @@ import os
 import sys
 import threading
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
-from flask import Flask, g
+from flask import Flask
 from sqlalchemy.exc import OperationalError
 
 from . import cli, errors, est, health, metrics
@@ -99,10 +98,6 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     init_rate_limit(app, settings.rate_limit)
     metrics.init_app(app)
     health.init_app(app)
-
-    @app.before_request
-    def _request_id() -> None:
-        g.request_id = uuid.uuid4().hex[:16]
 
     app.before_request(schema.retry)
 

@@ -12,7 +12,7 @@ path without its own), JSON for the admin API, an HTML page for the dashboard.
 from __future__ import annotations
 
 import logging
-import uuid
+import secrets
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
@@ -127,7 +127,7 @@ def describe(exc: BaseException) -> ErrorDescription:
     database unreachable: :class:`ServiceUnavailable`) is one more branch here.
     """
     if isinstance(exc, ESTError):
-        log.info("refused %s %s: %s", g.get("request_id", "-"), exc.status, exc.message)
+        log.info("refused %s %s: %s", request_id(), exc.status, exc.message)
         return ErrorDescription(exc.status, exc.message, dict(exc.headers))
     if isinstance(exc, RequestEntityTooLarge):
         limit = current_app.config["MAX_CONTENT_LENGTH"]
@@ -137,11 +137,17 @@ def describe(exc: BaseException) -> ErrorDescription:
         return ErrorDescription(exc.code or 500, f"{exc.name}: {exc.description}", headers)
     if isinstance(exc, OperationalError):
         # Down, restarting, unreachable, locked or timed out: not a fault of ours or the client's. Details to the log.
-        log.warning("database unavailable, request id %s: %s", g.get("request_id", "-"), " ".join(str(exc.orig or exc).split())[:300])
+        log.warning("database unavailable, request id %s: %s", request_id(), " ".join(str(exc.orig or exc).split())[:300])
         return describe(ServiceUnavailable("the database is unavailable; try again later", retry_after=10))
-    request_id = g.get("request_id") or uuid.uuid4().hex[:16]
-    log.error("internal error, request id %s", request_id, exc_info=exc)
-    return ErrorDescription(500, f"Internal server error (request id {request_id}); the operator's log has details", {})
+    log.error("internal error, request id %s", request_id(), exc_info=exc)
+    return ErrorDescription(500, f"Internal server error (request id {request_id()}); the operator's log has details", {})
+
+
+def request_id() -> str:
+    """This request's id, in its log lines (an issue, a refusal, a fault) and a 500's message; made at first use, as most requests log none."""
+    if "request_id" not in g:
+        g.request_id = secrets.token_hex(8)
+    return g.request_id
 
 
 def text_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

@@ -8,6 +8,7 @@ The immediate peer stays available as ``environ["est.peer_addr"]``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Iterable
 
@@ -29,6 +30,7 @@ def in_networks(address: str | None, networks: list[Network]) -> bool:
     return any(ip in network for network in networks)
 
 
+@functools.lru_cache(maxsize=4096)  # every request with a password asks; a gateway asks for its one address
 def client_key(address: str) -> str:
     """What counts as one client when counting by address: an IPv6 client by its /64 (the block
     one host usually holds), an IPv4-mapped one by its IPv4 address; text that is no address as is."""

@@ -69,10 +69,15 @@ NEXT_TURN = 1e-6
 
 
 class BodyWithDeadline:
-    """A request body (gunicorn's ``wsgi.input``) whose reads fail with 408 once ``deadline`` has passed."""
+    """A request body (gunicorn's ``wsgi.input``) whose reads fail with 408 once ``deadline`` has passed.
+
+    Once read to its end, further reads (gunicorn's and :meth:`ESTWorker.drain`'s, after every
+    request) answer ``b""`` at once, without setting a timer.
+    """
 
     def __init__(self, body, deadline: float, timeout: int) -> None:
         self.body, self.deadline, self.timeout = body, deadline, timeout
+        self.ended = False
 
     @property
     def failed(self) -> bool:
@@ -80,12 +85,18 @@ class BodyWithDeadline:
         return getattr(self.body, "failed", False)
 
     def read(self, size=None) -> bytes:
+        if self.ended:
+            return b""
         remaining = self.deadline - time.monotonic()
-        error = RequestTimeout(f"request body not received within {self.timeout} s (server.body_timeout)")
-        if remaining <= 0:
-            raise error
-        with gevent.Timeout(remaining, error):
-            return self.body.read(size)
+        data = None
+        if remaining > 0:
+            with gevent.Timeout(remaining, False):
+                data = self.body.read(size)
+        if data is None:
+            raise RequestTimeout(f"request body not received within {self.timeout} s (server.body_timeout)")
+        if size is None or size < 0 or len(data) < size:  # gunicorn's Body returns less only at the end
+            self.ended = True
+        return data
 
 
 class UnreadableBody(io.RawIOBase):

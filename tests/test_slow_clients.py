@@ -15,6 +15,11 @@ import sys
 import time
 
 import pytest
+from gunicorn.http.body import Body, LengthReader
+from gunicorn.http.unreader import IterUnreader
+from werkzeug.exceptions import RequestTimeout
+
+from est_app.worker import BodyWithDeadline
 
 from .conftest import PASSWORD, USER, run_cli
 from .server import RunningServer, start_server
@@ -79,6 +84,19 @@ def test_each_kind_of_slow_client_is_cut_at_its_deadline(strict_server):
     assert 2.5 <= slow_body <= 3 + 4
     assert attack.answers["slow_body"][0].startswith(b"HTTP/1.1 408 ")  # told why, then closed
     assert strict_server.alive()
+
+
+def test_a_body_read_to_its_end_answers_the_reads_after_it_at_once():
+    """gunicorn and the worker read again after every request: past the end nothing waits, so no deadline applies."""
+    body = BodyWithDeadline(Body(LengthReader(IterUnreader([b"MIIB", b"AAAA"]), 8)), time.monotonic() + 0.05, 1)
+    assert body.read(65) == b"MIIBAAAA"
+    time.sleep(0.06)
+    assert body.read(8192) == b"" and body.read() == b""
+    unfinished = BodyWithDeadline(Body(LengthReader(IterUnreader([b"MIIB"]), 8)), time.monotonic() + 0.05, 1)
+    assert unfinished.read(4) == b"MIIB"
+    time.sleep(0.06)
+    with pytest.raises(RequestTimeout, match="server.body_timeout"):
+        unfinished.read(4)
 
 
 def test_a_connection_that_never_starts_tls_is_closed_at_the_head_deadline(strict_server):

@@ -121,6 +121,77 @@ def test_a_forked_process_writes_through_a_connection_of_its_own(tmp_path):
     check.close()
 
 
+# --- each thread's reads on a connection of its own (est_app.store.engine.ReadConnections) ---
+
+
+def test_a_thread_reads_through_one_connection_that_sees_every_commit_at_once(tmp_path):
+    database = tmp_path / "est.db"
+    store = Store(f"sqlite:///{database}")
+    store.create_schema()
+    handed = checkouts(store)
+    other = sqlite3.connect(database, isolation_level=None)  # another program writing the file
+    for number in range(10):
+        store.add_user(f"user{number}", "hash")
+        other.execute("INSERT INTO users (name, password_hash, role, created_at) VALUES (?, 'hash', 'est', '2026-01-01')", (f"other{number}",))
+        assert store.get_user(f"user{number}") is not None and store.get_user(f"other{number}") is not None
+    assert len(handed) == 1  # the first read's, kept for the rest
+    # No read leaves a snapshot open: a checkpoint can copy the whole log and start it afresh.
+    assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    other.close()
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(store.get_user("user3")))
+    counted = []
+    sa.event.listen(store.engine.pool, "checkout", lambda *_args: counted.append(threading.get_ident()))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] is not None and counted == [thread.ident]  # another thread reads on a connection of its own
+
+
+def test_a_read_that_failed_and_a_disposed_engine_leave_the_next_read_a_fresh_connection(tmp_path):
+    database = tmp_path / "est.db"
+    store = Store(f"sqlite:///{database}")
+    store.create_schema()
+    store.add_user("kept", "hash")
+    handed = checkouts(store)
+    store.engine.dispose()
+    assert store.get_user("kept") is not None and store.get_user("kept") is not None
+    assert len(handed) == 1
+    other = sqlite3.connect(database, isolation_level=None)
+    other.execute("ALTER TABLE users RENAME TO users_away")
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError, match="no such table"):
+            store.get_user("kept")
+    other.execute("ALTER TABLE users_away RENAME TO users")
+    other.close()
+    assert store.get_user("kept") is not None and store.get_user("kept") is not None
+    assert len(handed) == 3  # after the dispose and after each failure, a fresh one, then kept
+
+
+def test_a_forked_process_reads_through_a_connection_of_its_own(tmp_path):
+    database = tmp_path / "est.db"
+    store = Store(f"sqlite:///{database}")
+    store.create_schema()
+    store.add_user("before", "hash")
+    assert store.get_user("before") is not None  # the parent's read connection is open
+    assert len(store.list_users()) == 1  # and its pool holds one of its connections
+    child = os.fork()
+    if child == 0:
+        try:
+            connected, here = [], threading.get_ident()  # connections this thread opened, none of the parent's reused
+            sa.event.listen(store.engine, "connect", lambda *_args: connected.append(1) if threading.get_ident() == here else None)
+            store.add_user("child", "hash")
+            os._exit(0 if store.get_user("child") is not None and len(connected) == 2 else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    handed = checkouts(store)
+    assert store.get_user("child") is not None and len(handed) == 0  # the parent's, untouched by the child
+    check = sqlite3.connect(database)
+    assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    check.close()
+
+
 def log_frames(database: str) -> tuple[int, int]:
     """(frames in the write-ahead log, frames of it copied into the file), from the log's index in
     ``<file>-shm`` (sqlite.org/walformat.html: mxFrame at byte 16, nBackfill at byte 96)."""

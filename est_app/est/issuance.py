@@ -7,13 +7,13 @@ service's (:mod:`est_app.enrollment`), reached as ``state().enrollment``.
 from __future__ import annotations
 
 from cryptography import x509
-from flask import g, request
+from flask import request
 
 from ..auth import Identity
 from ..ca import load_csr
 from ..encoding import CERTS_ONLY, PKCS10, ESTResponse, decode_body, read_body
 from ..enrollment import Requester
-from ..errors import UnsupportedMediaType
+from ..errors import UnsupportedMediaType, request_id
 from ..profiles import EnrollmentProfile
 from ..state import state
 
@@ -27,7 +27,7 @@ def read_csr() -> x509.CertificateSigningRequest:
 
 def requester(identity: Identity) -> Requester:
     """``identity``, asking from this request's client address."""
-    return Requester(identity.requester, request.remote_addr or "", g.get("request_id", ""))
+    return Requester(identity.requester, request.remote_addr or "", request_id())
 
 
 def certs_only_response(certificate: x509.Certificate, profile: EnrollmentProfile) -> ESTResponse:

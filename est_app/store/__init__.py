@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 from ..config import DatabaseSettings
 from . import migrations
 from .batch import GroupCommit, is_deadlock
-from .engine import WriteConnection, create_engine, sqlite_file, writer_turn
+from .engine import ReadConnections, WriteConnection, create_engine, sqlite_file, writer_turn
 from .records import (  # the store's records and errors, re-exported
     AlreadyIssued,
     AlreadyRevoked,
@@ -75,6 +75,7 @@ class Store:
         # A SQLite file's writers share one connection (engine.WriteConnection); PostgreSQL's run side by side.
         self._write_connection = WriteConnection(self.engine) if sqlite_file(self.engine) else None
         self._reads = _RequestReads(self.engine.dialect)
+        self._read_connections = ReadConnections(self.engine)
         self._certificate_writes = GroupCommit(self._write)  # enrollments commit together (est_app/store/batch.py)
         self._enrollment = _EnrollmentStatements(self.engine.dialect)
 
@@ -126,7 +127,7 @@ class Store:
             raise UserExists(name) from None
 
     def get_user(self, name: str) -> Optional[User]:
-        rows = self._reads.user_by_name.read(self.engine, name=name)
+        rows = self._reads.user_by_name.read(self._read_connections, name=name)
         return User(**rows[0]) if rows else None
 
     def list_users(self) -> list[User]:
@@ -190,7 +191,7 @@ class Store:
         """The back-off counts of one or two subjects (an address, and an account)."""
         first, *rest = subjects
         (second,) = rest or (first,)
-        return [AuthFailures(**row) for row in self._reads.auth_failures.read(self.engine, first=first, second=second)]
+        return [AuthFailures(**row) for row in self._reads.auth_failures.read(self._read_connections, first=first, second=second)]
 
     def record_auth_failure(self, subjects: list[str], forget_before: datetime, delay: Callable[[int], timedelta]) -> list[AuthFailures]:
         """Count one failure for each subject and block it for ``delay(failures)``.
@@ -348,7 +349,7 @@ class Store:
 
     def certificate_status(self, serial: str) -> Optional[tuple[str, Optional[datetime], Optional[str], Optional[str]]]:
         """(status, revoked_at, reason, issuer) of a certificate, or None when unknown (every OCSP request asks)."""
-        rows = self._reads.status_by_serial.read(self.engine, serial=serial)
+        rows = self._reads.status_by_serial.read(self._read_connections, serial=serial)
         return tuple(rows[0].values()) if rows else None
 
     def expiring_certificates(self, before: datetime) -> list[CertificateRecord]:

@@ -7,7 +7,8 @@ most ``statement_timeout`` for a lock. Pooled connections are pinged before
 use, so a restarted PostgreSQL is used again without restarting est_app.
 On SQLite the processes sharing a file also take turns at writing through a
 lock file beside it (:class:`WriterTurn`), each process writing through one
-connection (:class:`WriteConnection`), and the write-ahead log is copied into
+connection (:class:`WriteConnection`), each thread reading through one of its
+own (:class:`ReadConnections`), and the write-ahead log is copied into
 the file on a thread of each writing process (:class:`Checkpointer`), not in
 the commit of whichever write filled it.
 """
@@ -37,13 +38,16 @@ def create_engine(url: str, password: Optional[str] = None, connect_timeout: int
         engine = sa.create_engine(parsed)
         if engine.dialect.name == "sqlite":
             _configure_sqlite(engine, statement_timeout, checkpoint_apart=sqlite_file(engine) is not None)
+        _engines.add(engine)
         return engine
     # connect_args win over the URL's query: keep any options it gives (search_path, ...) before ours.
     options = " ".join(filter(None, (parsed.query.get("options"), f"-c statement_timeout={statement_timeout * 1000}")))
     connect_args = {"connect_timeout": connect_timeout, "options": options}
     if password is not None:
         connect_args["password"] = password
-    return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    _engines.add(engine)
+    return engine
 
 
 def sqlite_file(engine: Engine) -> Optional[str]:
@@ -327,10 +331,82 @@ class WriteConnection:
             connection.close()
 
 
+class ReadConnections:
+    """The connections a request's lone SELECTs run on (:meth:`est_app.store.statements.Compiled.read`).
+
+    On a SQLite file each thread keeps one open: a check-out from the pool and the reset on
+    its return cost more than the statement, about a tenth of an OCSP answer's server CPU
+    (bench_operations). Each SELECT is its own snapshot (the connection is in autocommit), so
+    a commit is seen by the next read. A connection whose read raised is closed, and
+    ``engine.dispose()`` renews them all, each at its thread's next read; a forked child
+    opens its own, leaving the parent's untouched, as :class:`WriteConnection` does. They are
+    the pool's connections, detached from it: its connect hook set them up. Elsewhere
+    (PostgreSQL, whose pool pings a connection before use; SQLite in memory) each read checks
+    one out of the pool.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._pinned = sqlite_file(engine) is not None
+        self._local = threading.local()
+        self._generation = 0
+        self._parents: list = []
+        self._error = engine.dialect.loaded_dbapi.Error
+        sa.event.listen(engine, "engine_disposed", self._dispose)
+
+    def _dispose(self, _engine: Engine) -> None:
+        self._generation += 1
+
+    def fetchall(self, sql: str, parameters) -> list:
+        """The rows of ``sql``; a DBAPI error is raised as the driver's."""
+        if not self._pinned:
+            connection = self._engine.raw_connection()
+            try:
+                return _fetchall(connection, sql, parameters)
+            except self._error:
+                connection.invalidate()  # a connection that failed is not handed out again
+                raise
+            finally:
+                connection.close()  # back to the pool, which ends any transaction the driver began
+        held = getattr(self._local, "held", None)
+        if held is None or held[0] != os.getpid() or held[1] != self._generation:
+            held = self._local.held = self._renew(held)
+        try:
+            return _fetchall(held[2], sql, parameters)
+        except self._error:
+            self._local.held = None
+            held[2].close()
+            raise
+
+    def _renew(self, held: Optional[tuple]) -> tuple:
+        if held is not None:
+            if held[0] != os.getpid():
+                self._parents.append(held[2])  # never closed here (sqlite.org/howtocorrupt.html, 2.6)
+            else:
+                held[2].close()
+        pooled = self._engine.raw_connection()
+        pooled.detach()
+        return os.getpid(), self._generation, pooled.dbapi_connection
+
+
+def _fetchall(connection, sql: str, parameters) -> list:
+    cursor = connection.cursor()
+    try:
+        cursor.execute(sql, parameters)
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
 _turns: "weakref.WeakSet[WriterTurn]" = weakref.WeakSet()
+_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    # The parent's pooled connections are left to it, unclosed (SQLAlchemy's recipe for os.fork()): the
+    # child's pool, and so its write and read connections, connect afresh.
+    for engine in list(_engines):
+        engine.dispose(close=False)
     for turn in list(_turns):
         turn.forked()
 

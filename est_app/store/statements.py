@@ -8,8 +8,8 @@ on the DBAPI connection of a SQLAlchemy transaction (commit and pooling stay SQL
 raises a DBAPI error as SQLAlchemy's (``IntegrityError``, ``OperationalError``), as
 ``Connection.execute`` would; :func:`run_sql` does the same for a statement without parameters
 (the group commit's savepoints, which SQLAlchemy would compile anew each time). :meth:`Compiled.read` runs a lone
-SELECT on a pooled connection without a transaction of SQLAlchemy's: the reads every
-request makes (the user, the back-off counts, a certificate's status for OCSP).
+SELECT without a transaction of SQLAlchemy's, on one of the store's :class:`ReadConnections`:
+the reads every request makes (the user, the back-off counts, a certificate's status for OCSP).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.engine import Connection, Dialect
+
+from .engine import ReadConnections
 
 
 class Compiled:
@@ -52,34 +54,20 @@ class Compiled:
             cursor.close()
         return self._mapped(fetched)
 
-    def read(self, engine: Engine, **params: Any) -> list[dict[str, Any]]:
-        """Run this SELECT alone on a pooled connection (one statement: its own snapshot); the rows, as :meth:`rows`."""
+    def read(self, connections: ReadConnections, **params: Any) -> list[dict[str, Any]]:
+        """Run this SELECT alone on one of ``connections`` (one statement: its own snapshot); the rows, as :meth:`rows`."""
+        bound = self._bound(params)
         try:
-            connection = engine.raw_connection()
-        except self._error as exc:  # the pool hands a failed connect over unwrapped
-            raise sa.exc.DBAPIError.instance(self.sql, params, exc, self._error, dialect=self._dialect) from exc
-        try:
-            cursor = self._cursor(connection, params)
-            try:
-                fetched = cursor.fetchall()
-            finally:
-                cursor.close()
-        except sa.exc.DBAPIError:
-            connection.invalidate()  # a connection that failed is not handed out again
-            raise
-        finally:
-            connection.close()  # back to the pool, which ends any transaction the driver began
+            fetched = connections.fetchall(self.sql, bound)
+        except self._error as exc:  # the pool hands a failed connect over unwrapped too
+            raise sa.exc.DBAPIError.instance(self.sql, bound, exc, self._error, dialect=self._dialect) from exc
         return self._mapped(fetched)
 
     def _run(self, conn: Connection, params: dict[str, Any]):
         return self._cursor(conn.connection.dbapi_connection, params)
 
     def _cursor(self, dbapi_connection, params: dict[str, Any]):
-        values = self._compiled.construct_params(params)
-        for name, process in self._binds:
-            if process is not None:
-                values[name] = process(values[name])
-        bound = tuple(values[name] for name in self._order) if self._order is not None else values
+        bound = self._bound(params)
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, bound)
@@ -87,6 +75,13 @@ class Compiled:
             cursor.close()
             raise sa.exc.DBAPIError.instance(self.sql, bound, exc, self._error, dialect=self._dialect) from exc
         return cursor
+
+    def _bound(self, params: dict[str, Any]):
+        values = self._compiled.construct_params(params)
+        for name, process in self._binds:
+            if process is not None:
+                values[name] = process(values[name])
+        return tuple(values[name] for name in self._order) if self._order is not None else values
 
     def _mapped(self, fetched) -> list[dict[str, Any]]:
         return [{key: convert(value) if convert else value for (key, convert), value in zip(self._columns, row)} for row in fetched]
