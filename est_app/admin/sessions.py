@@ -96,8 +96,8 @@ class StoreSessionInterface(SessionInterface):
         return AdminSession(json.loads(record.data), record.token_hash, record.user_id, record.last_seen, presented=True)
 
     def save_session(self, app: Flask, session: AdminSession, response: Response) -> None:
-        now = utcnow()
         if session.signing_in is not None:
+            now = utcnow()
             if session.stored_hash:
                 self.store.end_session(session.stored_hash)
             token = secrets.token_urlsafe(32)
@@ -115,5 +115,5 @@ class StoreSessionInterface(SessionInterface):
         if not session:  # signed out, or cleared because the account changed
             self.store.end_session(session.stored_hash)
             response.delete_cookie(COOKIE, path=COOKIE_PATH, secure=True, httponly=True, samesite="Strict")
-        elif session.modified or now - session.last_seen >= TOUCH_EVERY:
+        elif session.modified or utcnow() - session.last_seen >= TOUCH_EVERY:
             self.store.touch_session(session.stored_hash, json.dumps(dict(session)) if session.modified else None)
