@@ -10,7 +10,9 @@ another greenlet blocks the thread on it. So code shared by both paths asks
 - waits for another writer with a gevent Event (:func:`new_event`) or by polling a
   lock between cooperative sleeps (:class:`Lock`, :func:`sleep`), so the hub keeps serving;
 - runs what takes long without needing the interpreter (a password hash, a key
-  generation) on the hub's thread pool (:func:`off_hub`).
+  generation) on the hub's thread pool (:func:`off_hub`);
+- waits for PostgreSQL's answers cooperatively, and natively everywhere else
+  (:func:`psycopg_waits_by_thread`).
 
 Everywhere else (app threads, the CLI, the Flask test client) these are the
 ordinary threading calls. The worker calls :func:`run_greenlets_here` once, on its
@@ -94,3 +96,27 @@ def sleep(seconds: float) -> None:
     import gevent
 
     gevent.sleep(seconds)
+
+
+def psycopg_waits_by_thread() -> None:
+    """psycopg waits for its socket through gevent on the hub, and through its own C wait on every other thread.
+
+    psycopg picks one wait when it is imported, and in a gevent-patched process that is the
+    patched ``select.poll``, in every thread: an app thread (where PostgreSQL's requests run)
+    then ran a gevent loop of its own for each round trip to the database: 13% of an
+    enrollment's CPU in the worker on PostgreSQL (bench_enroll's load). The C wait releases
+    the interpreter lock while it waits, as a thread should; on the hub, blocking would stop
+    every connection of the worker, so the cooperative wait stays there. Without psycopg's C
+    extension, or where nothing is patched, psycopg's choice stands.
+    """
+    from psycopg import waiting
+
+    native, cooperative = getattr(waiting, "wait_c", None), waiting.wait
+    if native is None or cooperative is native or getattr(cooperative, "by_thread", False):
+        return
+
+    def wait(gen: Any, fileno: int, interval: float = 0.0, timeout: Optional[float] = None) -> Any:
+        return (cooperative if on_hub() else native)(gen, fileno, interval, timeout)
+
+    wait.by_thread = True  # type: ignore[attr-defined]
+    waiting.wait = wait

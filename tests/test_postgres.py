@@ -8,6 +8,8 @@ passphrase file is. A lock held by another transaction costs a writer at most
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -90,3 +92,71 @@ def test_a_held_lock_costs_a_writer_statement_timeout_then_operational_error(mak
         holder.rollback()
         holder.close()
     store.enroll_device(record(), "NPPLOCK1", "renew", "")  # and the lock once released is no obstacle
+
+
+def test_a_thread_reads_through_one_connection_left_idle_and_sees_every_commit(postgres_cluster):
+    """The per-request reads (est_app.store.engine.ReadConnections): no check-out, ping or transaction for each."""
+    url = postgres_cluster.url(postgres_cluster.create_database())
+    store = Store(url)
+    store.create_schema()
+    for number in range(5):
+        store.add_user(f"user{number}", "hash")
+    handed = []
+    sa.event.listen(store.engine.pool, "checkout", lambda *_args: handed.append(1))
+    other = sa.create_engine(url, poolclass=sa.pool.NullPool).connect()  # another host's session
+    for number in range(5):
+        other.execute(sa.text("INSERT INTO users (name, password_hash, role, created_at) VALUES (:name, 'hash', 'est', now())"), {"name": f"other{number}"})
+        other.commit()
+        assert store.get_user(f"user{number}") is not None and store.get_user(f"other{number}") is not None
+    assert len(handed) == 1  # the first read's connection, kept
+    # Each SELECT ran alone (autocommit): no session of the store's is left inside a transaction.
+    waiting = other.execute(sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+    )).scalar_one()
+    assert waiting == 0
+    other.close()
+
+
+# est-server's worker as it reads PostgreSQL: gevent's patches, requests on app threads, the hub beside them.
+PATCHED_WORKER = """
+import sys, threading
+from gevent import monkey
+monkey.patch_all(thread=False)
+import gevent
+from est_app import hub
+from est_app.store import Store
+
+hub.run_greenlets_here()
+store = Store(sys.argv[1])
+store.add_user("gateway", "hash")
+
+ticks = []
+ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0)) for _ in iter(int, 1)])
+for _ in range(20):
+    assert store.get_user("gateway") is not None
+ticker.kill()
+
+iterations = []
+def app_thread():
+    assert store.get_user("gateway") is not None  # connects (cooperatively: a hub of its own)
+    loop = gevent.get_hub().loop
+    before = loop.iteration
+    for _ in range(20):
+        assert store.get_user("gateway") is not None
+    iterations.append(loop.iteration - before)
+thread = threading.Thread(target=app_thread)
+thread.start()
+thread.join()
+print(len(ticks), iterations[0])
+"""
+
+
+def test_reads_wait_for_postgresql_cooperatively_on_the_hub_and_natively_on_app_threads(postgres_cluster):
+    """psycopg's wait under gevent's patches ran a gevent loop on every app thread for each round trip."""
+    url = postgres_cluster.url(postgres_cluster.create_database())
+    Store(url).create_schema()
+    result = subprocess.run([sys.executable, "-c", PATCHED_WORKER, url], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    ticks, iterations = map(int, result.stdout.split())
+    assert ticks >= 20  # the hub's other greenlets ran while its reads waited for the database
+    assert iterations == 0  # the app thread's reads waited in psycopg's C wait, no gevent loop turning

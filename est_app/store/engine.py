@@ -46,6 +46,7 @@ def create_engine(url: str, password: Optional[str] = None, connect_timeout: int
     if password is not None:
         connect_args["password"] = password
     engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    hub.psycopg_waits_by_thread()
     _engines.add(engine)
     return engine
 
@@ -334,20 +335,22 @@ class WriteConnection:
 class ReadConnections:
     """The connections a request's lone SELECTs run on (:meth:`est_app.store.statements.Compiled.read`).
 
-    On a SQLite file each thread keeps one open: a check-out from the pool and the reset on
-    its return cost more than the statement, about a tenth of an OCSP answer's server CPU
-    (bench_operations). Each SELECT is its own snapshot (the connection is in autocommit), so
-    a commit is seen by the next read. A connection whose read raised is closed, and
-    ``engine.dispose()`` renews them all, each at its thread's next read; a forked child
-    opens its own, leaving the parent's untouched, as :class:`WriteConnection` does. They are
-    the pool's connections, detached from it: its connect hook set them up. Elsewhere
-    (PostgreSQL, whose pool pings a connection before use; SQLite in memory) each read checks
-    one out of the pool.
+    On a SQLite file and on PostgreSQL each thread keeps one open, in autocommit: each SELECT is
+    its own snapshot, so a commit is seen by the next read. A check-out from the pool for each
+    read cost more than the statement: on SQLite the reset on return, about a tenth of an OCSP
+    answer's server CPU (bench_operations); on PostgreSQL three more round trips (the pool's
+    ping, the driver's BEGIN, the reset's ROLLBACK). They are the pool's connections, detached
+    from it, so its connect hook set them up (on PostgreSQL one more per thread, beside the
+    pool: docs/HIGH_AVAILABILITY.md). A connection whose read raised is closed; when it had been
+    lost (PostgreSQL restarted) the read is tried once more on a new one, as the pool's ping
+    would have. ``engine.dispose()`` renews them all, each at its thread's next read; a forked
+    child opens its own, leaving the parent's untouched, as :class:`WriteConnection` does.
+    SQLite in memory (one connection for all) reads through the pool.
     """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._pinned = sqlite_file(engine) is not None
+        self._pinned = sqlite_file(engine) is not None or engine.dialect.name == "postgresql"
         self._local = threading.local()
         self._generation = 0
         self._parents: list = []
@@ -368,15 +371,20 @@ class ReadConnections:
                 raise
             finally:
                 connection.close()  # back to the pool, which ends any transaction the driver began
-        held = getattr(self._local, "held", None)
-        if held is None or held[0] != os.getpid() or held[1] != self._generation:
-            held = self._local.held = self._renew(held)
-        try:
-            return _fetchall(held[2], sql, parameters)
-        except self._error:
-            self._local.held = None
-            held[2].close()
-            raise
+        retried = False
+        while True:
+            held = getattr(self._local, "held", None)
+            if held is None or held[0] != os.getpid() or held[1] != self._generation:
+                held = self._local.held = self._renew(held)
+            try:
+                return _fetchall(held[2], sql, parameters)
+            except self._error as exc:
+                self._local.held = None
+                lost = self._engine.dialect.is_disconnect(exc, held[2], None)
+                held[2].close()
+                if retried or not lost:
+                    raise
+                retried = True
 
     def _renew(self, held: Optional[tuple]) -> tuple:
         if held is not None:
@@ -386,7 +394,10 @@ class ReadConnections:
                 held[2].close()
         pooled = self._engine.raw_connection()
         pooled.detach()
-        return os.getpid(), self._generation, pooled.dbapi_connection
+        connection = pooled.dbapi_connection
+        if self._engine.dialect.name == "postgresql":
+            connection.autocommit = True  # SQLite's are already (the connect hook)
+        return os.getpid(), self._generation, connection
 
 
 def _fetchall(connection, sql: str, parameters) -> list:
