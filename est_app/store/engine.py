@@ -4,13 +4,14 @@ A database that is down, restarting or locked must cost a request seconds, not
 a hang: PostgreSQL connections give up after ``connect_timeout`` and each
 statement (lock waits included) after ``statement_timeout``; SQLite waits at
 most ``statement_timeout`` for a lock. Pooled connections are pinged before
-use, so a restarted PostgreSQL is used again without restarting est_app.
-On SQLite the processes sharing a file also take turns at writing through a
-lock file beside it (:class:`WriterTurn`), each process writing through one
-connection (:class:`WriteConnection`), each thread reading through one of its
-own (:class:`ReadConnections`), and the write-ahead log is copied into
-the file on a thread of each writing process (:class:`Checkpointer`), not in
-the commit of whichever write filled it.
+use, and the connections each thread keeps for the reads every request makes
+(:class:`ReadConnections`) are replaced by the read that finds them lost, so a
+restarted PostgreSQL is used again without restarting est_app. On SQLite the
+processes sharing a file also take turns at writing through a lock file beside
+it (:class:`WriterTurn`), each process writing through one connection
+(:class:`WriteConnection`), and the write-ahead log is copied into the file on
+a thread of each writing process (:class:`Checkpointer`), not in the commit of
+whichever write filled it.
 """
 
 import fcntl
@@ -345,12 +346,14 @@ class ReadConnections:
     lost (PostgreSQL restarted) the read is tried once more on a new one, as the pool's ping
     would have. ``engine.dispose()`` renews them all, each at its thread's next read; a forked
     child opens its own, leaving the parent's untouched, as :class:`WriteConnection` does.
-    SQLite in memory (one connection for all) reads through the pool.
+    SQLite in memory (one connection for all) reads through the pool, and so does PostgreSQL on
+    est-server's hub, whose greenlets would share the thread's connection while a read waits.
     """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._pinned = sqlite_file(engine) is not None or engine.dialect.name == "postgresql"
+        self._postgresql = engine.dialect.name == "postgresql"
+        self._pinned = sqlite_file(engine) is not None or self._postgresql
         self._local = threading.local()
         self._generation = 0
         self._parents: list = []
@@ -362,7 +365,7 @@ class ReadConnections:
 
     def fetchall(self, sql: str, parameters) -> list:
         """The rows of ``sql``; a DBAPI error is raised as the driver's."""
-        if not self._pinned:
+        if not self._pinned or (self._postgresql and hub.on_hub()):
             connection = self._engine.raw_connection()
             try:
                 return _fetchall(connection, sql, parameters)
@@ -395,7 +398,7 @@ class ReadConnections:
         pooled = self._engine.raw_connection()
         pooled.detach()
         connection = pooled.dbapi_connection
-        if self._engine.dialect.name == "postgresql":
+        if self._postgresql:
             connection.autocommit = True  # SQLite's are already (the connect hook)
         return os.getpid(), self._generation, connection
 

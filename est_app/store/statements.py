@@ -59,7 +59,7 @@ class Compiled:
         bound = self._bound(params)
         try:
             fetched = connections.fetchall(self.sql, bound)
-        except self._error as exc:  # the pool hands a failed connect over unwrapped too
+        except self._error as exc:  # a failed connect too: the pool hands it over unwrapped
             raise sa.exc.DBAPIError.instance(self.sql, bound, exc, self._error, dialect=self._dialect) from exc
         return self._mapped(fetched)
 
