@@ -144,7 +144,9 @@ def describe(exc: BaseException) -> ErrorDescription:
 
 
 def request_id() -> str:
-    """This request's id, in its log lines (an issue, a refusal, a fault) and a 500's message; made at first use, as most requests log none."""
+    """This request's id, in its log lines (an issue, a refusal, a fault) and a 500's message.
+
+    Made at first use: most requests log none."""
     if "request_id" not in g:
         g.request_id = secrets.token_hex(8)
     return g.request_id

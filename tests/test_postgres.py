@@ -105,7 +105,8 @@ def test_a_thread_reads_through_one_connection_left_idle_and_sees_every_commit(p
     sa.event.listen(store.engine.pool, "checkout", lambda *_args: handed.append(1))
     other = sa.create_engine(url, poolclass=sa.pool.NullPool).connect()  # another host's session
     for number in range(5):
-        other.execute(sa.text("INSERT INTO users (name, password_hash, role, created_at) VALUES (:name, 'hash', 'est', now())"), {"name": f"other{number}"})
+        insert = "INSERT INTO users (name, password_hash, role, created_at) VALUES (:name, 'hash', 'est', now())"
+        other.execute(sa.text(insert), {"name": f"other{number}"})
         other.commit()
         assert store.get_user(f"user{number}") is not None and store.get_user(f"other{number}") is not None
     assert len(handed) == 1  # the first read's connection, kept
@@ -135,7 +136,12 @@ def read_on_the_hub():
         assert store.get_user("gateway") is not None
 
 ticks = []
-ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0)) for _ in iter(int, 1)])
+def tick():
+    while True:
+        ticks.append(1)
+        gevent.sleep(0)
+
+ticker = gevent.spawn(tick)
 readers = [gevent.spawn(read_on_the_hub) for _ in range(4)]  # each on a connection of its own while it waits
 gevent.joinall(readers, raise_error=True)
 ticker.kill()

@@ -132,7 +132,8 @@ def test_a_thread_reads_through_one_connection_that_sees_every_commit_at_once(tm
     other = sqlite3.connect(database, isolation_level=None)  # another program writing the file
     for number in range(10):
         store.add_user(f"user{number}", "hash")
-        other.execute("INSERT INTO users (name, password_hash, role, created_at) VALUES (?, 'hash', 'est', '2026-01-01')", (f"other{number}",))
+        insert = "INSERT INTO users (name, password_hash, role, created_at) VALUES (?, 'hash', 'est', '2026-01-01')"
+        other.execute(insert, (f"other{number}",))
         assert store.get_user(f"user{number}") is not None and store.get_user(f"other{number}") is not None
     assert len(handed) == 1  # the first read's, kept for the rest
     # No read leaves a snapshot open: a checkpoint can copy the whole log and start it afresh.
