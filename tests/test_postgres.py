@@ -95,7 +95,7 @@ def test_a_held_lock_costs_a_writer_statement_timeout_then_operational_error(mak
 
 
 def test_a_thread_reads_through_one_connection_left_idle_and_sees_every_commit(postgres_cluster):
-    """The per-request reads (est_app.store.engine.ReadConnections): no check-out, ping or transaction for each."""
+    """The per-request reads (est_app.store.connections.ReadConnections): no check-out, ping or transaction for each."""
     url = postgres_cluster.url(postgres_cluster.create_database())
     store = Store(url)
     store.create_schema()

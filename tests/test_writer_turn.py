@@ -59,7 +59,7 @@ def test_each_process_takes_its_turn_on_a_descriptor_of_its_own(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-# --- one connection for a process's writes (est_app.store.engine.WriteConnection) ---
+# --- one connection for a process's writes (est_app.store.connections.WriteConnection) ---
 
 
 def checkouts(store: Store) -> list[int]:
@@ -121,7 +121,7 @@ def test_a_forked_process_writes_through_a_connection_of_its_own(tmp_path):
     check.close()
 
 
-# --- each thread's reads on a connection of its own (est_app.store.engine.ReadConnections) ---
+# --- each thread's reads on a connection of its own (est_app.store.connections.ReadConnections) ---
 
 
 def test_a_thread_reads_through_one_connection_that_sees_every_commit_at_once(tmp_path):

@@ -28,7 +28,8 @@ from sqlalchemy.engine import Connection
 from ..config import DatabaseSettings
 from . import migrations
 from .batch import GroupCommit, is_deadlock
-from .engine import ReadConnections, WriteConnection, create_engine, sqlite_file, writer_turn
+from .connections import ReadConnections, WriteConnection
+from .engine import create_engine, sqlite_file, writer_turn
 from .records import (  # the store's records and errors, re-exported
     AlreadyIssued,
     AlreadyRevoked,
@@ -72,7 +73,7 @@ class Store:
         # SQLite: threads and processes take turns here rather than in SQLite's busy handler, which
         # sleeps 1, 2, 5, 10 ... 100 ms between retries (engine.WriterTurn). PostgreSQL locks rows instead.
         self._write_lock = writer_turn(self.engine, settings.statement_timeout)
-        # A SQLite file's writers share one connection (engine.WriteConnection); PostgreSQL's run side by side.
+        # A SQLite file's writers share one connection (connections.WriteConnection); PostgreSQL's run side by side.
         self._write_connection = WriteConnection(self.engine) if sqlite_file(self.engine) else None
         self._reads = _RequestReads(self.engine.dialect)
         self._read_connections = ReadConnections(self.engine)

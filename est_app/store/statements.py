@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 
-from .engine import ReadConnections
+from .connections import ReadConnections
 
 
 class Compiled:
