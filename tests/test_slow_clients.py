@@ -45,11 +45,12 @@ def kernel_refuses_write_execute() -> bool:
     return ctypes.CDLL(None).prctl(PR_GET_MDWE, 0, 0, 0, 0) >= 0
 
 
-def serve(pki_dir, workdir, wrapper=(), trusted_proxies=(), **server) -> RunningServer:
-    """est-server on its own database with the test user, rate limit off (the probe is faster than 20/s)."""
+def serve(pki_dir, workdir, wrapper=(), trusted_proxies=(), settings=None, **server) -> RunningServer:
+    """est-server on its own database with the test user, rate limit off (the probe is faster than 20/s);
+    ``server``: the ``server`` section's settings, ``settings``: other top-level ones."""
     running = start_server(
         pki_dir, workdir, wrapper=wrapper, database={"url": f"sqlite:///{workdir / 'est.db'}"}, rate_limit={"enabled": False}, server=server,
-        trusted_proxies=list(trusted_proxies),
+        trusted_proxies=list(trusted_proxies), **(settings or {}),
     )
     result = run_cli("user", "add", USER, input=PASSWORD + "\n", config=running.config)
     assert result.exit_code == 0, result.output
