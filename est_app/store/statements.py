@@ -26,12 +26,16 @@ class Compiled:
     """``statement`` compiled for ``dialect``; ``column_keys``: the columns an INSERT or UPDATE without values sets."""
 
     def __init__(self, statement: sa.sql.Executable, dialect: Dialect, column_keys: Optional[Sequence[str]] = None) -> None:
-        self._compiled = statement.compile(dialect=dialect, column_keys=column_keys)
-        self.sql = str(self._compiled)
-        self._order = self._compiled.positiontup if self._compiled.positional else None
-        self._binds = [
-            (name, bind.type.dialect_impl(dialect).bind_processor(dialect)) for name, bind in self._compiled.binds.items()
+        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        self.sql = str(compiled)
+        # What construct_params() would work out for every execution, worked out once: for each parameter of
+        # the SQL, in order, the key a caller passes, its name, its bind (a literal's value), its conversion.
+        binds = {name: bind for bind, name in compiled.bind_names.items()}
+        names = compiled.positiontup if compiled.positional else list(binds)
+        self._parameters = [
+            (binds[name].key, name, binds[name], binds[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
         ]
+        self._names = None if compiled.positional else [compiled.escaped_bind_names.get(name, name) for name in names]
         selected = statement.selected_columns if isinstance(statement, sa.sql.Select) else getattr(statement, "_returning", ())
         self._columns = [(column.key, column.type.dialect_impl(dialect).result_processor(dialect, None)) for column in selected]
         self._error = dialect.loaded_dbapi.Error
@@ -77,11 +81,19 @@ class Compiled:
         return cursor
 
     def _bound(self, params: dict[str, Any]):
-        values = self._compiled.construct_params(params)
-        for name, process in self._binds:
-            if process is not None:
-                values[name] = process(values[name])
-        return tuple(values[name] for name in self._order) if self._order is not None else values
+        """The DBAPI parameters for ``params``, as ``construct_params()`` and the types' bind processors make them."""
+        values = []
+        for key, name, bind, process in self._parameters:
+            if key in params:
+                value = params[key]
+            elif name in params:
+                value = params[name]
+            elif bind.required:
+                raise sa.exc.InvalidRequestError(f"A value is required for bind parameter {key!r}")
+            else:
+                value = bind.effective_value
+            values.append(value if process is None else process(value))
+        return tuple(values) if self._names is None else dict(zip(self._names, values))
 
     def _mapped(self, fetched) -> list[dict[str, Any]]:
         return [{key: convert(value) if convert else value for (key, convert), value in zip(self._columns, row)} for row in fetched]
