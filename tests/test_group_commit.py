@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 import sqlalchemy as sa
 
-from est_app.store import DeviceExists, SerialTaken, Store, _lock_device_key, utcnow
+from est_app.store import DeviceExists, SerialTaken, Store, utcnow
 from est_app.store.batch import is_deadlock
 
 from .test_races import only_valid_is_current, record, stores  # noqa: F401 (stores: the fixture)
@@ -142,7 +142,7 @@ def test_two_hosts_batches_waiting_on_each_other_both_commit(stores, database, r
 
     def lock_then_renew(store: Store, locked: str, renewed: str) -> list[Callable[[], object]]:
         def lock(conn) -> None:
-            _lock_device_key(conn, locked)
+            store._enrollment.lock_device_key(conn, locked)
             both_locked.wait(timeout=60)
 
         return [lambda: store._certificate_writes.run(lock), lambda: store.enroll_device(record(cn=renewed), renewed, "renew", "127.0.0.1")]

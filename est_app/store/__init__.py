@@ -274,7 +274,7 @@ class Store:
         hot = self._enrollment
 
         def write(conn: Connection) -> Device:
-            _lock_device_key(conn, device_key)
+            hot.lock_device_key(conn, device_key)
             rows = hot.devices_by_key.rows(conn, device_key=device_key)
             row = next((r for r in rows if r["label"] == record.label), None)
             if row is None and rows:
@@ -538,7 +538,8 @@ _STATUS_BY_SERIAL = sa.select(
 
 
 class _EnrollmentStatements:
-    """The statements of :meth:`Store.enroll_device` and :meth:`Store.replace_certificate`, compiled for a dialect."""
+    """The statements of :meth:`Store.enroll_device` and :meth:`Store.replace_certificate`, compiled for a dialect,
+    and the lock on a device id (approval's requests take it too: est_app/store/requests.py)."""
 
     def __init__(self, dialect: sa.engine.Dialect) -> None:
         device_values = ["last_enrolled", "current_serial", "requester", "client_address"]
@@ -551,6 +552,14 @@ class _EnrollmentStatements:
         self.supersede = Compiled(_SUPERSEDE, dialect)
         self.insert_certificate = Compiled(certificates.insert(), dialect, [c.key for c in certificates.columns])
         self.insert_audit = Compiled(audit_events.insert(), dialect, [c.key for c in audit_events.columns if c.key != "id"])
+        self._advisory_lock = Compiled(_ADVISORY_LOCK, dialect) if dialect.name == "postgresql" else None
+
+    def lock_device_key(self, conn: Connection, device_key: str) -> None:
+        """PostgreSQL: hold, until commit, a lock on the device id on every label, so that two first
+        enrollments of one id (on one label or two) run one after the other. SQLite: BEGIN IMMEDIATE did."""
+        if self._advisory_lock is not None:
+            key = int.from_bytes(hashlib.sha256(b"est_app device " + device_key.encode()).digest()[:8], "big", signed=True)
+            self._advisory_lock.rows(conn, key=key)
 
 
 class _RequestReads:
@@ -599,9 +608,3 @@ def _insert_audit(conn: Connection, event: Optional[AuditEvent]) -> None:
         conn.execute(audit_events.insert(), _audit_values(event))
 
 
-def _lock_device_key(conn: Connection, device_key: str) -> None:
-    """PostgreSQL: hold, until commit, a lock on the device id on every label, so that two first
-    enrollments of one id (on one label or two) run one after the other. SQLite: BEGIN IMMEDIATE did."""
-    if conn.dialect.name == "postgresql":
-        key = int.from_bytes(hashlib.sha256(b"est_app device " + device_key.encode()).digest()[:8], "big", signed=True)
-        conn.execute(_ADVISORY_LOCK, {"key": key}).all()

@@ -15,7 +15,7 @@ from typing import Callable, Optional, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import AuditEvent, Store, _insert_audit, _lock_device_key, utcnow
+from . import AuditEvent, Store, _insert_audit, utcnow
 from .schema import enrollment_requests, inventory
 
 REQUEST_STATUSES = ("pending", "approved", "rejected", "collected", "expired")
@@ -97,7 +97,7 @@ class RequestWriter:
 def settle_request(store: Store, label: str, device_key: str, decide: Callable[[Optional[EnrollmentRequest], RequestWriter], T]) -> T:
     """Run ``decide(newest request of the device on the label or None, writer)`` in one write transaction."""
     with store._write() as conn:
-        _lock_device_key(conn, device_key)
+        store._enrollment.lock_device_key(conn, device_key)
         row = conn.execute(_NEWEST, {"label": label, "device_key": device_key}).first()
         return decide(EnrollmentRequest(**row._mapping) if row else None, RequestWriter(conn))
 
