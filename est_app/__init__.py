@@ -92,7 +92,7 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
         enrollment=enrollment,
         approval=ApprovalService(store, settings.approval, enrollment),
     )
-    app.extensions["est_inline_paths"] = inline_paths(store, authorities)
+    app.extensions["est_inline_paths"] = inline_paths(authorities)
     health.log_expiry_warnings(app.extensions["est_app"])
     errors.register(app)
     init_rate_limit(app, settings.rate_limit)
@@ -109,21 +109,22 @@ def create_app(config: str | os.PathLike | Settings | None = None, defer_ca_key:
     return app
 
 
-def inline_paths(store: Store, authorities: Authorities) -> tuple[str, ...]:
+def inline_paths(authorities: Authorities) -> tuple[str, ...]:
     """Paths whose requests est-server runs on the connection's greenlet, without the hand-off to an app thread.
 
-    Only requests that wait on nothing but this machine, since while one runs no other
-    connection of its worker is served: ``/healthz`` always; and when the store is a local
-    SQLite file and every CA's key is in a file, ``/ocsp`` and the EST operations. There a
-    status read never waits for a writer (WAL), and an enrollment's commit waits for its
-    turn and its batch cooperatively (est_app/hub.py); a password hash or a server-generated
-    key runs on the hub's thread pool. Handing a request to an app thread and back, and the
-    interpreter lock passing between that thread and the hub, cost an enrollment about a
-    third of its server CPU (docs/DEPLOYMENT.md). PostgreSQL's round trips (or its
-    connect timeout while it is down) and a PKCS#11 token's stay on app threads.
+    Only requests whose every wait lets the worker's other connections go on, since while
+    one computes no other connection of its worker is served: ``/healthz`` always; and when
+    every CA's key is in a file, ``/ocsp`` and the EST operations. There an enrollment's
+    commit waits for its turn and its batch cooperatively, and so do PostgreSQL's round
+    trips, its connects (or their timeout while it is down) and its pool (est_app/hub.py); a
+    password hash or a server-generated key runs on the hub's thread pool. Handing a request
+    to an app thread and back, and the interpreter lock passing between that thread and the
+    hub, cost an enrollment about a third of its server CPU on SQLite and a fifth on
+    PostgreSQL (docs/DEPLOYMENT.md). A PKCS#11 token's calls block, so with a key in one
+    these requests stay on app threads.
     """
     paths = ["/healthz"]
-    if store.engine.dialect.name == "sqlite" and all(ca.key is None for ca in authorities.settings.values()):
+    if all(ca.key is None for ca in authorities.settings.values()):
         paths += ["/ocsp", "/.well-known/est"]
     return tuple(paths)
 

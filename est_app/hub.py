@@ -9,10 +9,12 @@ another greenlet blocks the thread on it. So code shared by both paths asks
 
 - waits for another writer with a gevent Event (:func:`new_event`) or by polling a
   lock between cooperative sleeps (:class:`Lock`, :func:`sleep`), so the hub keeps serving;
+  and for one of a few shared connections with a gevent semaphore (:func:`new_semaphore`);
 - runs what takes long without needing the interpreter (a password hash, a key
   generation) on the hub's thread pool (:func:`off_hub`);
 - waits for PostgreSQL's answers cooperatively, and natively everywhere else
-  (:func:`psycopg_waits_by_thread`).
+  (:func:`psycopg_waits_by_thread`), and for a connection from its pool by polling
+  (est_app/store/engine.py, ``HubPool``).
 
 Everywhere else (app threads, the CLI, the Flask test client) these are the
 ordinary threading calls. The worker calls :func:`run_greenlets_here` once, on its
@@ -50,6 +52,17 @@ def new_event() -> Any:
 
         return Event()
     return threading.Event()
+
+
+def new_semaphore(value: int) -> Any:
+    """A semaphore of ``value`` for the caller to wait on: gevent's on the hub (the wait lets other greenlets run), else threading's.
+
+    Only greenlets of the hub's thread may take gevent's."""
+    if on_hub():
+        from gevent.lock import BoundedSemaphore
+
+        return BoundedSemaphore(value)
+    return threading.BoundedSemaphore(value)
 
 
 class Lock:
@@ -102,8 +115,8 @@ def psycopg_waits_by_thread() -> None:
     """psycopg waits for its socket through gevent on the hub, and through its own C wait on every other thread.
 
     psycopg picks one wait when it is imported, and in a gevent-patched process that is the
-    patched ``select.poll``, in every thread: an app thread (where PostgreSQL's requests run)
-    then ran a gevent loop of its own for each round trip to the database: 13% of an
+    patched ``select.poll``, in every thread: an app thread (where PostgreSQL's requests ran
+    then) ran a gevent loop of its own for each round trip to the database: 13% of an
     enrollment's CPU in the worker on PostgreSQL (bench_enroll's load). The C wait releases
     the interpreter lock while it waits, as a thread should; on the hub, blocking would stop
     every connection of the worker, so the cooperative wait stays there. Without psycopg's C

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from est_app.config import ConfigError, DatabaseSettings, parse_config
 from est_app.store import Store
+from est_app.store.connections import ReadConnections
 from est_app.store.schema import devices
 
 from .conftest import open_store
@@ -120,10 +121,11 @@ def test_a_thread_reads_through_one_connection_left_idle_and_sees_every_commit(p
 
 # est-server's worker as it reads PostgreSQL: gevent's patches, requests on app threads, the hub beside them.
 PATCHED_WORKER = """
-import sys, threading
+import sys, threading, time
 from gevent import monkey
 monkey.patch_all(thread=False)
 import gevent
+import sqlalchemy as sa
 from est_app import hub
 from est_app.store import Store
 
@@ -141,9 +143,26 @@ def tick():
         ticks.append(1)
         gevent.sleep(0)
 
+def sessions():  # the database's client sessions, counted from one more
+    with sa.create_engine(sys.argv[1], poolclass=sa.pool.NullPool).connect() as other:
+        return other.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend'"
+        )).scalar_one() - 1
+
 ticker = gevent.spawn(tick)
-readers = [gevent.spawn(read_on_the_hub) for _ in range(4)]  # each on a connection of its own while it waits
+before = sessions()  # the pool's connection that added the user
+readers = [gevent.spawn(read_on_the_hub) for _ in range(8)]  # more than the hub's read connections: the rest wait their turn
 gevent.joinall(readers, raise_error=True)
+reading = sessions() - before
+
+def hold_a_pooled_connection():  # past the pool's 15 (5 + 10 overflow): those after wait for one, cooperatively
+    with store.engine.connect() as connection:
+        connection.execute(sa.text("SELECT pg_sleep(0.2)"))
+
+started = time.monotonic()
+holders = [gevent.spawn(hold_a_pooled_connection) for _ in range(20)]
+gevent.joinall(holders, raise_error=True)
+pooled = time.monotonic() - started
 ticker.kill()
 
 iterations = []
@@ -157,17 +176,21 @@ def app_thread():
 thread = threading.Thread(target=app_thread)
 thread.start()
 thread.join()
-print(len(ticks), iterations[0])
+print(len(ticks), iterations[0], reading, pooled)
 """
 
 
 def test_reads_wait_for_postgresql_cooperatively_on_the_hub_and_natively_on_app_threads(postgres_cluster):
     """psycopg's wait under gevent's patches ran a gevent loop on every app thread for each round trip;
-    on the hub, greenlets reading at once must not share one connection (a blocked thread, for good)."""
+    on the hub, greenlets reading at once must not share one connection (a blocked thread, for good),
+    and a greenlet waiting for a pooled connection must not block the thread that its holders need."""
     url = postgres_cluster.url(postgres_cluster.create_database())
     Store(url).create_schema()
     result = subprocess.run([sys.executable, "-c", PATCHED_WORKER, url], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    ticks, iterations = map(int, result.stdout.split())
-    assert ticks >= 20  # the hub's other greenlets ran while its reads waited for the database (none blocked it)
-    assert iterations == 0  # the app thread's reads waited in psycopg's C wait, no gevent loop turning
+    ticks, iterations, reading, pooled = result.stdout.split()
+    assert int(ticks) >= 20  # the hub's other greenlets ran while its reads waited for the database (none blocked it)
+    assert int(iterations) == 0  # the app thread's reads waited in psycopg's C wait, no gevent loop turning
+    assert 1 <= int(reading) <= ReadConnections.HUB_READERS  # eight readers at once, on the hub's few connections
+    # Two rounds of pg_sleep(0.2): QueuePool's own wait blocked the thread until its 30 s timeout.
+    assert float(pooled) < 5

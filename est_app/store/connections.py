@@ -11,7 +11,7 @@ parent in a forked child (est_app/store/engine.py disposes the child's pool).
 import os
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -76,19 +76,25 @@ class ReadConnections:
     answer's server CPU (bench_operations); on PostgreSQL three more round trips (the pool's
     ping, the driver's BEGIN, the reset's ROLLBACK). They are the pool's connections, detached
     from it, so its connect hook set them up (on PostgreSQL one more per thread, beside the
-    pool: docs/HIGH_AVAILABILITY.md). A connection whose read raised is closed; when it had been
-    lost (PostgreSQL restarted) the read is tried once more on a new one, as the pool's ping
-    would have. ``engine.dispose()`` renews them all, each at its thread's next read; a forked
-    child opens its own, leaving the parent's untouched, as :class:`WriteConnection` does.
-    SQLite in memory (one connection for all) reads through the pool, and so does PostgreSQL on
-    est-server's hub, whose greenlets would share the thread's connection while a read waits.
+    pool: docs/HIGH_AVAILABILITY.md). On est-server's hub, whose greenlets would share the
+    thread's connection while a read waits, PostgreSQL's reads take one of ``HUB_READERS``
+    connections kept in common, one greenlet at a time each (more wait for one, cooperatively).
+    A connection whose read raised is closed; when it had been lost (PostgreSQL restarted) the
+    read is tried once more on a new one, as the pool's ping would have. ``engine.dispose()``
+    renews them all, each at its next read; a forked child opens its own, leaving the parent's
+    untouched, as :class:`WriteConnection` does. SQLite in memory (one connection for all)
+    reads through the pool.
     """
+
+    HUB_READERS = 2  # a read takes a fraction of a millisecond: two serve a worker's reads at thousands a second
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._postgresql = engine.dialect.name == "postgresql"
         self._pinned = sqlite_file(engine) is not None or self._postgresql
         self._local = threading.local()
+        self._hub_idle: list[tuple] = []  # (pid, generation, connection) not reading now
+        self._hub_readers: Optional[Any] = None  # the hub's semaphore, made there at its first read
         self._generation = 0
         self._parents: list = []
         self._error = engine.dialect.loaded_dbapi.Error
@@ -99,7 +105,7 @@ class ReadConnections:
 
     def fetchall(self, sql: str, parameters) -> list:
         """The rows of ``sql``; a DBAPI error is raised as the driver's."""
-        if not self._pinned or (self._postgresql and hub.on_hub()):
+        if not self._pinned:
             connection = self._engine.raw_connection()
             try:
                 return _fetchall(connection, sql, parameters)
@@ -108,33 +114,64 @@ class ReadConnections:
                 raise
             finally:
                 connection.close()  # back to the pool, which ends any transaction the driver began
+        if self._postgresql and hub.on_hub():
+            if self._hub_readers is None:
+                self._hub_readers = hub.new_semaphore(self.HUB_READERS)
+            with self._hub_readers:
+                return self._read(sql, parameters, self._hub_take(), self._hub_idle.append)
+        held = getattr(self._local, "held", None)
+        self._local.held = None  # given back below once its read has succeeded
+        return self._read(sql, parameters, held if self._current(held) else self._renew(held), self._keep_for_thread)
+
+    def _read(self, sql: str, parameters, held: tuple, keep: Callable[[tuple], None]) -> list:
+        """``sql`` on ``held``, which ``keep`` gets back after a read that succeeded; a lost one is replaced once."""
         retried = False
         while True:
-            held = getattr(self._local, "held", None)
-            if held is None or held[0] != os.getpid() or held[1] != self._generation:
-                held = self._local.held = self._renew(held)
             try:
-                return _fetchall(held[2], sql, parameters)
+                rows = _fetchall(held[2], sql, parameters)
             except self._error as exc:
-                self._local.held = None
                 lost = self._engine.dialect.is_disconnect(exc, held[2], None)
                 held[2].close()
                 if retried or not lost:
                     raise
-                retried = True
+                retried, held = True, self._renew(None)
+                continue
+            except BaseException:  # a greenlet killed while its read waits: the statement may be unfinished
+                held[2].close()
+                raise
+            keep(held)
+            return rows
+
+    def _keep_for_thread(self, held: tuple) -> None:
+        self._local.held = held
+
+    def _hub_take(self) -> tuple:
+        while self._hub_idle:
+            held = self._hub_idle.pop()
+            if self._current(held):
+                return held
+            self._retire(held)
+        return self._renew(None)
+
+    def _current(self, held: Optional[tuple]) -> bool:
+        return held is not None and held[0] == os.getpid() and held[1] == self._generation
 
     def _renew(self, held: Optional[tuple]) -> tuple:
+        """A new connection, in place of ``held`` (retired) when there is one."""
         if held is not None:
-            if held[0] != os.getpid():
-                self._parents.append(held[2])  # never closed here (sqlite.org/howtocorrupt.html, 2.6)
-            else:
-                held[2].close()
+            self._retire(held)
         pooled = self._engine.raw_connection()
         pooled.detach()
         connection = pooled.dbapi_connection
         if self._postgresql:
             connection.autocommit = True  # SQLite's are already (the connect hook)
         return os.getpid(), self._generation, connection
+
+    def _retire(self, held: tuple) -> None:
+        if held[0] != os.getpid():
+            self._parents.append(held[2])  # never closed here (sqlite.org/howtocorrupt.html, 2.6)
+        else:
+            held[2].close()
 
 
 def _fetchall(connection, sql: str, parameters) -> list:

@@ -6,7 +6,9 @@ statement (lock waits included) after ``statement_timeout``; SQLite waits at
 most ``statement_timeout`` for a lock. Pooled connections are pinged before
 use, and the connections each thread keeps for the reads every request makes
 (est_app/store/connections.py) are replaced by the read that finds them lost,
-so a restarted PostgreSQL is used again without restarting est_app. On SQLite
+so a restarted PostgreSQL is used again without restarting est_app. On
+est-server's hub PostgreSQL's pool waits for a connection cooperatively
+(:class:`HubPool`). On SQLite
 the processes sharing a file also take turns at writing through a lock file
 beside it (:class:`WriterTurn`), and the write-ahead log is copied into the
 file on a thread of each writing process (:class:`Checkpointer`), not in the
@@ -22,7 +24,7 @@ import threading
 import time
 import weakref
 from contextlib import nullcontext
-from typing import Optional
+from typing import Any, Optional
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -46,7 +48,7 @@ def create_engine(url: str, password: Optional[str] = None, connect_timeout: int
     connect_args = {"connect_timeout": connect_timeout, "options": options}
     if password is not None:
         connect_args["password"] = password
-    engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    engine = sa.create_engine(parsed, poolclass=HubPool, pool_pre_ping=True, connect_args=connect_args)
     hub.psycopg_waits_by_thread()
     _engines.add(engine)
     return engine
@@ -300,6 +302,51 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class HubPool(sa.pool.QueuePool):
+    """PostgreSQL's pool: SQLAlchemy's QueuePool, whose waits on est-server's hub let the hub's other greenlets run.
+
+    QueuePool waits for a connection on a real lock. On the hub, the connections it waits for
+    may be held by greenlets of the same thread, each waiting cooperatively for PostgreSQL's
+    answer: blocking the thread would stop them, and the worker, until the pool's timeout. There
+    a check-out polls between cooperative sleeps instead, for as long as that timeout. A pool's
+    first connection is made by one greenlet at a time: SQLAlchemy sets the dialect up on it,
+    under a real lock, with queries of its own.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._first_connect = hub.Lock()
+        self._connected = False
+
+    def _do_get(self) -> Any:
+        if not hub.on_hub():
+            return super()._do_get()
+        deadline, pause = time.monotonic() + self._timeout, 0.0001
+        while True:
+            try:
+                return self._pool.get(False)
+            except sa.util.queue.Empty:
+                pass
+            if self._inc_overflow():  # room for another connection
+                try:
+                    return self._connect_on_hub()
+                except BaseException:
+                    self._dec_overflow()
+                    raise
+            if time.monotonic() >= deadline:
+                raise sa.exc.TimeoutError(f"QueuePool limit of size {self.size()} overflow {self._max_overflow} reached, timeout {self._timeout:g} s")
+            hub.sleep(pause)
+            pause = min(pause * 2, 0.001)
+
+    def _connect_on_hub(self) -> Any:
+        if self._connected:
+            return self._create_connection()
+        with self._first_connect:
+            entry = self._create_connection()
+            self._connected = True
+            return entry
 
 
 def writer_turn(engine: Engine, timeout: float):
