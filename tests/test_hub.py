@@ -3,8 +3,9 @@
 est-server answers EST requests on the greenlet that read them (PostgreSQL's waits
 there: tests/test_postgres.py). There a greenlet waiting for a writer's turn, a batch
 or a password hash must let the others run: blocking the thread on a real lock held by
-a sleeping greenlet would stop the worker for good. Each scenario runs on a hub in a thread of its own and must end
-within a deadline, so a hang fails the test instead of stopping the run.
+a sleeping greenlet would stop the worker for good. Each scenario runs on a hub in a
+thread of its own and must end within a deadline, so a hang fails the test instead of
+stopping the run.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def test_a_thread_reads_through_one_connection_left_idle_and_sees_every_commit(p
     other.close()
 
 
-# est-server's worker as it reads PostgreSQL: gevent's patches, requests on app threads, the hub beside them.
+# est-server's worker as it uses PostgreSQL: gevent's patches, EST and OCSP on the hub, an app thread beside it.
 PATCHED_WORKER = """
 import sys, threading, time
 from gevent import monkey

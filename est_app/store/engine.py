@@ -8,12 +8,11 @@ use, and the connections each thread keeps for the reads every request makes
 (est_app/store/connections.py) are replaced by the read that finds them lost,
 so a restarted PostgreSQL is used again without restarting est_app. On
 est-server's hub PostgreSQL's pool waits for a connection cooperatively
-(:class:`HubPool`). On SQLite
-the processes sharing a file also take turns at writing through a lock file
-beside it (:class:`WriterTurn`), and the write-ahead log is copied into the
-file on a thread of each writing process (:class:`Checkpointer`), not in the
-commit of whichever write filled it. A forked child leaves its parent's pooled
-connections to the parent.
+(:class:`HubPool`). On SQLite the processes sharing a file also take turns at
+writing through a lock file beside it (:class:`WriterTurn`), and the
+write-ahead log is copied into the file on a thread of each writing process
+(:class:`Checkpointer`), not in the commit of whichever write filled it. A
+forked child leaves its parent's pooled connections to the parent.
 """
 
 import fcntl
