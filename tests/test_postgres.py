@@ -194,3 +194,31 @@ def test_reads_wait_for_postgresql_cooperatively_on_the_hub_and_natively_on_app_
     assert 1 <= int(reading) <= ReadConnections.HUB_READERS  # eight readers at once, on the hub's few connections
     # Two rounds of pg_sleep(0.2): QueuePool's own wait blocked the thread until its 30 s timeout.
     assert float(pooled) < 5
+
+
+# The first requests of a worker that started with nothing connected, all at once on the hub.
+FIRST_CONNECTS = """
+import sys
+from gevent import monkey
+monkey.patch_all(thread=False)
+import gevent
+from est_app import hub
+from est_app.store import Store
+
+hub.run_greenlets_here()
+store = Store(sys.argv[1])
+readers = [gevent.spawn(store.get_user, "nobody") for _ in range(8)]
+gevent.joinall(readers, raise_error=True)
+print(sum(reader.value is None for reader in readers))
+"""
+
+
+def test_greenlets_connecting_first_at_once_do_not_block_the_hub(postgres_cluster):
+    """SQLAlchemy sets its dialect up on a pool's first connection, with queries, under a real lock: a second
+    greenlet connecting meanwhile waited on that lock, in the thread its holder needed, for good."""
+    url = postgres_cluster.url(postgres_cluster.create_database())
+    Store(url).create_schema()
+    result = subprocess.run([sys.executable, "-c", FIRST_CONNECTS, url], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["8"]
+
